@@ -1,0 +1,1 @@
+"""cadbcnn_bench — latency/throughput/accuracy benchmarks (installed from the top-level `benchmarks/` folder)."""

@@ -1,0 +1,26 @@
+"""cadbcnn_runtime — torch-free ONNX Runtime inference for CADBCNN models.
+
+Depends on numpy, onnxruntime and OpenCV only; never imports torch or the
+other cadbcnn packages.
+"""
+
+from .errors import (
+    CadbcnnError,
+    CheckpointError,
+    DatasetError,
+    DeviceError,
+    ExportError,
+    ImageError,
+    ModelLoadError,
+    ModelSpecError,
+)
+from .preprocess import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, load_and_preprocess, preprocess, read_image
+from .spec import METADATA_KEY, SCHEMA_VERSION, ModelSpec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CadbcnnError", "CheckpointError", "DatasetError", "DeviceError", "ExportError", "ImageError",
+    "ModelLoadError", "ModelSpecError", "IMAGE_SUFFIXES", "MAX_IMAGE_PIXELS", "load_and_preprocess",
+    "preprocess", "read_image", "METADATA_KEY", "SCHEMA_VERSION", "ModelSpec", "__version__",
+]

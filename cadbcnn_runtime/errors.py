@@ -1,0 +1,49 @@
+"""Typed errors shared by every cadbcnn package.
+
+Every error carries the fix in its message. Library code raises these; only
+CLI code turns them into exit codes.
+"""
+
+from __future__ import annotations
+
+
+class CadbcnnError(Exception):
+    """Base class of every error raised on purpose by cadbcnn."""
+
+    exit_code = 2
+
+
+class ModelSpecError(CadbcnnError):
+    """A model spec is missing, malformed, or does not match its model."""
+
+
+class ModelLoadError(CadbcnnError):
+    """A model file cannot be found, read or opened by ONNX Runtime."""
+
+
+class DeviceError(CadbcnnError):
+    """The requested execution device is not available."""
+
+
+class ImageError(CadbcnnError):
+    """An image cannot be read or decoded; the message names the file."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, source: str | None = None):
+        super().__init__(message)
+        self.source = source
+
+
+class DatasetError(CadbcnnError):
+    """A training dataset folder is missing, empty or unusable."""
+
+
+class CheckpointError(CadbcnnError):
+    """A checkpoint is missing, corrupt or not a cadbcnn checkpoint."""
+
+
+class ExportError(CadbcnnError):
+    """An export failed or a parity/accuracy gate did not pass."""
+
+    exit_code = 3

@@ -1,0 +1,177 @@
+"""`ModelSpec`: the single source of truth about a model's input and output.
+
+The spec travels with the weights: the trainer stores it in every checkpoint,
+the exporter writes it as JSON into the ONNX ``metadata_props`` under
+``cadbcnn.spec``, and the runtime refuses a model without a valid one. JSON
+only — never ``repr``/``eval``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import ModelSpecError
+
+SCHEMA_VERSION = 1
+METADATA_KEY = "cadbcnn.spec"
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+INTERPOLATIONS = ("nearest", "linear", "area", "cubic")
+OUTPUT_SEMANTICS = ("logits",)
+
+DATASET_CITATION = (
+    'M. Aria, M. Ghaderzadeh, D. Bashash, H. Abolghasemi, F. Asadi, A. Hosseini, '
+    '"Acute Lymphoblastic Leukemia (ALL) image dataset", Kaggle, 2021. '
+    "DOI: 10.34740/KAGGLE/DSV/2175623"
+)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything a caller needs to feed a model and read its output.
+
+    ``image_size`` is ``(height, width)``. ``mean``/``std`` are informational
+    when ``normalization_in_graph`` is true (the graph normalises itself).
+    """
+
+    name: str
+    version: str
+    class_names: tuple[str, ...]
+    image_size: tuple[int, int] = (224, 224)
+    input_name: str = "image"
+    input_layout: str = "NCHW"
+    input_dtype: str = "uint8"
+    color_order: str = "RGB"
+    interpolation: str = "area"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    normalization_in_graph: bool = True
+    output_name: str = "logits"
+    output_semantics: str = "logits"
+    review_threshold: float = 0.80
+    training: Mapping[str, Any] = field(default_factory=dict)
+    metrics: Mapping[str, Any] | None = None
+    software: Mapping[str, str] = field(default_factory=dict)
+    git_commit: str | None = None
+    weights_sha256: str | None = None
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        # Normalise sequence fields to tuples so equality survives JSON.
+        object.__setattr__(self, "class_names", tuple(self.class_names))
+        object.__setattr__(self, "image_size", tuple(int(v) for v in self.image_size))
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        object.__setattr__(self, "training", copy.deepcopy(dict(self.training)))
+        object.__setattr__(self, "software", dict(self.software))
+        if self.metrics is not None:
+            object.__setattr__(self, "metrics", copy.deepcopy(dict(self.metrics)))
+        self.validate()
+
+    # -- validation ---------------------------------------------------------
+    def validate(self) -> None:
+        problems = []
+
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                problems.append(msg)
+
+        need(self.schema_version == SCHEMA_VERSION,
+             f"schema_version {self.schema_version!r} is not supported (this runtime reads {SCHEMA_VERSION})")
+        need(isinstance(self.name, str) and bool(self.name), "name must be a non-empty string")
+        need(isinstance(self.version, str) and bool(self.version), "version must be a non-empty string")
+        need(len(self.class_names) >= 2 and all(isinstance(c, str) and c for c in self.class_names),
+             "class_names must hold at least two non-empty strings")
+        need(len(set(self.class_names)) == len(self.class_names), "class_names must be unique")
+        need(len(self.image_size) == 2 and all(8 <= v <= 4096 for v in self.image_size),
+             "image_size must be (height, width) with 8 <= each <= 4096")
+        need(self.input_layout == "NCHW", "input_layout must be 'NCHW'")
+        need(self.input_dtype in ("uint8", "float32"), "input_dtype must be 'uint8' or 'float32'")
+        need(self.color_order == "RGB", "color_order must be 'RGB'")
+        need(self.interpolation in INTERPOLATIONS, f"interpolation must be one of {INTERPOLATIONS}")
+        need(len(self.mean) == 3 and len(self.std) == 3 and all(s > 0 for s in self.std),
+             "mean and std must hold 3 values, std > 0")
+        need(isinstance(self.normalization_in_graph, bool), "normalization_in_graph must be a bool")
+        need(bool(self.input_name) and bool(self.output_name), "input_name and output_name must be set")
+        need(self.output_semantics in OUTPUT_SEMANTICS, f"output_semantics must be one of {OUTPUT_SEMANTICS}")
+        need(isinstance(self.review_threshold, (int, float)) and not isinstance(self.review_threshold, bool)
+             and math.isfinite(self.review_threshold) and 0.0 <= self.review_threshold <= 1.0,
+             "review_threshold must be a number in [0, 1]")
+        need(self.weights_sha256 is None or (isinstance(self.weights_sha256, str) and len(self.weights_sha256) == 64),
+             "weights_sha256 must be a 64-character hex digest or null")
+        if problems:
+            raise ModelSpecError("invalid model spec: " + "; ".join(problems))
+
+    # -- (de)serialisation --------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for key in ("class_names", "image_size", "mean", "std"):
+            d[key] = list(d[key])
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, allow_nan=False)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "spec") -> "ModelSpec":
+        if not isinstance(data, Mapping):
+            raise ModelSpecError(f"{source}: the model spec must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        required = {"name", "version", "class_names", "schema_version"}
+        missing = sorted(required - set(data))
+        extra = sorted(set(data) - known)
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"missing field(s) {missing}")
+            if extra:
+                parts.append(f"unknown field(s) {extra}")
+            raise ModelSpecError(
+                f"{source}: invalid model spec: {', '.join(parts)}. Re-export the model with a "
+                "matching cadbcnn-export version.")
+        try:
+            return cls(**dict(data))
+        except ModelSpecError as exc:
+            raise ModelSpecError(f"{source}: {exc}. Re-export the model with cadbcnn-export.") from None
+        except (TypeError, ValueError) as exc:
+            raise ModelSpecError(f"{source}: invalid model spec ({exc}). Re-export the model with cadbcnn-export.") from None
+
+    @classmethod
+    def from_json(cls, text: str, *, source: str = "spec") -> "ModelSpec":
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise ModelSpecError(f"{source}: the model spec is not valid JSON ({exc})") from None
+        return cls.from_dict(data, source=source)
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, str], *, source: str) -> "ModelSpec":
+        if METADATA_KEY not in metadata:
+            raise ModelSpecError(
+                f"{source}: no '{METADATA_KEY}' entry in the ONNX metadata — this is not a model exported by "
+                "cadbcnn-export. Export it with `cadbcnn-export CHECKPOINT -o MODEL.onnx`.")
+        return cls.from_json(metadata[METADATA_KEY], source=source)
+
+    @classmethod
+    def from_onnx(cls, path: str | Path) -> "ModelSpec":
+        """Read the spec from an ONNX file's metadata without building a session."""
+        from ._onnxmeta import read_metadata_props
+
+        return cls.from_metadata(read_metadata_props(path), source=str(path))
+
+    # -- helpers ------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def replace(self, **changes: Any) -> "ModelSpec":
+        d = self.to_dict()
+        d.update(changes)
+        return ModelSpec.from_dict(d)

@@ -1,0 +1,117 @@
+"""Checkpoints that hold everything needed to rebuild and export a model."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cadbcnn_runtime.errors import CheckpointError
+from cadbcnn_runtime.spec import ModelSpec
+
+from .model import create_model
+
+FORMAT = "cadbcnn-checkpoint"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    model_name: str
+    model_kwargs: dict[str, Any]
+    class_names: tuple[str, ...]
+    class_folders: tuple[str, ...]
+    spec: ModelSpec
+    state_dict: dict[str, torch.Tensor]
+    config: dict[str, Any]
+    split_hash: str | None
+    epoch: int
+    metrics: dict[str, Any] | None
+    ood: dict[str, Any] | None
+    raw: dict[str, Any]
+
+    def build_model(self) -> nn.Module:
+        """The model in eval mode with the checkpoint's weights."""
+        model = create_model(self.model_name, num_classes=len(self.class_names), **self.model_kwargs)
+        model.load_state_dict(self.state_dict)
+        return model.eval()
+
+
+def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(state_dict):
+        t = state_dict[key].detach().cpu().contiguous().reshape(-1)
+        h.update(key.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def save_checkpoint(path: Path, *, model: nn.Module, model_name: str, model_kwargs: dict, spec: ModelSpec,
+                    class_folders, config: dict, split_hash: str | None, epoch: int,
+                    metrics: dict | None = None, ood: dict | None = None, extra: dict | None = None) -> None:
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model_name": model_name,
+        "model_kwargs": dict(model_kwargs),
+        "class_names": list(spec.class_names),
+        "class_folders": list(class_folders),
+        "spec": spec.to_dict(),
+        "state_dict": state,
+        "config": config,
+        "split_hash": split_hash,
+        "epoch": epoch,
+        "metrics": metrics,
+        "ood": ood,
+        **(extra or {}),
+    }
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found. Train one with `cadbcnn-train fit` "
+                              "(it writes OUT/best.pt).")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt/foreign files
+        raise CheckpointError(f"{path}: cannot be read as a cadbcnn checkpoint ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200]}). Pass the best.pt written by "
+                              "`cadbcnn-train fit`.") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a cadbcnn checkpoint (no '{FORMAT}' marker) — a plain state_dict or "
+                              "another project's file? Pass the best.pt written by `cadbcnn-train fit`.")
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {raw.get('format_version')} is not supported "
+                              f"(this cadbcnn reads {FORMAT_VERSION}); retrain or use the matching release.")
+    try:
+        return Checkpoint(
+            path=path,
+            model_name=raw["model_name"],
+            model_kwargs=dict(raw["model_kwargs"]),
+            class_names=tuple(raw["class_names"]),
+            class_folders=tuple(raw["class_folders"]),
+            spec=ModelSpec.from_dict(raw["spec"], source=str(path)),
+            state_dict=raw["state_dict"],
+            config=dict(raw["config"]),
+            split_hash=raw.get("split_hash"),
+            epoch=int(raw["epoch"]),
+            metrics=raw.get("metrics"),
+            ood=raw.get("ood"),
+            raw=raw,
+        )
+    except KeyError as exc:
+        raise CheckpointError(f"{path}: checkpoint is missing the field {exc}; it is damaged or from an "
+                              "incompatible version.") from None

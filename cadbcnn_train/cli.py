@@ -1,0 +1,96 @@
+"""`cadbcnn-train`: fit and evaluate models. Only this module maps errors to exit codes."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from cadbcnn_runtime.errors import CadbcnnError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Train and evaluate CADBCNN and its baselines on a folder-per-class image dataset.")
+
+
+def _fail(exc: CadbcnnError) -> None:
+    typer.echo(f"error: {exc}", err=True)
+    raise typer.Exit(exc.exit_code)
+
+
+@app.command()
+def fit(
+    data: Path = typer.Option(..., help="Dataset root with one sub-folder per class."),
+    out: Path = typer.Option(..., help="Output folder (checkpoints, config, split, history, metrics)."),
+    model: str = typer.Option("cadbcnn", help="cadbcnn | dual_concat | resnet18 | resnet34 | resnet50 | efficientnet_b0"),
+    epochs: int = typer.Option(30),
+    batch_size: int = typer.Option(32),
+    image_size: int = typer.Option(224),
+    lr: float = typer.Option(1e-3),
+    weight_decay: float = typer.Option(0.05),
+    label_smoothing: float = typer.Option(0.05),
+    seed: int = typer.Option(0),
+    split: str = typer.Option("stratified", help="stratified (image-level, duplicates grouped) | grouped "
+                                                 "(blocks of consecutive file numbers kept together)"),
+    split_file: Optional[Path] = typer.Option(None, help="Reuse a split.csv (path,label,split)."),
+    block_size: int = typer.Option(20, help="File-number block size for --split grouped."),
+    max_per_class: Optional[int] = typer.Option(None, help="Cap images per class (smoke runs)."),
+    no_augment: bool = typer.Option(False, "--no-augment"),
+    no_class_weights: bool = typer.Option(False, "--no-class-weights"),
+    precision: str = typer.Option("auto", help="auto (bf16 on CPUs with AVX512-BF16, AMP on CUDA) | fp32 | bf16 | fp16"),
+    patience: int = typer.Option(10, help="Early stopping patience in epochs (val macro-F1)."),
+    workers: int = typer.Option(0, help="DataLoader worker processes."),
+    threads: Optional[int] = typer.Option(None, help="torch intra-op threads."),
+    pretrained: Optional[str] = typer.Option(None, help="'imagenet': torchvision weights from the local torch cache."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop each epoch after N steps (smoke tests)."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Decode images every epoch instead of caching in RAM."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from OUT/last.pt."),
+) -> None:
+    """Train a model. Runs unchanged under `torchrun --nproc_per_node=N` (DDP)."""
+    from .config import TrainConfig
+    from .train import fit as run_fit
+
+    try:
+        cfg = TrainConfig(data=str(data), out=str(out), model=model, epochs=epochs, batch_size=batch_size,
+                          image_size=image_size, lr=lr, weight_decay=weight_decay, label_smoothing=label_smoothing,
+                          seed=seed, split=split, split_file=str(split_file) if split_file else None,
+                          block_size=block_size, max_per_class=max_per_class, augment=not no_augment,
+                          class_weights=not no_class_weights, precision=precision, patience=patience,
+                          workers=workers, threads=threads, pretrained=pretrained, max_steps=max_steps,
+                          cache=not no_cache)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+    try:
+        run_fit(cfg, resume=resume)
+    except CadbcnnError as exc:
+        _fail(exc)
+
+
+@app.command()
+def evaluate(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint written by `cadbcnn-train fit` (best.pt)."),
+    data: Path = typer.Option(..., help="Dataset root with one sub-folder per class."),
+    split: str = typer.Option("test", help="test | val | train | all"),
+    split_file: Optional[Path] = typer.Option(None, help="Split CSV (default: split.csv next to the checkpoint)."),
+    out: Path = typer.Option(..., help="Folder for metrics.json, metrics.md and confusion_matrix.png."),
+) -> None:
+    """Evaluate a checkpoint: accuracy, per-class P/R/F1, confusion matrix."""
+    from .metrics import metrics_markdown
+    from .train import evaluate as run_eval
+
+    try:
+        m = run_eval(checkpoint, data, out, split=split, split_file=split_file)
+    except CadbcnnError as exc:
+        _fail(exc)
+    typer.echo(metrics_markdown(m, f"{checkpoint} — {split}"))
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Frozen training configuration, written next to every checkpoint."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str
+    out: str
+    model: str = "cadbcnn"
+    epochs: int = 30
+    batch_size: int = 32
+    image_size: int = 224
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.05
+    seed: int = 0
+    split: str = "stratified"          # stratified | grouped
+    split_file: str | None = None
+    block_size: int = 20               # file-number block for --split grouped
+    ratios: tuple[float, float, float] = (0.70, 0.15, 0.15)
+    max_per_class: int | None = None
+    augment: bool = True
+    crop_scale: float | None = 0.80
+    class_weights: bool = True
+    precision: str = "auto"           # auto | fp32 | bf16 | fp16
+    patience: int = 10                 # early stopping on val macro-F1
+    workers: int = 0
+    threads: int | None = None
+    pretrained: str | None = None      # None | "imagenet"
+    cache: bool = True
+    max_steps: int | None = None       # stop each epoch after N steps (smoke tests)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        object.__setattr__(self, "ratios", tuple(float(r) for r in self.ratios))
+        object.__setattr__(self, "model_kwargs", dict(self.model_kwargs))
+        if self.split not in ("stratified", "grouped"):
+            raise ValueError(f"split must be 'stratified' or 'grouped', got {self.split!r}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if self.pretrained not in (None, "imagenet"):
+            raise ValueError(f"pretrained must be 'imagenet' or unset, got {self.pretrained!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ratios"] = list(d["ratios"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def write(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")

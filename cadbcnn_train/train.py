@@ -1,0 +1,447 @@
+"""The training loop — readable top to bottom.
+
+``fit(cfg)`` loads the data through the runtime's preprocessing, splits it
+(duplicates grouped), trains with AdamW + warm-up/cosine and class-weighted
+cross-entropy under bf16 autocast (CPU) or AMP (CUDA), early-stops on
+validation macro-F1, and writes ``best.pt``, ``last.pt``, ``config.json``,
+``split.csv``, ``history.csv``, ``curves.png`` and the test ``metrics.json``.
+Runs unchanged under ``torchrun`` (DistributedDataParallel; rank 0 writes).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
+
+import cadbcnn_runtime
+from cadbcnn_runtime.errors import CadbcnnError, DatasetError
+from cadbcnn_runtime.spec import DATASET_CITATION, ModelSpec
+
+from . import data as D
+from .checkpoint import load_checkpoint, save_checkpoint, weights_sha256
+from .config import TrainConfig
+from .metrics import compute_metrics, write_metrics
+from .model import PRETRAINED_SOURCES, TRUNK_LAYERS, create_model
+from .progress import Progress
+
+log = logging.getLogger("cadbcnn_train")
+
+
+# ---------------------------------------------------------------------------
+# Environment helpers
+# ---------------------------------------------------------------------------
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_bf16() else "fp32"
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def software_versions() -> dict[str, str]:
+    import torchvision
+
+    return {"python": platform.python_version(), "torch": str(torch.__version__),
+            "torchvision": str(torchvision.__version__), "numpy": str(np.__version__),
+            "cadbcnn": cadbcnn_runtime.__version__}
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_type: str) -> DistInfo:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+# ---------------------------------------------------------------------------
+# Pretrained weights (only from the local torch cache; never downloaded)
+# ---------------------------------------------------------------------------
+def load_imagenet_weights(model: nn.Module, model_name: str) -> None:
+    from torchvision import models as tvm
+
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    states = {}
+    for arch in PRETRAINED_SOURCES[model_name]:
+        weights = tvm.get_model_weights(arch).IMAGENET1K_V1
+        file = cache / Path(weights.url).name
+        if not file.is_file():
+            raise CadbcnnError(
+                f"--pretrained imagenet needs torchvision's {arch} ImageNet weights at {file}, which is not there "
+                f"(this machine cannot download them). Copy {Path(weights.url).name} (from {weights.url}) into "
+                f"{cache}/ — or set TORCH_HOME — or train from scratch without --pretrained.")
+        states[arch] = torch.load(file, map_location="cpu", weights_only=True)
+    if hasattr(model, "branch_a"):
+        index = {name: str(i) for i, name in enumerate(TRUNK_LAYERS)}
+        for branch, arch in zip((model.branch_a, model.branch_b), PRETRAINED_SOURCES[model_name]):
+            sd = {}
+            for k, v in states[arch].items():
+                head, _, rest = k.partition(".")
+                if head in index:
+                    sd[f"{index[head]}.{rest}"] = v
+            branch.load_state_dict(sd)
+    else:
+        sd = {k: v for k, v in states[model_name].items() if not k.startswith(("fc.", "classifier."))}
+        model.net.load_state_dict(sd, strict=False)
+
+
+# ---------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------
+@torch.no_grad()
+def predict(model: nn.Module, loader: DataLoader, device: torch.device, precision: str = "fp32"):
+    model.eval()
+    logits, labels = [], []
+    for x, y in loader:
+        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with autocast(device, precision):
+            logits.append(model(x).float().cpu())
+        labels.append(y)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def make_spec(cfg: TrainConfig, ds: D.LoadedDataset, split_counts: dict, *, metrics=None,
+              weights: str | None = None) -> ModelSpec:
+    return ModelSpec(
+        name=cfg.model,
+        version=cadbcnn_runtime.__version__,
+        class_names=ds.class_names,
+        image_size=(cfg.image_size, cfg.image_size),
+        training={
+            "dataset": Path(cfg.data).name,
+            "dataset_citation": DATASET_CITATION if Path(cfg.data).name == "all-leukemia" else None,
+            "class_folders": list(ds.class_folders),
+            "split": cfg.split,
+            "split_counts": split_counts,
+            "images": len(ds.samples),
+            "skipped_images": len(ds.skipped),
+            "epochs": cfg.epochs,
+            "seed": cfg.seed,
+            "pretrained": cfg.pretrained,
+        },
+        metrics=metrics,
+        software=software_versions(),
+        git_commit=git_commit(),
+        weights_sha256=weights,
+    )
+
+
+# ---------------------------------------------------------------------------
+# fit
+# ---------------------------------------------------------------------------
+@dataclass
+class FitResult:
+    out: Path
+    best_val_f1: float
+    test_metrics: dict | None
+    epochs_run: int
+    seconds: float
+
+
+def fit(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> FitResult:
+    t_start = time.time()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    di = setup_distributed(device.type)
+    if device.type == "cuda":
+        device = torch.device("cuda", di.local_rank)
+        torch.cuda.set_device(device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    precision = resolve_precision(cfg.precision, device)
+    torch.manual_seed(cfg.seed)  # identical init on every rank (DDP broadcasts it anyway)
+    out = Path(cfg.out)
+    say = (lambda *a: None) if (quiet or not di.main) else (lambda *a: print(*a, flush=True))
+
+    # -- data ----------------------------------------------------------------
+    ds = D.load(Path(cfg.data), max_per_class=cfg.max_per_class, seed=cfg.seed, cache=cfg.cache)
+    if cfg.split_file:
+        assignment = D.read_split_csv(Path(cfg.split_file), ds.root, ds.samples, ds.class_folders)
+    else:
+        assignment = D.make_split(ds.samples, mode=cfg.split, ratios=cfg.ratios, seed=cfg.seed,
+                                  block_size=cfg.block_size)
+    parts = {k: [s for s, a in zip(ds.samples, assignment) if a == k] for k in D.SPLITS}
+    if not parts["train"] or not parts["val"]:
+        raise DatasetError(f"{cfg.data}: too few images to split ({len(ds.samples)}); need a few per class.")
+    split_counts = {k: ds.counts(v) for k, v in parts.items()}
+    if di.main:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.write(out / "config.json")
+        D.write_split_csv(out / "split.csv", ds.root, ds.samples, assignment, ds.class_folders)
+    split_hash = D.split_hash(out / "split.csv") if di.main else None
+    spec = make_spec(cfg, ds, split_counts)
+    say(f"data: {len(ds.samples)} images, {len(ds.skipped)} skipped as unreadable; split "
+        + ", ".join(f"{k} {len(v)}" for k, v in parts.items()) + f"; device {device}, precision {precision}")
+
+    augment = D.Augment(crop_scale=cfg.crop_scale) if cfg.augment else None
+    train_set = D.ImageDataset(parts["train"], spec, images=ds.images, augment=augment)
+    sampler = DistributedSampler(train_set, num_replicas=di.world, rank=di.rank, shuffle=True, seed=cfg.seed) \
+        if di.world > 1 else None
+    g = torch.Generator().manual_seed(cfg.seed)
+    train_loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+                              num_workers=cfg.workers, drop_last=len(train_set) > cfg.batch_size, generator=g,
+                              pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0)
+
+    def eval_loader(samples):
+        return DataLoader(D.ImageDataset(samples, spec, images=ds.images), batch_size=max(cfg.batch_size, 64),
+                          num_workers=cfg.workers)
+
+    # -- model, loss, optimiser ---------------------------------------------
+    num_classes = len(ds.class_names)
+    model = create_model(cfg.model, num_classes=num_classes, **cfg.model_kwargs)
+    if cfg.pretrained == "imagenet":
+        load_imagenet_weights(model, cfg.model)
+    model = model.to(device).to(memory_format=torch.channels_last)
+    net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if di.world > 1 else model
+
+    counts = np.array([split_counts["train"][n] for n in ds.class_names], dtype=np.float64)
+    weight = torch.tensor(counts.sum() / (num_classes * np.maximum(counts, 1)), dtype=torch.float32) \
+        if cfg.class_weights else None
+    criterion = nn.CrossEntropyLoss(weight=weight.to(device) if weight is not None else None,
+                                    label_smoothing=cfg.label_smoothing)
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    steps_per_epoch = len(train_loader) if cfg.max_steps is None else min(len(train_loader), cfg.max_steps)
+    total_steps = max(1, cfg.epochs * steps_per_epoch)
+    warmup = min(int(cfg.warmup_epochs * steps_per_epoch), total_steps // 2)
+
+    def lr_lambda(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = (step - warmup) / max(1, total_steps - warmup)
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" and device.type == "cuda" else None
+
+    # -- resume ----------------------------------------------------------------
+    start_epoch, best_f1, bad_epochs, history = 0, -1.0, 0, []
+    if resume and (out / "last.pt").is_file():
+        last = load_checkpoint(out / "last.pt")
+        model.load_state_dict(last.state_dict)
+        optimizer.load_state_dict(last.raw["optimizer"])
+        scheduler.load_state_dict(last.raw["scheduler"])
+        start_epoch, best_f1 = last.epoch + 1, float(last.raw["best_f1"])
+        bad_epochs, history = int(last.raw["bad_epochs"]), list(last.raw["history"])
+        torch.set_rng_state(last.raw["rng_state"])
+        say(f"resumed from {out / 'last.pt'} at epoch {start_epoch + 1}")
+    elif resume:
+        say(f"--resume: no {out / 'last.pt'} yet; starting from scratch")
+
+    ckpt_common = dict(model_name=cfg.model, model_kwargs=cfg.model_kwargs, class_folders=ds.class_folders,
+                       config=cfg.to_dict(), split_hash=split_hash)
+
+    # -- loop ------------------------------------------------------------------
+    epoch = start_epoch - 1
+    for epoch in range(start_epoch, cfg.epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        net.train()
+        t0 = time.time()
+        seen = correct = 0
+        loss_sum = 0.0
+        bar = Progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", enabled=di.main and not quiet)
+        for step, (x, y) in enumerate(train_loader):
+            if step >= steps_per_epoch:
+                break
+            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            y = y.to(device, non_blocking=True)
+            with autocast(device, precision):
+                logits = net(x)
+                loss = criterion(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            scheduler.step()
+            seen += len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            loss_sum += float(loss.detach()) * len(y)
+            bar.update(step + 1, loss=loss_sum / seen, acc=correct / seen,
+                       ips=seen * di.world / max(time.time() - t0, 1e-9))
+        bar.close()
+        train_time = time.time() - t0
+
+        logits, labels = predict(model, eval_loader(parts["val"]), device, precision)
+        val = compute_metrics(labels.numpy(), logits.argmax(1).numpy(), ds.class_names)
+        val_loss = float(nn.functional.cross_entropy(logits, labels))
+        row = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
+               "val_loss": val_loss, "val_acc": val["accuracy"], "val_f1_macro": val["f1_macro"],
+               "lr": optimizer.param_groups[0]["lr"], "seconds": train_time,
+               "images_per_s": seen * di.world / max(train_time, 1e-9)}
+        history.append(row)
+        improved = val["f1_macro"] > best_f1
+        if improved:
+            best_f1, bad_epochs = val["f1_macro"], 0
+        else:
+            bad_epochs += 1
+        say(f"epoch {epoch + 1}/{cfg.epochs}  loss {row['train_loss']:.4f}  acc {100 * row['train_acc']:.2f}%  "
+            f"val_loss {val_loss:.4f}  val_acc {100 * val['accuracy']:.2f}%  val_F1 {100 * val['f1_macro']:.2f}  "
+            f"{train_time:.1f}s ({row['images_per_s']:.1f} img/s){'  *best*' if improved else ''}")
+        if di.main:
+            if improved:
+                save_checkpoint(out / "best.pt", model=model, spec=spec, epoch=epoch, **ckpt_common)
+            save_checkpoint(out / "last.pt", model=model, spec=spec, epoch=epoch, **ckpt_common,
+                            extra={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                   "best_f1": best_f1, "bad_epochs": bad_epochs, "history": history,
+                                   "rng_state": torch.get_rng_state()})
+            write_history(out, history)
+        if bad_epochs >= cfg.patience:
+            say(f"early stop: val macro-F1 has not improved for {cfg.patience} epochs")
+            break
+
+    # -- test ------------------------------------------------------------------
+    test_metrics = None
+    if di.main:
+        best = load_checkpoint(out / "best.pt") if (out / "best.pt").is_file() else None
+        if best is not None:
+            model.load_state_dict(best.state_dict)
+        if parts["test"]:
+            logits, labels = predict(model, eval_loader(parts["test"]), device, "fp32")
+            test_metrics = compute_metrics(labels.numpy(), logits.argmax(1).numpy(), ds.class_names)
+            test_metrics["split"] = "test"
+            write_metrics(test_metrics, out, title=f"{cfg.model} — test split")
+        final_spec = make_spec(cfg, ds, split_counts, metrics=_summary(test_metrics),
+                               weights=weights_sha256(model.state_dict()))
+        if best is not None:
+            save_checkpoint(out / "best.pt", model=model, spec=final_spec, epoch=best.epoch,
+                            metrics=test_metrics, **ckpt_common)
+        summary = {"best_val_f1_macro": best_f1, "epochs_run": epoch + 1, "seconds": time.time() - t_start,
+                   "skipped_images": ds.skipped, "precision": precision, "device": str(device), "world": di.world}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        plot_curves(out, history)
+        if ds.skipped:
+            say(f"warning: {len(ds.skipped)} unreadable image(s) were skipped (listed in summary.json)")
+        if test_metrics:
+            say(f"test: accuracy {100 * test_metrics['accuracy']:.2f}%  macro-F1 {100 * test_metrics['f1_macro']:.2f}"
+                f"  → {out / 'metrics.json'}")
+    if di.world > 1:
+        dist.barrier()
+    return FitResult(out, best_f1, test_metrics, epoch + 1, time.time() - t_start)
+
+
+def _summary(m: dict | None) -> dict | None:
+    if not m:
+        return None
+    return {"split": m.get("split", "test"), "n": m["n"], "accuracy": m["accuracy"], "f1_macro": m["f1_macro"],
+            "f1_weighted": m["f1_weighted"],
+            "per_class_f1": {k: v["f1"] for k, v in m["per_class"].items()}}
+
+
+def write_history(out: Path, history: list[dict]) -> None:
+    with (out / "history.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(history[0]))
+        w.writeheader()
+        w.writerows(history)
+
+
+def plot_curves(out: Path, history: list[dict]) -> None:
+    if not history:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), dpi=110)
+    axes[0].plot(ep, [h["train_loss"] for h in history], label="train")
+    axes[0].plot(ep, [h["val_loss"] for h in history], label="val")
+    axes[0].set_title("loss")
+    axes[1].plot(ep, [h["train_acc"] for h in history], label="train acc")
+    axes[1].plot(ep, [h["val_acc"] for h in history], label="val acc")
+    axes[1].plot(ep, [h["val_f1_macro"] for h in history], label="val macro-F1")
+    axes[1].set_title("accuracy / F1")
+    axes[2].plot(ep, [h["lr"] for h in history])
+    axes[2].set_title("learning rate")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+    axes[0].legend()
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(out / "curves.png")
+    plt.close(fig)
+
+
+def evaluate(checkpoint: Path, data: Path, out: Path, *, split: str = "test", split_file: Path | None = None,
+             batch_size: int = 64) -> dict:
+    """Evaluate a checkpoint on a split of DATA (through the runtime preprocessing)."""
+    ck = load_checkpoint(checkpoint)
+    model = ck.build_model()
+    root = Path(data)
+    if split == "all":
+        ds = D.load(root, class_folders=ck.class_folders)
+    else:
+        sf = Path(split_file) if split_file else Path(checkpoint).parent / "split.csv"
+        wanted = {root / r["path"] for r in D.split_rows(sf) if r["split"] == split}
+        if not wanted:
+            raise DatasetError(f"{sf}: has no rows for split {split!r}")
+        ds = D.load(root, class_folders=ck.class_folders, only=wanted)
+    samples = ds.samples
+    loader = DataLoader(D.ImageDataset(samples, ck.spec, images=ds.images), batch_size=batch_size)
+    logits, labels = predict(model.to(memory_format=torch.channels_last), loader, torch.device("cpu"))
+    m = compute_metrics(labels.numpy(), logits.argmax(1).numpy(), ck.class_names)
+    m["split"] = split
+    m["checkpoint"] = str(checkpoint)
+    write_metrics(m, Path(out), title=f"{ck.model_name} — {split} split")
+    return m
