@@ -19,7 +19,17 @@ from .spec import METADATA_KEY, SCHEMA_VERSION, ModelSpec
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):  # lazy: importing the package must not load onnxruntime
+    if name in ("Classifier", "Prediction"):
+        from . import classifier
+
+        return getattr(classifier, name)
+    raise AttributeError(name)
+
+
 __all__ = [
+    "Classifier", "Prediction",
     "CadbcnnError", "CheckpointError", "DatasetError", "DeviceError", "ExportError", "ImageError",
     "ModelLoadError", "ModelSpecError", "IMAGE_SUFFIXES", "MAX_IMAGE_PIXELS", "load_and_preprocess",
     "preprocess", "read_image", "METADATA_KEY", "SCHEMA_VERSION", "ModelSpec", "__version__",

@@ -25,6 +25,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 INTERPOLATIONS = ("nearest", "linear", "area", "cubic")
 OUTPUT_SEMANTICS = ("logits",)
+VARIANTS = ("fp32", "fp32-fp16weights", "fp16", "int8")
 
 DATASET_CITATION = (
     'M. Aria, M. Ghaderzadeh, D. Bashash, H. Abolghasemi, F. Asadi, A. Hosseini, '
@@ -56,6 +57,7 @@ class ModelSpec:
     output_name: str = "logits"
     output_semantics: str = "logits"
     review_threshold: float = 0.80
+    variant: str = "fp32"              # fp32 | fp32-fp16weights | fp16 | int8 (how the graph computes)
     training: Mapping[str, Any] = field(default_factory=dict)
     metrics: Mapping[str, Any] | None = None
     software: Mapping[str, str] = field(default_factory=dict)
@@ -104,6 +106,7 @@ class ModelSpec:
         need(isinstance(self.review_threshold, (int, float)) and not isinstance(self.review_threshold, bool)
              and math.isfinite(self.review_threshold) and 0.0 <= self.review_threshold <= 1.0,
              "review_threshold must be a number in [0, 1]")
+        need(self.variant in VARIANTS, f"variant must be one of {VARIANTS}")
         need(self.weights_sha256 is None or (isinstance(self.weights_sha256, str) and len(self.weights_sha256) == 64),
              "weights_sha256 must be a 64-character hex digest or null")
         if problems:

@@ -39,7 +39,7 @@ from .checkpoint import load_checkpoint, save_checkpoint, weights_sha256
 from .config import TrainConfig
 from .metrics import compute_metrics, write_metrics
 from .model import PRETRAINED_SOURCES, TRUNK_LAYERS, create_model
-from .progress import Progress
+from cadbcnn_runtime.progress import Progress
 
 log = logging.getLogger("cadbcnn_train")
 

@@ -14,6 +14,10 @@ class Progress:
         self.t0 = self.last = time.time()
         self.shown = False
 
+    @property
+    def elapsed(self) -> float:
+        return time.time() - self.t0
+
     def update(self, n: int, **fields: float) -> None:
         if not self.enabled:
             return

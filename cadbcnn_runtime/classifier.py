@@ -1,0 +1,197 @@
+"""`Classifier`: the embedding API — load a cadbcnn ONNX model and predict.
+
+    from cadbcnn_runtime import Classifier
+    with Classifier.from_file("models/cadbcnn.onnx", device="cpu") as clf:
+        p = clf.predict("cell.jpg")          # path, bytes, or H×W×3 RGB uint8 array
+        print(p.label, p.confidence, p.needs_review)
+
+One ``Classifier`` may be shared by many threads (ONNX Runtime sessions are
+thread-safe for ``run``; nothing else here is mutated after construction).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from .errors import DeviceError, ModelLoadError, ModelSpecError
+from .preprocess import ImageSource, load_and_preprocess
+from .spec import ModelSpec
+
+CPU_EP, CUDA_EP = "CPUExecutionProvider", "CUDAExecutionProvider"
+_ONNX_DTYPES = {"uint8": "tensor(uint8)", "float32": "tensor(float)"}
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    index: int
+    confidence: float
+    probabilities: dict[str, float]
+    needs_review: bool
+
+
+def default_model_path() -> Path:
+    """The released model: $CADBCNN_MODEL, else models/cadbcnn.onnx of this checkout/installation."""
+    env = os.environ.get("CADBCNN_MODEL")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "models" / "cadbcnn.onnx", here.parent / "models" / "cadbcnn.onnx"):
+        if candidate.is_file():
+            return candidate
+    raise ModelLoadError(
+        "no model given and no released model found (looked for $CADBCNN_MODEL and models/cadbcnn.onnx). "
+        "Pass a model exported with `cadbcnn-export` (--model PATH / Classifier.from_file(path)).")
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _cuda_available(ort) -> bool:
+    return CUDA_EP in ort.get_available_providers()
+
+
+class Classifier:
+    """A cadbcnn ONNX model with its spec, on the CPU or CUDA execution provider."""
+
+    def __init__(self, session, spec: ModelSpec, path: Path, device: str, *, review_threshold: float | None = None):
+        self.session = session
+        self.spec = spec
+        self.path = path
+        self.device = device  # what is really used: "cpu" or "cuda"
+        self.review_threshold = spec.review_threshold if review_threshold is None else float(review_threshold)
+        if not 0.0 <= self.review_threshold <= 1.0:
+            raise ValueError(f"review_threshold must be in [0, 1], got {self.review_threshold}")
+
+    # -- construction ----------------------------------------------------------
+    @classmethod
+    def from_file(cls, path: str | os.PathLike | None = None, device: str = "auto", threads: int | None = None,
+                  *, allow_fallback: bool = False, review_threshold: float | None = None) -> "Classifier":
+        """Load and validate a model. ``path=None`` loads the released model.
+
+        ``device``: ``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA when its EP is available). Asking for
+        ``"cuda"`` where it is not available raises ``DeviceError`` unless ``allow_fallback``.
+        """
+        import onnxruntime as ort
+
+        path = Path(path) if path is not None else default_model_path()
+        if device not in ("auto", "cpu", "cuda"):
+            raise DeviceError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+        if not path.is_file():
+            raise ModelLoadError(f"{path}: model file not found. Check the path, or export one with "
+                                 "`cadbcnn-export CHECKPOINT -o MODEL.onnx`.")
+        want_cuda = device == "cuda" or (device == "auto" and _cuda_available(ort))
+        if device == "cuda" and not _cuda_available(ort) and not allow_fallback:
+            raise DeviceError(
+                "device 'cuda' requested but ONNX Runtime's CUDA execution provider is not available "
+                f"(available: {ort.get_available_providers()}). Install the GPU build "
+                "(`pip uninstall -y onnxruntime && pip install 'cadbcnn[gpu]'`) and check the CUDA/cuDNN "
+                "libraries, or use --device cpu / --allow-fallback.")
+        providers = [CUDA_EP, CPU_EP] if want_cuda and _cuda_available(ort) else [CPU_EP]
+
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # do not starve a host GUI
+        so.log_severity_level = 3
+        if threads:
+            so.intra_op_num_threads = int(threads)
+        try:
+            session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
+        except Exception as exc:  # ORT raises its own exception types
+            raise ModelLoadError(f"{path}: ONNX Runtime cannot load this file ({str(exc).splitlines()[0][:300]}). "
+                                 "Is it an ONNX model exported with cadbcnn-export?") from None
+        spec = ModelSpec.from_metadata(session.get_modelmeta().custom_metadata_map, source=str(path))
+        _check_io(session, spec, path)
+        used = "cuda" if CUDA_EP in session.get_providers() else "cpu"
+        if device == "cuda" and used != "cuda" and not allow_fallback:
+            raise DeviceError(f"{path}: the CUDA EP could not be initialised (session providers: "
+                              f"{session.get_providers()}); check the CUDA/cuDNN libraries or use --device cpu.")
+        return cls(session, spec, path, used, review_threshold=review_threshold)
+
+    @property
+    def providers(self) -> list[str]:
+        return list(self.session.get_providers())
+
+    def __enter__(self) -> "Classifier":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.session = None
+
+    # -- inference ---------------------------------------------------------------
+    def preprocess(self, image: ImageSource, *, name: str | None = None) -> np.ndarray:
+        return load_and_preprocess(image, self.spec, name=name)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Logits for a preprocessed (N, 3, H, W) batch."""
+        if self.session is None:
+            raise ModelLoadError(f"{self.path}: this Classifier was closed")
+        return self.session.run([self.spec.output_name], {self.spec.input_name: batch})[0]
+
+    def predictions(self, logits: np.ndarray) -> list[Prediction]:
+        probs = softmax(logits.astype(np.float64))
+        out = []
+        for p in probs:
+            k = int(p.argmax())
+            conf = float(p[k])
+            out.append(Prediction(self.spec.class_names[k], k, conf,
+                                  {n: float(v) for n, v in zip(self.spec.class_names, p)},
+                                  conf < self.review_threshold))
+        return out
+
+    def predict(self, image: ImageSource) -> Prediction:
+        return self.predictions(self.run(self.preprocess(image)[None]))[0]
+
+    def predict_batch(self, images: Iterable[ImageSource], batch_size: int = 16) -> list[Prediction]:
+        """Predict many images; raises ``ImageError`` naming the first unreadable one."""
+        out: list[Prediction] = []
+        for chunk in _chunks(images, batch_size):
+            out += self.predictions(self.run(np.stack([self.preprocess(im) for im in chunk])))
+        return out
+
+
+def _chunks(items: Iterable, n: int) -> Iterator[list]:
+    chunk: list = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _check_io(session, spec: ModelSpec, path: Path) -> None:
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    problems = []
+    if [i.name for i in inputs] != [spec.input_name]:
+        problems.append(f"inputs {[i.name for i in inputs]} != spec input {spec.input_name!r}")
+    else:
+        i = inputs[0]
+        if i.type != _ONNX_DTYPES[spec.input_dtype]:
+            problems.append(f"input type {i.type} != spec {spec.input_dtype}")
+        shape = list(i.shape)
+        if len(shape) != 4 or shape[1:] != [3, *spec.image_size] or isinstance(shape[0], int):
+            problems.append(f"input shape {shape} != [batch, 3, {spec.image_size[0]}, {spec.image_size[1]}] "
+                            "with a dynamic batch axis")
+    names = [o.name for o in outputs]
+    if spec.output_name not in names:
+        problems.append(f"outputs {names} lack the spec output {spec.output_name!r}")
+    else:
+        o = outputs[names.index(spec.output_name)]
+        if o.type != "tensor(float)" or len(o.shape) != 2 or o.shape[1] != spec.num_classes:
+            problems.append(f"output {o.name} is {o.type} {list(o.shape)}, expected float [batch, {spec.num_classes}]")
+    if problems:
+        raise ModelSpecError(f"{path}: the graph does not match its spec: " + "; ".join(problems)
+                             + ". Re-export the model with cadbcnn-export.")

@@ -1,0 +1,99 @@
+"""`cadbcnn-export`: checkpoint → ONNX (+ FP16 / INT8) with parity gates."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from cadbcnn_runtime.errors import CadbcnnError
+
+app = typer.Typer(add_completion=False)
+
+
+def _summary(report: dict) -> str:
+    lines = []
+    for a in report["artifacts"]:
+        status = "written" if a["written"] else "NOT written"
+        lines.append(f"{a['variant']:>17}: {a['path']} — {status}, {a['size_bytes'] / 1e6:.1f} MB")
+        for name, case in a["parity"].items():
+            if isinstance(case, dict) and "max_abs_logit" in case:
+                acc = ""
+                if "accuracy" in case:
+                    acc = f", accuracy {100 * case['accuracy_ref']:.2f}% → {100 * case['accuracy']:.2f}%"
+                lines.append(f"{'':>19}{name:<12} n={case['n']:<4} max|Δlogit| {case['max_abs_logit']:.2e}  "
+                             f"mean {case['mean_abs_logit']:.2e}  max|Δprob| {case['max_abs_prob']:.2e}  "
+                             f"top-1 agree {100 * case['top1_agreement']:.2f}%{acc}")
+        for g in a["gates"]:
+            mark = "PASS" if g["passed"] else "FAIL"
+            lines.append(f"{'':>19}[{mark}] {g['name']}: {g['value']:.4g} ({g['comparison']} {g['threshold']:.4g})")
+    return "\n".join(lines)
+
+
+@app.command()
+def main_cmd(
+    checkpoint: Path = typer.Argument(..., help="best.pt written by `cadbcnn-train fit`."),
+    output: Path = typer.Option(..., "-o", "--output", help="The FP32 model (MODEL.onnx). --half / --int8 add "
+                                "MODEL.fp16.onnx / MODEL.int8.onnx next to it."),
+    opset: int = typer.Option(18, help="ONNX opset (≥ 17)."),
+    half: bool = typer.Option(False, "--half", help="Also write an FP16 model for the CUDA EP (fp32 I/O)."),
+    int8: bool = typer.Option(False, "--int8", help="Also write a static INT8 (QDQ) model; needs --calibration-data."),
+    fp16_weights: bool = typer.Option(False, "--fp16-weights", help="Store the FP32 model's weights as FP16 "
+                                      "(half the file size; compute stays FP32)."),
+    calibration_data: Optional[Path] = typer.Option(None, help="Images for INT8 calibration (searched recursively)."),
+    calibration_size: int = typer.Option(256, help="How many calibration images to use."),
+    calibration_method: str = typer.Option("minmax", help="minmax | percentile | entropy"),
+    parity_data: Optional[Path] = typer.Option(None, help="Real images for the parity gates; class sub-folders "
+                                               "(as in training) make it labelled and enable accuracy gates."),
+    parity_limit: Optional[int] = typer.Option(None, help="Use at most N parity images."),
+    report: Optional[Path] = typer.Option(None, help="Write the full parity report as JSON."),
+    max_abs_diff: Optional[float] = typer.Option(None, help="FP32 gate: max |Δlogit| (default 1e-4; 5e-2 with "
+                                                 "--fp16-weights)."),
+    no_gate: bool = typer.Option(False, "--no-gate", help="Write FP16/INT8 even if their accuracy gate fails "
+                                 "(loud warning; the FP32 parity gate always applies)."),
+) -> None:
+    """Export a checkpoint to ONNX with the cross-attention intact and the model spec embedded.
+
+    Exit codes: 0 every written model passed every gate; 3 a gate failed (a model
+    that failed is not left on disk); 2 bad checkpoint, arguments or data.
+    """
+    import time
+
+    from .exporter import ExportOptions, export_checkpoint
+
+    t0 = time.time()
+    opts = ExportOptions(opset=opset, half=half, int8=int8, fp16_weights=fp16_weights,
+                         calibration_data=calibration_data, calibration_size=calibration_size,
+                         calibration_method=calibration_method, parity_data=parity_data, parity_limit=parity_limit,
+                         max_abs_diff=max_abs_diff, no_gate=no_gate)
+    rep = None
+    code = 0
+    try:
+        rep = export_checkpoint(checkpoint, output, opts, log=typer.echo)
+    except CadbcnnError as exc:
+        rep = getattr(exc, "report", None)
+        typer.echo(f"error: {exc}", err=True)
+        code = exc.exit_code
+    if rep is not None:
+        import onnx
+
+        if output.is_file() and any(a["written"] for a in rep["artifacts"]):
+            m = onnx.load(str(output), load_external_data=False)
+            io = lambda vs: ", ".join(f"{v.name}[{'x'.join(d.dim_param or str(d.dim_value) for d in v.type.tensor_type.shape.dim)}]" for v in vs)  # noqa: E731
+            typer.echo(f"opset {opset}; inputs {io(m.graph.input)}; outputs {io(m.graph.output)}")
+        typer.echo(_summary(rep))
+        typer.echo(f"done in {time.time() - t0:.1f} s — {'all gates passed' if rep.get('passed') else 'FAILED'}")
+        if report:
+            report.parent.mkdir(parents=True, exist_ok=True)
+            report.write_text(json.dumps(rep, indent=2, default=str) + "\n")
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

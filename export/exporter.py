@@ -1,0 +1,472 @@
+"""Checkpoint → ONNX with the cross-attention intact, the spec embedded and parity gates.
+
+Every artifact is written to a temporary file and renamed into place only
+after all of its gates passed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from cadbcnn_runtime.errors import CadbcnnError, ExportError
+from cadbcnn_runtime.preprocess import IMAGE_SUFFIXES, load_and_preprocess
+from cadbcnn_runtime.spec import METADATA_KEY, ModelSpec
+from cadbcnn_train.checkpoint import Checkpoint, load_checkpoint, weights_sha256
+from cadbcnn_train.train import git_commit, software_versions
+
+from .formats import FORMATS, Format
+
+DEFAULT_OPSET = 18
+INPUT_NAME, OUTPUT_NAME = "image", "logits"
+
+
+# ---------------------------------------------------------------------------
+# Images for parity / calibration
+# ---------------------------------------------------------------------------
+@dataclass
+class ImageSet:
+    """Preprocessed images (N, 3, H, W) and labels (−1 when unlabelled)."""
+
+    x: np.ndarray
+    labels: np.ndarray
+    paths: list[str]
+
+    @property
+    def labelled(self) -> bool:
+        return len(self.labels) > 0 and bool((self.labels >= 0).all())
+
+
+def load_image_set(folder: Path, spec: ModelSpec, class_folders: Sequence[str], *, limit: int | None = None,
+                   seed: int = 0) -> ImageSet:
+    """Images from DIR (recursively). Sub-folders named like the model's class folders give labels."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ExportError(f"{folder}: image folder not found")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ExportError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+    if limit is not None and len(files) > limit:
+        rng = np.random.default_rng(seed)
+        files = sorted(files[i] for i in rng.choice(len(files), limit, replace=False))
+    index = {name: i for i, name in enumerate(class_folders)}
+    xs, labels, paths = [], [], []
+    for f in files:
+        try:
+            xs.append(load_and_preprocess(f, spec))
+        except CadbcnnError:
+            continue  # unreadable images do not take part in a parity check
+        rel = f.relative_to(folder).parts
+        labels.append(index.get(rel[0], -1) if len(rel) > 1 else -1)
+        paths.append(str(f))
+    if not xs:
+        raise ExportError(f"{folder}: none of the images could be decoded")
+    return ImageSet(np.stack(xs), np.asarray(labels), paths)
+
+
+# ---------------------------------------------------------------------------
+# Running both sides
+# ---------------------------------------------------------------------------
+@torch.no_grad()
+def torch_logits(model: torch.nn.Module, x: np.ndarray, batch: int = 32) -> np.ndarray:
+    model.eval()
+    return np.concatenate([model(torch.from_numpy(x[i:i + batch])).float().numpy()
+                           for i in range(0, len(x), batch)])
+
+
+def ort_session(path_or_bytes, providers=("CPUExecutionProvider",), threads: int | None = None):
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path_or_bytes) if isinstance(path_or_bytes, Path) else path_or_bytes,
+                                sess_options=so, providers=list(providers))
+
+
+def ort_logits(session: ort.InferenceSession, x: np.ndarray, batch: int = 32) -> np.ndarray:
+    return np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: x[i:i + batch]})[0]
+                           for i in range(0, len(x), batch)])
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
+def compare(ref: np.ndarray, got: np.ndarray, labels: np.ndarray | None = None,
+            class_names: Sequence[str] = ()) -> dict[str, Any]:
+    d = np.abs(ref.astype(np.float64) - got.astype(np.float64))
+    r = {
+        "n": int(len(ref)),
+        "max_abs_logit": float(d.max()),
+        "mean_abs_logit": float(d.mean()),
+        "max_abs_prob": float(np.abs(softmax(ref) - softmax(got)).max()),
+        "top1_agreement": float((ref.argmax(1) == got.argmax(1)).mean()),
+    }
+    if labels is not None and len(labels) and (labels >= 0).all():
+        r["accuracy_ref"] = float((ref.argmax(1) == labels).mean())
+        r["accuracy"] = float((got.argmax(1) == labels).mean())
+        r["per_class"] = {}
+        for k, name in enumerate(class_names):
+            m = labels == k
+            if m.any():
+                r["per_class"][name] = {"n": int(m.sum()), "accuracy_ref": float((ref[m].argmax(1) == k).mean()),
+                                        "accuracy": float((got[m].argmax(1) == k).mean())}
+    return r
+
+
+# ---------------------------------------------------------------------------
+# Graph building
+# ---------------------------------------------------------------------------
+def torch_to_onnx(model: torch.nn.Module, image_size: tuple[int, int], opset: int) -> onnx.ModelProto:
+    """Export with the dynamo exporter and a dynamic batch axis (traced at batch 2)."""
+    if opset < 17:
+        raise ExportError(f"--opset {opset} is too old: LayerNormalization needs opset ≥ 17")
+    x = torch.randint(0, 256, (2, 3, *image_size), dtype=torch.uint8)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    try:
+        program = torch.onnx.export(model.eval(), (x,), dynamo=True, input_names=[INPUT_NAME],
+                                    output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},),
+                                    opset_version=opset, external_data=False, verbose=False)
+    except Exception as exc:  # the exporter raises many types
+        raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {str(exc)[:500]}") from exc
+    proto = program.model_proto
+    if proto.opset_import and max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) < opset:
+        proto = onnx.version_converter.convert_version(proto, opset)
+    return proto
+
+
+def set_spec(proto: onnx.ModelProto, spec: ModelSpec) -> onnx.ModelProto:
+    keep = [p for p in proto.metadata_props if p.key != METADATA_KEY]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(keep)
+    proto.metadata_props.append(onnx.StringStringEntryProto(key=METADATA_KEY, value=spec.to_json()))
+    proto.producer_name = "cadbcnn-export"
+    proto.doc_string = f"{spec.name} {spec.version} ({spec.variant}): {', '.join(spec.class_names)}"
+    return proto
+
+
+def fp16_weight_storage(proto: onnx.ModelProto, min_elements: int = 1024) -> onnx.ModelProto:
+    """Store large float32 initializers as float16 with a Cast back to float32.
+
+    Compute stays fp32 (ORT folds the Casts when it builds the session); the
+    file is about half the size.
+    """
+    g = proto.graph
+    casts, keep = [], []
+    for init in g.initializer:
+        if init.data_type == TensorProto.FLOAT and np.prod(init.dims) >= min_elements:
+            arr = numpy_helper.to_array(init)
+            half = numpy_helper.from_array(arr.astype(np.float16), init.name + "__fp16")
+            keep.append(half)
+            casts.append(helper.make_node("Cast", [half.name], [init.name], to=TensorProto.FLOAT,
+                                          name=init.name + "__cast_fp32"))
+        else:
+            keep.append(init)
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    nodes = list(g.node)
+    del g.node[:]
+    g.node.extend(casts + nodes)
+    return proto
+
+
+def to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """fp16 weights and compute, fp32 I/O; Softmax/LayerNorm/head (Gemm) stay fp32."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    block = ["Softmax", "LayerNormalization", "ReduceMean", "Gemm"]
+    return convert_float_to_float16(proto, keep_io_types=True, op_block_list=block, disable_shape_infer=False)
+
+
+def attention_matmuls(proto: onnx.ModelProto) -> list[str]:
+    """Names of MatMul nodes between two activations (QKᵀ and attention·V)."""
+    inits = {i.name for i in proto.graph.initializer}
+    consts = {o for n in proto.graph.node if n.op_type == "Constant" for o in n.output}
+    return [n.name for n in proto.graph.node
+            if n.op_type == "MatMul" and not any(i in inits or i in consts for i in n.input)]
+
+
+def to_int8(fp32_path: Path, out_path: Path, calib: np.ndarray, *, per_channel: bool = True,
+            method: str = "minmax") -> None:
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self, x: np.ndarray, batch: int = 16):
+            self.batches = iter([{INPUT_NAME: x[i:i + batch]} for i in range(0, len(x), batch)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+        exclude = attention_matmuls(onnx.load(str(pre), load_external_data=False))
+        quantize_static(
+            str(pre), str(out_path), Reader(calib), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+            # U8S8 is what ORT recommends for x86-64 (VNNI runs it without saturation)
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            op_types_to_quantize=["Conv", "Gemm", "MatMul"], nodes_to_exclude=exclude,
+            calibrate_method={"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                              "entropy": CalibrationMethod.Entropy}[method],
+            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+        )
+
+
+# ---------------------------------------------------------------------------
+# The export
+# ---------------------------------------------------------------------------
+@dataclass
+class Gate:
+    name: str
+    passed: bool
+    value: float
+    threshold: float
+    comparison: str  # "<=" or ">="
+
+    def describe(self) -> str:
+        return f"{self.name}: {self.value:.6g} (needs {self.comparison} {self.threshold:.6g})"
+
+
+@dataclass
+class Artifact:
+    variant: str
+    path: Path
+    size_bytes: int = 0
+    sha256: str = ""
+    parity: dict[str, Any] = field(default_factory=dict)
+    gates: list[Gate] = field(default_factory=list)
+    written: bool = False
+
+    @property
+    def passed(self) -> bool:
+        return all(g.passed for g in self.gates)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"variant": self.variant, "path": str(self.path), "size_bytes": self.size_bytes,
+                "sha256": self.sha256, "written": self.written, "passed": self.passed, "parity": self.parity,
+                "gates": [g.__dict__ for g in self.gates]}
+
+
+@dataclass
+class ExportOptions:
+    opset: int = DEFAULT_OPSET
+    half: bool = False
+    int8: bool = False
+    fp16_weights: bool = False
+    calibration_data: Path | None = None
+    calibration_size: int = 256
+    calibration_method: str = "minmax"
+    parity_data: Path | None = None
+    parity_limit: int | None = None
+    max_abs_diff: float | None = None     # overrides the fp32 logit gate
+    no_gate: bool = False                 # write INT8/FP16 even when their gates fail (loudly)
+    seed: int = 0
+
+
+def _atomic_write(proto: onnx.ModelProto, dest: Path) -> None:
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    try:
+        onnx.save_model(proto, str(tmp))
+        tmp.replace(dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def variant_path(out: Path, fmt: Format) -> Path:
+    return out if not fmt.suffix else out.with_name(out.stem + fmt.suffix + out.suffix)
+
+
+def build_spec(ck: Checkpoint, variant: str) -> ModelSpec:
+    sw = dict(ck.spec.software)
+    sw.update({"onnx": onnx.__version__, "onnxruntime": ort.__version__, "exporter_torch": str(torch.__version__)})
+    return ck.spec.replace(variant=variant, software=sw, git_commit=ck.spec.git_commit or git_commit(),
+                           weights_sha256=weights_sha256(ck.state_dict))
+
+
+def _gate_top1(art: Artifact, case: dict, threshold: float, label: str) -> None:
+    art.gates.append(Gate(f"{label} top-1 agreement", case["top1_agreement"] >= threshold,
+                          case["top1_agreement"], threshold, ">="))
+
+
+def export_checkpoint(checkpoint: Path, out: Path, opts: ExportOptions | None = None,
+                      log=print) -> dict[str, Any]:
+    """Export CHECKPOINT to OUT (+ variants); return the report. Raises ExportError on a failed gate."""
+    opts = opts or ExportOptions()
+    t0 = time.time()
+    out = Path(out)
+    if out.suffix != ".onnx":
+        raise ExportError(f"{out}: the output file must end in .onnx")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ck = load_checkpoint(checkpoint)
+    model = ck.build_model()
+    spec = ck.spec
+    rng = np.random.default_rng(opts.seed)
+    random_cases = {f"random_b{b}": rng.integers(0, 256, (b, 3, *spec.image_size), dtype=np.uint8)
+                    for b in (1, 8)}
+    real = load_image_set(opts.parity_data, spec, ck.class_folders, limit=opts.parity_limit, seed=opts.seed) \
+        if opts.parity_data else None
+    ref_random = {k: torch_logits(model, v) for k, v in random_cases.items()}
+    ref_real = torch_logits(model, real.x) if real is not None else None
+
+    report: dict[str, Any] = {"checkpoint": str(checkpoint), "opset": opts.opset, "artifacts": [],
+                              "software": {"torch": str(torch.__version__), "onnx": onnx.__version__,
+                                           "onnxruntime": ort.__version__}}
+
+    # -- FP32 (or FP32 with fp16-stored weights) -----------------------------
+    base_variant = "fp32-fp16weights" if opts.fp16_weights else "fp32"
+    fmt = FORMATS[base_variant]
+    proto32 = torch_to_onnx(model, spec.image_size, opts.opset)
+    proto = onnx.ModelProto()
+    proto.CopyFrom(proto32)
+    if opts.fp16_weights:
+        proto = fp16_weight_storage(proto)
+    set_spec(proto, build_spec(ck, base_variant))
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ExportError(f"the exported graph fails onnx.checker ({str(exc)[:300]})") from exc
+    base = Artifact(base_variant, out)
+    session = ort_session(proto.SerializeToString())
+    threshold = opts.max_abs_diff if opts.max_abs_diff is not None else fmt.max_abs_logit
+    for name, x in random_cases.items():
+        case = compare(ref_random[name], ort_logits(session, x))
+        base.parity[name] = case
+        base.gates.append(Gate(f"{name} max |Δlogit|", case["max_abs_logit"] <= threshold,
+                               case["max_abs_logit"], threshold, "<="))
+        if base_variant == "fp32":
+            _gate_top1(base, case, fmt.min_top1_agreement, name)
+    base_real = None
+    if real is not None:
+        base_real = ort_logits(session, real.x)
+        case = compare(ref_real, base_real, real.labels if real.labelled else None, ck.class_names)
+        base.parity["images"] = case
+        base.gates.append(Gate("images max |Δlogit|", case["max_abs_logit"] <= threshold,
+                               case["max_abs_logit"], threshold, "<="))
+        _gate_top1(base, case, fmt.min_top1_agreement, "images")
+    report["artifacts"].append(base)
+    if not base.passed:
+        failed = "; ".join(g.describe() for g in base.gates if not g.passed)
+        _fail(report, [f"parity gate failed for {out} — nothing was written: {failed}"], t0)
+    _atomic_write(proto, out)
+    base.written, base.size_bytes, base.sha256 = True, out.stat().st_size, _sha256(out)
+    log(f"wrote {out} ({base.size_bytes / 1e6:.1f} MB, {base_variant}, opset {opts.opset})")
+
+    base_random = {k: ort_logits(session, v) for k, v in random_cases.items()}
+    del session
+    eval_set = real
+    failures = []
+
+    # -- FP16 ------------------------------------------------------------------
+    if opts.half:
+        fmt = FORMATS["fp16"]
+        art = Artifact("fp16", variant_path(out, fmt))
+        p16 = to_fp16(proto32)
+        set_spec(p16, build_spec(ck, "fp16"))
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+        art.parity["providers"] = providers[:1]
+        try:
+            s16 = ort_session(p16.SerializeToString(), providers=providers)
+        except Exception as exc:
+            raise ExportError(f"the FP16 model could not be loaded by ONNX Runtime ({providers}): {exc}") from exc
+        if "CUDAExecutionProvider" not in s16.get_providers():
+            log("note: no CUDA EP here — the FP16 model is checked on the CPU EP (slow but valid)")
+        _check_variant(art, s16, random_cases, base_random, eval_set, base_real, ck, fmt)
+        failures += _finish(art, p16, opts, log)
+        report["artifacts"].append(art)
+
+    # -- INT8 ------------------------------------------------------------------
+    if opts.int8:
+        if opts.calibration_data is None:
+            raise ExportError("--int8 needs --calibration-data DIR (a few hundred representative images)")
+        fmt = FORMATS["int8"]
+        art = Artifact("int8", variant_path(out, fmt))
+        calib = load_image_set(opts.calibration_data, spec, ck.class_folders, limit=opts.calibration_size,
+                               seed=opts.seed)
+        art.parity["calibration_images"] = int(len(calib.x))
+        with tempfile.TemporaryDirectory() as tmp:
+            src = Path(tmp) / "fp32.onnx"
+            q = Path(tmp) / "int8.onnx"
+            onnx.save_model(proto32, str(src))
+            to_int8(src, q, calib.x, method=opts.calibration_method)
+            p8 = onnx.load(str(q))
+        set_spec(p8, build_spec(ck, "int8"))
+        s8 = ort_session(p8.SerializeToString())
+        _check_variant(art, s8, random_cases, base_random, eval_set, base_real, ck, fmt)
+        if eval_set is not None and eval_set.labelled:
+            case = art.parity["images"]
+            drop = case["accuracy_ref"] - case["accuracy"]
+            art.gates.append(Gate("images accuracy drop (points)", drop * 100 <= 0.3, drop * 100, 0.3, "<="))
+            worst = max((c["accuracy_ref"] - c["accuracy"]) * 100 for c in case["per_class"].values())
+            art.gates.append(Gate("worst per-class accuracy drop (points)", worst <= 1.0, worst, 1.0, "<="))
+        failures += _finish(art, p8, opts, log)
+        report["artifacts"].append(art)
+
+    if failures:
+        _fail(report, failures, t0)
+    report["seconds"] = time.time() - t0
+    report["passed"] = True
+    report["artifacts"] = [a.to_dict() for a in report["artifacts"]]
+    return report
+
+
+def _fail(report: dict[str, Any], failures: list[str], t0: float) -> None:
+    report["seconds"] = time.time() - t0
+    report["passed"] = False
+    report["failures"] = failures
+    report["artifacts"] = [a.to_dict() if isinstance(a, Artifact) else a for a in report["artifacts"]]
+    exc = ExportError("; ".join(failures))
+    exc.report = report
+    raise exc
+
+
+def _check_variant(art: Artifact, session, random_cases, base_random, eval_set, base_real, ck, fmt: Format):
+    """Compare a derived variant with the ORT FP32 model (random inputs reported, real images gated)."""
+    for name, x in random_cases.items():
+        art.parity[name] = compare(base_random[name], ort_logits(session, x))
+    if eval_set is not None:
+        case = compare(base_real, ort_logits(session, eval_set.x),
+                       eval_set.labels if eval_set.labelled else None, ck.class_names)
+        art.parity["images"] = case
+        _gate_top1(art, case, fmt.min_top1_agreement, "images vs fp32")
+    else:
+        art.parity["note"] = "no --parity-data: top-1 agreement gated on random inputs only"
+        case = art.parity["random_b8"]
+        _gate_top1(art, case, 0.0, "random_b8 vs fp32 (informational)")
+
+
+def _finish(art: Artifact, proto: onnx.ModelProto, opts: ExportOptions, log) -> list[str]:
+    if not art.passed and not opts.no_gate:
+        failed = "; ".join(g.describe() for g in art.gates if not g.passed)
+        log(f"GATE FAILED for {art.variant}: {failed} — {art.path} not written")
+        return [f"{art.variant} gate failed: {failed}"]
+    if not art.passed:
+        log(f"WARNING: {art.variant} failed its gate but --no-gate was given; writing {art.path} anyway")
+    _atomic_write(proto, art.path)
+    art.written, art.size_bytes, art.sha256 = True, art.path.stat().st_size, _sha256(art.path)
+    log(f"wrote {art.path} ({art.size_bytes / 1e6:.1f} MB, {art.variant})")
+    return []

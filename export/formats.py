@@ -1,0 +1,26 @@
+"""The deployable formats, as data (like Ultralytics' export table)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Format:
+    key: str              # spec.variant
+    suffix: str           # file-name suffix added to -o's stem ("" = the -o path itself)
+    description: str
+    providers: tuple[str, ...]
+    # Parity gate against PyTorch fp32 (random + real images) or against the ORT fp32 model.
+    max_abs_logit: float | None   # None: not gated on logits
+    min_top1_agreement: float      # on real images (random images when none are given)
+
+
+FORMATS: dict[str, Format] = {
+    "fp32": Format("fp32", "", "ONNX FP32 — exact reference", ("cpu", "cuda"), 1e-4, 1.0),
+    "fp32-fp16weights": Format("fp32-fp16weights", "", "ONNX FP32 compute, weights stored as FP16 (half size)",
+                               ("cpu", "cuda"), 5e-2, 1.0),
+    "fp16": Format("fp16", ".fp16", "ONNX FP16 for the CUDA EP (fp32 I/O; softmax/LayerNorm/head in fp32)",
+                   ("cuda", "cpu"), None, 0.995),
+    "int8": Format("int8", ".int8", "ONNX INT8 static QDQ for CPUs with VNNI", ("cpu",), None, 0.99),
+}

@@ -1,0 +1,78 @@
+"""Shared fixtures: synthetic datasets and small exported models.
+
+Tests that carry the ``runtime`` marker must run without torch: they get their
+model from $CADBCNN_TEST_MODEL (exported earlier by the main environment, see
+tests/make_test_model.py) or, where torch is installed, export one here.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+CLASS_COLOURS = {"Benign": (200, 60, 60), "Early": (60, 200, 60), "Pre": (60, 60, 200), "Pro": (200, 200, 60)}
+
+
+def make_dataset(root: Path, *, per_class: int = 12, size: int = 48, classes=tuple(CLASS_COLOURS), seed: int = 0,
+                 fmt: str = ".png") -> Path:
+    """Trivially separable classes: a class colour plus noise and a random dark blob (a 'cell')."""
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        d = root / c
+        d.mkdir(parents=True, exist_ok=True)
+        colour = np.array(CLASS_COLOURS.get(c, rng.integers(0, 255, 3)), np.float32)
+        for i in range(per_class):
+            img = np.clip(colour + rng.normal(0, 12, (size, size, 3)), 0, 255).astype(np.uint8)
+            cx, cy = rng.integers(size // 4, 3 * size // 4, 2)
+            cv2.circle(img, (int(cx), int(cy)), size // 6, (40, 20, 80), -1)
+            cv2.imwrite(str(d / f"{c}-{i + 1:03d}{fmt}"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    return root
+
+
+@pytest.fixture
+def dataset(tmp_path) -> Path:
+    return make_dataset(tmp_path / "data")
+
+
+def have_torch() -> bool:
+    try:
+        import torch  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def save_random_checkpoint(path: Path, *, model: str = "cadbcnn", image_size: int = 64, seed: int = 0,
+                           class_names=("Benign", "Early Pre-B", "Pre-B", "Pro-B"),
+                           class_folders=("Benign", "Early", "Pre", "Pro")) -> Path:
+    import torch
+
+    from cadbcnn_runtime.spec import ModelSpec
+    from cadbcnn_train.checkpoint import save_checkpoint
+    from cadbcnn_train.model import create_model
+
+    torch.manual_seed(seed)
+    m = create_model(model, num_classes=len(class_names)).eval()
+    spec = ModelSpec(name=model, version="0.1.0", class_names=class_names, image_size=(image_size, image_size))
+    save_checkpoint(path, model=m, model_name=model, model_kwargs={}, spec=spec, class_folders=class_folders,
+                    config={"data": "synthetic"}, split_hash=None, epoch=0)
+    return path
+
+
+@pytest.fixture(scope="session")
+def onnx_model(tmp_path_factory) -> Path:
+    """A small (64-px) CADBCNN ONNX model with random weights, exported once per session."""
+    env = os.environ.get("CADBCNN_TEST_MODEL")
+    if env:
+        p = Path(env)
+        assert p.is_file(), f"$CADBCNN_TEST_MODEL={env} does not exist"
+        return p
+    if not have_torch():
+        pytest.fail("no torch and no $CADBCNN_TEST_MODEL: run tests/make_test_model.py in the main environment")
+    from make_test_model import build
+
+    return build(tmp_path_factory.mktemp("model") / "model.onnx")
