@@ -1,0 +1,76 @@
+"""Runtime vs. models crafted with onnx (main environment): refusals and agreement with the exporter."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from cadbcnn_export.exporter import load_image_set, torch_logits
+from cadbcnn_runtime import Classifier, ModelSpec
+from cadbcnn_runtime.errors import ModelSpecError
+from cadbcnn_runtime.spec import METADATA_KEY
+from cadbcnn_train.checkpoint import load_checkpoint
+from conftest import make_dataset, save_random_checkpoint
+
+
+def _with_meta(src, dst, value=None, drop=False):
+    m = onnx.load(str(src))
+    props = [p for p in m.metadata_props if p.key != METADATA_KEY]
+    del m.metadata_props[:]
+    m.metadata_props.extend(props)
+    if not drop:
+        m.metadata_props.append(onnx.StringStringEntryProto(key=METADATA_KEY, value=value))
+    onnx.save(m, str(dst))
+    return dst
+
+
+def test_model_without_spec_is_refused(onnx_model, tmp_path):
+    p = _with_meta(onnx_model, tmp_path / "nospec.onnx", drop=True)
+    with pytest.raises(ModelSpecError, match="no 'cadbcnn.spec'.*nospec.onnx|nospec.onnx.*no 'cadbcnn.spec'"):
+        Classifier.from_file(p, device="cpu")
+
+
+def test_model_whose_spec_does_not_match_the_graph_is_refused(onnx_model, tmp_path):
+    spec = ModelSpec.from_onnx(onnx_model)
+    cases = {
+        "size": spec.replace(image_size=[224, 224]),
+        "classes": spec.replace(class_names=["a", "b", "c"]),
+        "input": spec.replace(input_name="pixels"),
+        "dtype": spec.replace(input_dtype="float32"),
+    }
+    for name, bad in cases.items():
+        p = _with_meta(onnx_model, tmp_path / f"{name}.onnx", bad.to_json())
+        with pytest.raises(ModelSpecError, match="does not match its spec"):
+            Classifier.from_file(p, device="cpu")
+    p = _with_meta(onnx_model, tmp_path / "garbage.onnx", "{not json")
+    with pytest.raises(ModelSpecError, match="not valid JSON"):
+        Classifier.from_file(p, device="cpu")
+
+
+def test_api_cli_and_exporter_parity_path_agree(tmp_path):
+    from typer.testing import CliRunner
+
+    from cadbcnn_export.exporter import export_checkpoint
+    from cadbcnn_runtime.cli import app
+
+    ck = save_random_checkpoint(tmp_path / "ck.pt", image_size=64, seed=3)
+    export_checkpoint(ck, tmp_path / "m.onnx", log=lambda *a: None)
+    data = make_dataset(tmp_path / "imgs", per_class=2, size=80, fmt=".jpg")
+    files = sorted((data / "Pro").iterdir())
+    # exporter parity path: the same bytes through the runtime preprocessing into PyTorch
+    s = load_image_set(data / "Pro", ModelSpec.from_onnx(tmp_path / "m.onnx"), ("Benign", "Early", "Pre", "Pro"))
+    ref = torch_logits(load_checkpoint(ck).build_model(), s.x)
+    ref_p = np.exp(ref - ref.max(1, keepdims=True))
+    ref_p /= ref_p.sum(1, keepdims=True)
+    clf = Classifier.from_file(tmp_path / "m.onnx", device="cpu")
+    api = [clf.predict(f) for f in files]
+    r = CliRunner().invoke(app, [str(data / "Pro"), "--model", str(tmp_path / "m.onnx"), "--out",
+                                 str(tmp_path / "r.csv"), "-q"])
+    assert r.exit_code == 0
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "r.csv").open()))
+    for i, f in enumerate(files):
+        assert api[i].index == int(ref_p[i].argmax())
+        assert abs(api[i].confidence - ref_p[i].max()) < 1e-5
+        assert rows[i]["path"] == f.name and abs(float(rows[i]["confidence"]) - api[i].confidence) < 1e-5
