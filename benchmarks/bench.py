@@ -1,0 +1,469 @@
+"""Latency, throughput, memory and accuracy of every deployable format.
+
+Rows (formats): PyTorch eager FP32 and bf16 autocast, ONNX Runtime FP32 and
+INT8 on the CPU EP, FP32 and FP16 on the CUDA EP. A format that cannot run
+here still gets a row with its status and reason.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from cadbcnn_runtime.spec import ModelSpec
+
+FORMAT_ORDER = ("torch-fp32", "torch-bf16", "ort-fp32", "ort-int8", "ort-cuda-fp32", "ort-cuda-fp16")
+
+
+@dataclass
+class Row:
+    format: str
+    status: str                      # passed | failed | not available
+    reason: str = ""
+    batch: int | None = None
+    threads: int | None = None
+    provider: str = ""
+    runs: int = 0
+    p50_ms: float | None = None
+    p90_ms: float | None = None
+    p99_ms: float | None = None
+    p50_ms_per_image: float | None = None
+    images_per_s: float | None = None
+    gflops_per_s: float | None = None
+    mem_mb: float | None = None
+    size_mb: float | None = None
+    vs_torch_fp32: float | None = None   # batch-1 latency ratio (lower is faster)
+    vs_ort_fp32: float | None = None
+
+
+# ---------------------------------------------------------------------------
+# Conditions
+# ---------------------------------------------------------------------------
+def rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return float("nan")
+
+
+class PeakRSS:
+    """Samples this process's resident memory in a thread; reports the peak above a baseline."""
+
+    def __init__(self, interval: float = 0.01):
+        self.interval, self.base, self.peak = interval, rss_mb(), 0.0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_mb())
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, rss_mb())
+
+    @property
+    def delta(self) -> float:
+        return self.peak - self.base
+
+
+def conditions(threads: list[int], providers_used: dict[str, list[str]]) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    cpu, flags = platform.processor(), set()
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        cpu = next(l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name"))
+        flags = set(next(l.split(":", 1)[1].split() for l in info.splitlines() if l.startswith("flags")))
+    except (OSError, StopIteration):
+        pass
+    gpu = None
+    try:
+        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    versions = {"python": platform.python_version(), "onnxruntime": ort.__version__, "numpy": np.__version__}
+    try:
+        import torch
+
+        versions["torch"] = str(torch.__version__)
+    except ImportError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "cpu": cpu, "cores": os.cpu_count(),
+        "isa": {k: k in flags for k in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")},
+        "gpu": gpu, "versions": versions, "providers_available": ort.get_available_providers(),
+        "providers_used": providers_used, "threads": threads,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "git_commit": commit,
+    }
+
+
+# ---------------------------------------------------------------------------
+# Runners
+# ---------------------------------------------------------------------------
+@dataclass
+class Runner:
+    name: str
+    run: Callable[[np.ndarray], np.ndarray]         # uint8 NCHW → logits
+    set_threads: Callable[[int], None]
+    provider: str
+    size_mb: float | None = None
+    load: Callable[[], None] = lambda: None
+    classifier_path: Path | None = None             # ORT formats: for end-to-end runs
+
+
+def torch_runner(model, precision: str, size_mb: float | None) -> Runner:
+    import torch
+
+    from cadbcnn_train.train import autocast
+
+    model = model.eval().to(memory_format=torch.channels_last)
+    dev = torch.device("cpu")
+
+    @torch.no_grad()
+    def run(x):
+        t = torch.from_numpy(x).contiguous(memory_format=torch.channels_last)
+        with autocast(dev, precision):
+            return model(t).float().numpy()
+
+    return Runner(f"torch-{precision}", run, torch.set_num_threads, "torch-cpu", size_mb)
+
+
+def ort_runner(name: str, path: Path, provider: str) -> Runner:
+    import onnxruntime as ort
+
+    state: dict[str, Any] = {}
+
+    def make(threads: int):
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.intra_op_num_threads = threads
+        so.log_severity_level = 3
+        providers = [provider] + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [])
+        state["s"] = ort.InferenceSession(str(path), sess_options=so, providers=providers)
+        state["threads"] = threads
+        if provider not in state["s"].get_providers():
+            raise RuntimeError(f"{provider} did not initialise (got {state['s'].get_providers()})")
+
+    def set_threads(t):
+        if state.get("threads") != t:
+            make(t)
+
+    def run(x):
+        return state["s"].run(["logits"], {"image": x})[0]
+
+    r = Runner(name, run, set_threads, provider, path.stat().st_size / 1e6, classifier_path=path)
+    r.session = lambda: state["s"]  # type: ignore[attr-defined]
+    return r
+
+
+def time_it(fn: Callable[[], Any], min_time: float, warmup: int = 2, min_runs: int = 3) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_runs or time.perf_counter() - start < min_time:
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def flops_per_image(model, image_size) -> float | None:
+    try:
+        import torch
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            model.eval()(torch.zeros(1, 3, *image_size, dtype=torch.uint8))
+        return float(fc.get_total_flops())
+    except Exception:  # noqa: BLE001 — FLOP counting is informational
+        return None
+
+
+# ---------------------------------------------------------------------------
+# Accuracy, end-to-end, cold start
+# ---------------------------------------------------------------------------
+def labelled_set(folder: Path, spec: ModelSpec, class_folders, limit: int | None):
+    from cadbcnn_export.exporter import load_image_set
+
+    s = load_image_set(folder, spec, class_folders, limit=limit)
+    if not s.labelled:
+        raise ValueError(f"{folder}: --data must hold one sub-folder per class ({', '.join(class_folders)})")
+    return s
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray, ref: np.ndarray | None, n_classes: int) -> dict[str, float]:
+    pred = logits.argmax(1)
+    f1s = []
+    for k in range(n_classes):
+        tp = np.sum((pred == k) & (labels == k))
+        fp = np.sum((pred == k) & (labels != k))
+        fn = np.sum((pred != k) & (labels == k))
+        f1s.append(2 * tp / max(2 * tp + fp + fn, 1))
+    out = {"top1": float((pred == labels).mean()), "f1_macro": float(np.mean(f1s)), "n": int(len(labels))}
+    if ref is not None:
+        out["agreement_with_fp32"] = float((pred == ref.argmax(1)).mean())
+    return out
+
+
+def end_to_end(model_path: Path, images: Path, batch: int, threads: int, provider: str) -> dict[str, float]:
+    """Decode + preprocess + infer a folder through cadbcnn-infer's own pipeline (no output file)."""
+    from cadbcnn_runtime.classifier import Classifier
+    from cadbcnn_runtime.folder import classify_items, discover
+
+    device = "cuda" if provider == "CUDAExecutionProvider" else "cpu"
+    clf = Classifier.from_file(model_path, device=device, threads=threads)
+    items = discover(images, recursive=True)
+    classify_items(clf, items[: batch * 2], batch=batch, on_rows=lambda rows: None)  # warm-up
+    s = classify_items(clf, items, batch=batch, on_rows=lambda rows: None)
+    return {"images": s.ok, "errors": s.errors, "seconds": s.seconds, "images_per_s": s.images_per_s}
+
+
+COLD_START = r"""
+import time, sys, json
+t0 = time.perf_counter()
+import numpy as np
+from cadbcnn_runtime import Classifier
+t1 = time.perf_counter()
+c = Classifier.from_file(sys.argv[1], device=sys.argv[2])
+t2 = time.perf_counter()
+c.predict(np.zeros((224, 224, 3), np.uint8))
+t3 = time.perf_counter()
+print(json.dumps({"import_s": t1 - t0, "session_s": t2 - t1, "first_result_s": t3 - t2,
+                  "torch_loaded": "torch" in sys.modules}))
+"""
+
+
+def cold_start(model_path: Path, device: str, repeats: int = 3) -> dict[str, float]:
+    runs = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        r = subprocess.run([sys.executable, "-c", COLD_START, str(model_path), device], capture_output=True,
+                           text=True, timeout=120)
+        wall = time.perf_counter() - t
+        if r.returncode != 0:
+            return {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "failed"}
+        d = json.loads(r.stdout.strip().splitlines()[-1])
+        d["process_total_s"] = wall
+        runs.append(d)
+    return {k: float(np.median([r[k] for r in runs])) if k != "torch_loaded" else any(r[k] for r in runs)
+            for k in runs[0]}
+
+
+# ---------------------------------------------------------------------------
+# The benchmark
+# ---------------------------------------------------------------------------
+@dataclass
+class BenchOptions:
+    out: Path
+    checkpoint: Path | None = None
+    models: list[Path] = field(default_factory=list)
+    data: Path | None = None
+    images: Path | None = None
+    batches: list[int] = field(default_factory=lambda: [1, 8, 32])
+    threads: list[int] = field(default_factory=lambda: [1, os.cpu_count() or 1])
+    device: str = "cpu"
+    min_time: float = 3.0
+    data_limit: int | None = None
+    image_size: int = 224
+    cold_start: bool = True
+
+
+def prepare(opts: BenchOptions, log) -> tuple[Any, ModelSpec, tuple[str, ...], dict[str, Path], Path]:
+    """The torch model (checkpoint, or random-weight CADBCNN), its spec, and ONNX files per format."""
+    import onnxruntime as ort
+    import torch
+
+    from cadbcnn_train.checkpoint import load_checkpoint
+
+    work = Path(tempfile.mkdtemp(prefix="cadbcnn-bench-"))
+    if opts.checkpoint:
+        ck_path = Path(opts.checkpoint)
+    else:
+        from cadbcnn_train.checkpoint import save_checkpoint
+        from cadbcnn_train.model import create_model
+
+        log("no --checkpoint: timing a full-size CADBCNN with random weights (accuracy columns need a trained one)")
+        torch.manual_seed(0)
+        spec = ModelSpec(name="cadbcnn", version="bench", class_names=("Benign", "Early Pre-B", "Pre-B", "Pro-B"),
+                         image_size=(opts.image_size, opts.image_size))
+        ck_path = work / "random.pt"
+        save_checkpoint(ck_path, model=create_model("cadbcnn", num_classes=4), model_name="cadbcnn",
+                        model_kwargs={}, spec=spec, class_folders=("Benign", "Early", "Pre", "Pro"),
+                        config={}, split_hash=None, epoch=0)
+    ck = load_checkpoint(ck_path)
+    files: dict[str, Path] = {}
+    for m in opts.models:
+        v = ModelSpec.from_onnx(m).variant
+        key = {"fp32": "fp32", "fp32-fp16weights": "fp32", "int8": "int8", "fp16": "fp16"}[v]
+        files.setdefault(key, Path(m))
+    if "fp32" not in files or "int8" not in files:
+        from cadbcnn_export.exporter import ExportOptions, export_checkpoint
+
+        calib_dir = opts.images or opts.data
+        want_int8 = "int8" not in files
+        if want_int8 and calib_dir is None:
+            calib_dir = work / "calib"
+            rng = np.random.default_rng(0)
+            import cv2
+
+            for i in range(32):  # timing only: random calibration images
+                (calib_dir / "x").mkdir(parents=True, exist_ok=True)
+                cv2.imwrite(str(calib_dir / "x" / f"{i}.png"),
+                            rng.integers(0, 256, (*ck.spec.image_size, 3), dtype=np.uint8))
+        log("exporting the missing formats with cadbcnn-export …")
+        eo = ExportOptions(int8=want_int8, calibration_data=calib_dir, calibration_size=128,
+                           half="fp16" not in files and "CUDAExecutionProvider" in ort.get_available_providers(),
+                           no_gate=True)
+        export_checkpoint(ck_path, work / "model.onnx", eo, log=log)
+        files.setdefault("fp32", work / "model.onnx")
+        if want_int8:
+            files["int8"] = work / "model.int8.onnx"
+        if (work / "model.fp16.onnx").exists():
+            files.setdefault("fp16", work / "model.fp16.onnx")
+    return ck, ck.spec, ck.class_folders, files, work
+
+
+def run_benchmark(opts: BenchOptions, log=print) -> dict[str, Any]:
+    import onnxruntime as ort
+    import torch
+
+    from cadbcnn_train.train import cpu_has_bf16
+
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ck, spec, class_folders, files, work = prepare(opts, log)
+    model = ck.build_model()
+    flops = flops_per_image(model, spec.image_size)
+    ckpt_mb = sum(v.numel() * v.element_size() for v in ck.state_dict.values()) / 1e6
+    cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+
+    runners: dict[str, Runner | str] = {
+        "torch-fp32": torch_runner(model, "fp32", ckpt_mb),
+        "torch-bf16": torch_runner(model, "bf16", ckpt_mb) if cpu_has_bf16()
+        else "CPU lacks AVX512-BF16/AMX: bf16 autocast would be emulated",
+        "ort-fp32": ort_runner("ort-fp32", files["fp32"], "CPUExecutionProvider"),
+        "ort-int8": ort_runner("ort-int8", files["int8"], "CPUExecutionProvider") if "int8" in files
+        else "no INT8 model",
+        "ort-cuda-fp32": ort_runner("ort-cuda-fp32", files["fp32"], "CUDAExecutionProvider") if cuda
+        else "CUDA EP not available (install onnxruntime-gpu on a CUDA machine)",
+        "ort-cuda-fp16": (ort_runner("ort-cuda-fp16", files["fp16"], "CUDAExecutionProvider") if "fp16" in files
+                          else "no FP16 model") if cuda
+        else "CUDA EP not available (install onnxruntime-gpu on a CUDA machine)",
+    }
+    if opts.device == "cuda":
+        runners = {k: v for k, v in runners.items() if "cuda" in k}
+    elif opts.device == "cpu":
+        runners = {k: v for k, v in runners.items() if "cuda" not in k}
+
+    rows: list[Row] = []
+    providers_used: dict[str, list[str]] = {}
+    for name, r in runners.items():
+        if isinstance(r, str):
+            rows.append(Row(name, "not available", r))
+            continue
+        thread_list = opts.threads if "cuda" not in name else [opts.threads[-1]]
+        for threads in thread_list:
+            for b in opts.batches:
+                x = np.random.default_rng(b).integers(0, 256, (b, 3, *spec.image_size), dtype=np.uint8)
+                try:
+                    with PeakRSS() as mem:
+                        r.set_threads(threads)
+                        times = time_it(lambda: r.run(x), opts.min_time)
+                except Exception as exc:  # noqa: BLE001 — a format that fails gets a failed row
+                    rows.append(Row(name, "failed", f"{type(exc).__name__}: {str(exc)[:200]}", b, threads))
+                    continue
+                if hasattr(r, "session"):
+                    providers_used[name] = r.session().get_providers()
+                t = np.array(times) * 1000
+                p50 = float(np.percentile(t, 50))
+                ips = b / (p50 / 1000)
+                rows.append(Row(name, "passed", "", b, threads, r.provider, len(times), p50,
+                                float(np.percentile(t, 90)), float(np.percentile(t, 99)), p50 / b, ips,
+                                flops * ips / 1e9 if flops else None, mem.delta, r.size_mb))
+                log(f"{name:<14} batch {b:<3} threads {threads}: p50 {p50:8.1f} ms  {ips:7.1f} img/s")
+    # ratios at the same batch and threads
+    def lat(fmt, b, th):
+        return next((x.p50_ms for x in rows if x.format == fmt and x.batch == b and x.threads == th
+                     and x.status == "passed"), None)
+    for x in rows:
+        if x.status == "passed":
+            t_ref, o_ref = lat("torch-fp32", x.batch, x.threads), lat("ort-fp32", x.batch, x.threads)
+            x.vs_torch_fp32 = x.p50_ms / t_ref if t_ref else None
+            x.vs_ort_fp32 = x.p50_ms / o_ref if o_ref else None
+
+    result: dict[str, Any] = {"rows": [asdict(r) for r in rows], "flops_per_image": flops,
+                              "model_files": {k: str(v) for k, v in files.items()},
+                              "checkpoint": str(opts.checkpoint) if opts.checkpoint else "random weights"}
+
+    # accuracy per format
+    if opts.data:
+        s = labelled_set(Path(opts.data), spec, class_folders, opts.data_limit)
+        acc: dict[str, Any] = {}
+        ref = None
+        for name, r in runners.items():
+            if isinstance(r, str):
+                continue
+            r.set_threads(opts.threads[-1])
+            logits = np.concatenate([r.run(s.x[i:i + 32]) for i in range(0, len(s.x), 32)])
+            if name == "ort-fp32":
+                ref = logits
+            acc[name] = logits
+        result["accuracy"] = {k: accuracy(v, s.labels, acc.get("ort-fp32", acc.get("torch-fp32")), spec.num_classes)
+                              for k, v in acc.items()}
+        log("accuracy: " + ", ".join(f"{k} {100 * v['top1']:.2f}%" for k, v in result["accuracy"].items()))
+
+    # end-to-end through cadbcnn-infer's pipeline vs model-only at the best batch
+    if opts.images or opts.data:
+        e2e = {}
+        folder = Path(opts.images or opts.data)
+        for name, r in runners.items():
+            if isinstance(r, str) or r.classifier_path is None:
+                continue
+            passed = [x for x in rows if x.format == name and x.status == "passed" and x.threads == opts.threads[-1]]
+            best = max(passed, key=lambda x: x.images_per_s)
+            d = end_to_end(r.classifier_path, folder, best.batch, opts.threads[-1], r.provider)
+            d.update({"batch": best.batch, "model_only_images_per_s": best.images_per_s,
+                      "ratio": d["images_per_s"] / best.images_per_s})
+            e2e[name] = d
+            log(f"end-to-end {name}: {d['images_per_s']:.1f} img/s vs model-only {best.images_per_s:.1f} "
+                f"(×{d['ratio']:.2f}) at batch {best.batch}")
+        result["end_to_end"] = e2e
+
+    if opts.cold_start:
+        result["cold_start"] = {k: cold_start(files[k], "cpu") for k in ("fp32", "int8") if k in files}
+        log("cold start: " + ", ".join(f"{k} {v.get('process_total_s', float('nan')):.2f} s"
+                                       for k, v in result["cold_start"].items()))
+    result["conditions"] = conditions(opts.threads, providers_used)
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    from .report import write_charts, write_report
+
+    write_charts(result, out)
+    write_report(result, out)
+    return result

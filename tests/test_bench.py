@@ -1,0 +1,37 @@
+"""Smoke test of cadbcnn-bench: report structure only — never speeds."""
+
+import json
+
+from typer.testing import CliRunner
+
+from cadbcnn_bench.cli import app
+from conftest import make_dataset, save_random_checkpoint
+
+
+def test_bench_smoke_report_structure(tmp_path):
+    ck = save_random_checkpoint(tmp_path / "ck.pt", model="resnet18", image_size=32)
+    data = make_dataset(tmp_path / "data", per_class=3, size=32)
+    r = CliRunner().invoke(app, ["--out", str(tmp_path / "b"), "--checkpoint", str(ck), "--data", str(data),
+                                 "--batch", "1,2", "--threads", "1", "--min-time", "0.05", "--no-cold-start"])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "b" / "results.json").read_text())
+    rows = res["rows"]
+    formats = {x["format"] for x in rows}
+    assert {"torch-fp32", "torch-bf16", "ort-fp32", "ort-int8"} <= formats
+    for x in rows:
+        assert x["status"] in ("passed", "failed", "not available")
+        if x["status"] == "passed":
+            assert x["p50_ms"] > 0 and x["images_per_s"] > 0 and x["p99_ms"] >= x["p50_ms"] and x["runs"] >= 3
+        else:
+            assert x["reason"]
+    for f in ("ort-fp32", "ort-int8", "torch-fp32"):
+        assert {x["batch"] for x in rows if x["format"] == f and x["status"] == "passed"} == {1, 2}
+    assert next(x for x in rows if x["format"] == "ort-fp32" and x["batch"] == 1)["vs_ort_fp32"] == 1.0
+    assert set(res["accuracy"]) >= {"torch-fp32", "ort-fp32", "ort-int8"}
+    assert 0 <= res["accuracy"]["ort-int8"]["top1"] <= 1
+    assert res["end_to_end"]["ort-fp32"]["images"] == 12
+    cond = res["conditions"]
+    assert cond["cores"] >= 1 and "onnxruntime" in cond["versions"] and "avx512f" in cond["isa"]
+    report = (tmp_path / "b" / "report.md").read_text()
+    assert "| ort-int8 | passed |" in report and "Accuracy per format" in report
+    assert (tmp_path / "b" / "latency.png").is_file() and (tmp_path / "b" / "throughput.png").is_file()
