@@ -33,17 +33,23 @@ def make_dataset(root: Path, *, per_class: int = 12, size: int = 48, classes=tup
     return root
 
 
-@pytest.fixture
-def dataset(tmp_path) -> Path:
-    return make_dataset(tmp_path / "data")
-
-
-def have_torch() -> bool:
+def _torch_importable() -> bool:
     try:
         import torch  # noqa: F401
         return True
     except ImportError:
         return False
+
+
+# In the runtime-only environment (no torch) only the torch-free test modules are collected.
+if not _torch_importable():
+    collect_ignore = ["test_model.py", "test_data.py", "test_train.py", "test_export.py",
+                      "test_runtime_models.py", "test_bench.py", "make_test_model.py"]
+
+
+@pytest.fixture
+def dataset(tmp_path) -> Path:
+    return make_dataset(tmp_path / "data")
 
 
 def save_random_checkpoint(path: Path, *, model: str = "cadbcnn", image_size: int = 64, seed: int = 0,
@@ -71,7 +77,7 @@ def onnx_model(tmp_path_factory) -> Path:
         p = Path(env)
         assert p.is_file(), f"$CADBCNN_TEST_MODEL={env} does not exist"
         return p
-    if not have_torch():
+    if not _torch_importable():
         pytest.fail("no torch and no $CADBCNN_TEST_MODEL: run tests/make_test_model.py in the main environment")
     from make_test_model import build
 
