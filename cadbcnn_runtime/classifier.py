@@ -32,7 +32,9 @@ class Prediction:
     index: int
     confidence: float
     probabilities: dict[str, float]
-    needs_review: bool
+    needs_review: bool                   # low confidence or out of distribution
+    ood_score: float | None = None       # None when the model has no OOD output
+    out_of_distribution: bool = False
 
 
 def default_model_path() -> Path:
@@ -62,7 +64,8 @@ def _cuda_available(ort) -> bool:
 class Classifier:
     """A cadbcnn ONNX model with its spec, on the CPU or CUDA execution provider."""
 
-    def __init__(self, session, spec: ModelSpec, path: Path, device: str, *, review_threshold: float | None = None):
+    def __init__(self, session, spec: ModelSpec, path: Path, device: str, *, review_threshold: float | None = None,
+                 ood_threshold: float | None = None):
         self.session = session
         self.spec = spec
         self.path = path
@@ -70,11 +73,15 @@ class Classifier:
         self.review_threshold = spec.review_threshold if review_threshold is None else float(review_threshold)
         if not 0.0 <= self.review_threshold <= 1.0:
             raise ValueError(f"review_threshold must be in [0, 1], got {self.review_threshold}")
+        self.ood_threshold = None if spec.ood is None else (
+            float(spec.ood["threshold"]) if ood_threshold is None else float(ood_threshold))
+        self._outputs = [spec.output_name] + ([spec.ood["output"]] if spec.ood else [])
 
     # -- construction ----------------------------------------------------------
     @classmethod
     def from_file(cls, path: str | os.PathLike | None = None, device: str = "auto", threads: int | None = None,
-                  *, allow_fallback: bool = False, review_threshold: float | None = None) -> "Classifier":
+                  *, allow_fallback: bool = False, review_threshold: float | None = None,
+                  ood_threshold: float | None = None) -> "Classifier":
         """Load and validate a model. ``path=None`` loads the released model.
 
         ``device``: ``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA when its EP is available). Asking for
@@ -114,7 +121,7 @@ class Classifier:
         if device == "cuda" and used != "cuda" and not allow_fallback:
             raise DeviceError(f"{path}: the CUDA EP could not be initialised (session providers: "
                               f"{session.get_providers()}); check the CUDA/cuDNN libraries or use --device cpu.")
-        return cls(session, spec, path, used, review_threshold=review_threshold)
+        return cls(session, spec, path, used, review_threshold=review_threshold, ood_threshold=ood_threshold)
 
     @property
     def providers(self) -> list[str]:
@@ -133,31 +140,42 @@ class Classifier:
     def preprocess(self, image: ImageSource, *, name: str | None = None) -> np.ndarray:
         return load_and_preprocess(image, self.spec, name=name)
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        """Logits for a preprocessed (N, 3, H, W) batch."""
+    def run_all(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(logits, ood_score or None) for a preprocessed (N, 3, H, W) batch."""
         if self.session is None:
             raise ModelLoadError(f"{self.path}: this Classifier was closed")
-        return self.session.run([self.spec.output_name], {self.spec.input_name: batch})[0]
+        outs = self.session.run(self._outputs, {self.spec.input_name: batch})
+        return outs[0], (outs[1] if len(outs) > 1 else None)
 
-    def predictions(self, logits: np.ndarray) -> list[Prediction]:
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Logits for a preprocessed (N, 3, H, W) batch."""
+        return self.run_all(batch)[0]
+
+    def predictions(self, logits: np.ndarray, ood: np.ndarray | None = None) -> list[Prediction]:
         probs = softmax(logits.astype(np.float64))
         out = []
-        for p in probs:
+        for i, p in enumerate(probs):
             k = int(p.argmax())
             conf = float(p[k])
+            score = None if ood is None else float(ood[i])
+            is_ood = score is not None and self.ood_threshold is not None and not score <= self.ood_threshold
             out.append(Prediction(self.spec.class_names[k], k, conf,
                                   {n: float(v) for n, v in zip(self.spec.class_names, p)},
-                                  conf < self.review_threshold))
+                                  conf < self.review_threshold or is_ood, score, is_ood))
         return out
 
+    def classify(self, batch: np.ndarray) -> list[Prediction]:
+        """Predictions for a preprocessed (N, 3, H, W) batch."""
+        return self.predictions(*self.run_all(batch))
+
     def predict(self, image: ImageSource) -> Prediction:
-        return self.predictions(self.run(self.preprocess(image)[None]))[0]
+        return self.classify(self.preprocess(image)[None])[0]
 
     def predict_batch(self, images: Iterable[ImageSource], batch_size: int = 16) -> list[Prediction]:
         """Predict many images; raises ``ImageError`` naming the first unreadable one."""
         out: list[Prediction] = []
         for chunk in _chunks(images, batch_size):
-            out += self.predictions(self.run(np.stack([self.preprocess(im) for im in chunk])))
+            out += self.classify(np.stack([self.preprocess(im) for im in chunk]))
         return out
 
 
@@ -186,6 +204,12 @@ def _check_io(session, spec: ModelSpec, path: Path) -> None:
             problems.append(f"input shape {shape} != [batch, 3, {spec.image_size[0]}, {spec.image_size[1]}] "
                             "with a dynamic batch axis")
     names = [o.name for o in outputs]
+    if spec.ood is not None:
+        oo = next((o for o in outputs if o.name == spec.ood["output"]), None)
+        if oo is None:
+            problems.append(f"outputs {names} lack the spec's OOD output {spec.ood['output']!r}")
+        elif oo.type != "tensor(float)" or len(oo.shape) != 1:
+            problems.append(f"OOD output {oo.name} is {oo.type} {list(oo.shape)}, expected float [batch]")
     if spec.output_name not in names:
         problems.append(f"outputs {names} lack the spec output {spec.output_name!r}")
     else:

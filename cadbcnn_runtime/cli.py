@@ -26,6 +26,8 @@ def _table(rows: list[dict], class_names) -> str:
     for r in rows:
         conf = f"{float(r['confidence']):.3f}" if r["status"] == "ok" else ""
         review = ("yes" if r["needs_review"] else "no") if r["status"] == "ok" else ""
+        if r.get("out_of_distribution") is True:
+            review = "OOD"
         status = "ok" if r["status"] == "ok" else f"error: {r['error']}"
         lines.append(f"{r['path'][-40:]:<40} {r['label']:<12} {conf:>6} {review:>6}  {status}")
     return "\n".join(lines)
@@ -46,6 +48,8 @@ def infer(
     review_threshold: Optional[float] = typer.Option(None, min=0.0, max=1.0,
                                                      help="Flag predictions below this confidence for review "
                                                           "(default: the model spec's)."),
+    ood_threshold: Optional[float] = typer.Option(None, help="Flag images whose ood_score exceeds this as out of "
+                                                  "distribution (default: the model spec's)."),
     resume: bool = typer.Option(False, "--resume", help="Skip images already classified (status ok) in the output."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -58,7 +62,7 @@ def infer(
         raise typer.Exit(2)
     try:
         clf = Classifier.from_file(model, device=device, threads=threads, allow_fallback=allow_fallback,
-                                   review_threshold=review_threshold)
+                                   review_threshold=review_threshold, ood_threshold=ood_threshold)
     except CadbcnnError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2)
@@ -68,7 +72,7 @@ def infer(
                f"[{', '.join(clf.providers)}]", err=True)
 
     names = clf.spec.class_names
-    cols = columns(names)
+    cols = columns(names, ood=clf.spec.ood is not None)
     to_stdout = out == "-"
     out_path = None if to_stdout else Path(out) if out else folder.resolve().parent / f"{folder.resolve().name}_predictions.csv"
     items = discover(folder, recursive=recursive)
@@ -109,7 +113,8 @@ def infer(
     if to_stdout:
         typer.echo(_table(collected, names))
     per_class = ", ".join(f"{n} {summary.per_class.get(n, 0)}" for n in names)
-    typer.echo(f"{len(items)} images: {summary.ok} classified ({per_class}); {summary.needs_review} need review; "
+    typer.echo(f"{len(items)} images: {summary.ok} classified ({per_class}); {summary.needs_review} need review"
+               + (f" ({summary.out_of_distribution} out of distribution)" if clf.spec.ood else "") + "; "
                f"{summary.errors} errors; {summary.skipped_resume} already done (--resume); "
                f"{summary.images_per_s:.1f} images/s" + (f" → {where}" if where else ""), err=True)
     if summary.errors:

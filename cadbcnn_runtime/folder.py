@@ -51,19 +51,24 @@ def discover(folder: Path, *, recursive: bool = False) -> list[Item]:
     return items
 
 
-def columns(class_names) -> list[str]:
-    return ["path", "label", "confidence", "needs_review", *[f"p_{c}" for c in class_names], "status", "error"]
+def columns(class_names, ood: bool = False) -> list[str]:
+    extra = ["ood_score", "out_of_distribution"] if ood else []
+    return ["path", "label", "confidence", "needs_review", *[f"p_{c}" for c in class_names], *extra, "status",
+            "error"]
 
 
 def ok_row(rel: str, p: Prediction) -> dict:
     row = {"path": rel, "label": p.label, "confidence": round(p.confidence, 6), "needs_review": p.needs_review}
     row.update({f"p_{k}": round(v, 6) for k, v in p.probabilities.items()})
+    if p.ood_score is not None:
+        row.update({"ood_score": round(p.ood_score, 6), "out_of_distribution": p.out_of_distribution})
     row.update({"status": "ok", "error": ""})
     return row
 
 
 def error_row(rel: str, message: str, class_names) -> dict:
-    row = {"path": rel, "label": "", "confidence": "", "needs_review": "", "status": "error", "error": message}
+    row = {"path": rel, "label": "", "confidence": "", "needs_review": "", "ood_score": "",
+           "out_of_distribution": "", "status": "error", "error": message}
     row.update({f"p_{c}": "" for c in class_names})
     return row
 
@@ -138,6 +143,7 @@ class Summary:
     errors: int = 0
     skipped_resume: int = 0
     needs_review: int = 0
+    out_of_distribution: int = 0
     per_class: Counter = field(default_factory=Counter)
     seconds: float = 0.0
 
@@ -184,8 +190,8 @@ def classify_items(clf: Classifier, items: list[Item], *, batch: int = 16, worke
             good = [(item, x) for item, x, err in group if err is None]
             preds: dict[str, Prediction] = {}
             if good:
-                logits = clf.run(np.stack([x for _, x in good]))
-                preds = {item.rel: p for (item, _), p in zip(good, clf.predictions(logits))}
+                batch_preds = clf.classify(np.stack([x for _, x in good]))
+                preds = {item.rel: p for (item, _), p in zip(good, batch_preds)}
             rows = []
             for item, _, err in group:
                 if err is not None:
@@ -197,6 +203,7 @@ def classify_items(clf: Classifier, items: list[Item], *, batch: int = 16, worke
                     s.ok += 1
                     s.per_class[p.label] += 1
                     s.needs_review += p.needs_review
+                    s.out_of_distribution += p.out_of_distribution
             on_rows(rows)
             done += len(group)
             if progress:

@@ -58,6 +58,7 @@ class ModelSpec:
     output_semantics: str = "logits"
     review_threshold: float = 0.80
     variant: str = "fp32"              # fp32 | fp32-fp16weights | fp16 | int8 (how the graph computes)
+    ood: Mapping[str, Any] | None = None   # second output: {"output", "method", "threshold", ...}
     training: Mapping[str, Any] = field(default_factory=dict)
     metrics: Mapping[str, Any] | None = None
     software: Mapping[str, str] = field(default_factory=dict)
@@ -75,6 +76,8 @@ class ModelSpec:
         object.__setattr__(self, "software", dict(self.software))
         if self.metrics is not None:
             object.__setattr__(self, "metrics", copy.deepcopy(dict(self.metrics)))
+        if self.ood is not None:
+            object.__setattr__(self, "ood", copy.deepcopy(dict(self.ood)))
         self.validate()
 
     # -- validation ---------------------------------------------------------
@@ -106,6 +109,12 @@ class ModelSpec:
         need(isinstance(self.review_threshold, (int, float)) and not isinstance(self.review_threshold, bool)
              and math.isfinite(self.review_threshold) and 0.0 <= self.review_threshold <= 1.0,
              "review_threshold must be a number in [0, 1]")
+        if self.ood is not None:
+            thr = self.ood.get("threshold")
+            need(isinstance(self.ood.get("output"), str) and bool(self.ood.get("output"))
+                 and self.ood.get("output") != self.output_name, "ood.output must name a second graph output")
+            need(isinstance(thr, (int, float)) and not isinstance(thr, bool) and math.isfinite(thr),
+                 "ood.threshold must be a finite number")
         need(self.variant in VARIANTS, f"variant must be one of {VARIANTS}")
         need(self.weights_sha256 is None or (isinstance(self.weights_sha256, str) and len(self.weights_sha256) == 64),
              "weights_sha256 must be a 64-character hex digest or null")

@@ -46,6 +46,7 @@ def fit(
     max_steps: Optional[int] = typer.Option(None, help="Stop each epoch after N steps (smoke tests)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Decode images every epoch instead of caching in RAM."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from OUT/last.pt."),
+    no_ood: bool = typer.Option(False, "--no-ood", help="Do not fit the out-of-distribution score at the end."),
 ) -> None:
     """Train a model. Runs unchanged under `torchrun --nproc_per_node=N` (DDP)."""
     from .config import TrainConfig
@@ -58,7 +59,7 @@ def fit(
                           block_size=block_size, max_per_class=max_per_class, augment=not no_augment,
                           class_weights=not no_class_weights, precision=precision, patience=patience,
                           workers=workers, threads=threads, pretrained=pretrained, max_steps=max_steps,
-                          cache=not no_cache)
+                          cache=not no_cache, fit_ood=not no_ood)
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2)
@@ -85,6 +86,42 @@ def evaluate(
     except CadbcnnError as exc:
         _fail(exc)
     typer.echo(metrics_markdown(m, f"{checkpoint} — {split}"))
+
+
+@app.command("fit-ood")
+def fit_ood_cmd(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint written by `cadbcnn-train fit`."),
+    data: Path = typer.Option(..., help="The dataset root the checkpoint was trained on."),
+    split_file: Optional[Path] = typer.Option(None, help="Split CSV (default: split.csv next to the checkpoint)."),
+    out: Optional[Path] = typer.Option(None, help="Write the updated checkpoint here (default: in place)."),
+    flag_rate: float = typer.Option(0.02, help="Fraction of the validation split the threshold may flag."),
+) -> None:
+    """(Re)fit the out-of-distribution score of an existing checkpoint (train split; threshold on val)."""
+    from .train import refit_ood
+
+    try:
+        refit_ood(checkpoint, data, split_file=split_file, out=out, flag_rate=flag_rate, log=typer.echo)
+    except CadbcnnError as exc:
+        _fail(exc)
+
+
+@app.command("ood-report")
+def ood_report_cmd(
+    model: Path = typer.Argument(..., help="An exported ONNX model with an OOD output."),
+    data: Path = typer.Option(..., help="The dataset root."),
+    split_file: Path = typer.Option(..., help="split.csv of the model's training run (its test rows are used)."),
+    out: Path = typer.Option(..., help="Folder for ood_report.md / .json."),
+    limit: Optional[int] = typer.Option(None, help="Use at most N test images."),
+) -> None:
+    """Fraction flagged and AUROC of the OOD score on shifted and foreign image sets."""
+    from .ood_eval import ood_report
+
+    try:
+        ood_report(model, data, split_file, out, limit=limit)
+    except (CadbcnnError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+    typer.echo((out / "ood_report.md").read_text())
 
 
 def main() -> None:

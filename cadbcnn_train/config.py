@@ -36,6 +36,7 @@ class TrainConfig:
     pretrained: str | None = None      # None | "imagenet"
     cache: bool = True
     max_steps: int | None = None       # stop each epoch after N steps (smoke tests)
+    fit_ood: bool = True               # fit the OOD statistics at the end of training
     model_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):

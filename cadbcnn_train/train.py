@@ -39,6 +39,7 @@ from .checkpoint import load_checkpoint, save_checkpoint, weights_sha256
 from .config import TrainConfig
 from .metrics import compute_metrics, write_metrics
 from .model import PRETRAINED_SOURCES, TRUNK_LAYERS, create_model
+from .ood import fit_ood, spec_entry
 from cadbcnn_runtime.progress import Progress
 
 log = logging.getLogger("cadbcnn_train")
@@ -155,7 +156,7 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device, precisio
 
 
 def make_spec(cfg: TrainConfig, ds: D.LoadedDataset, split_counts: dict, *, metrics=None,
-              weights: str | None = None) -> ModelSpec:
+              weights: str | None = None, ood: dict | None = None) -> ModelSpec:
     return ModelSpec(
         name=cfg.model,
         version=cadbcnn_runtime.__version__,
@@ -174,6 +175,7 @@ def make_spec(cfg: TrainConfig, ds: D.LoadedDataset, split_counts: dict, *, metr
             "pretrained": cfg.pretrained,
         },
         metrics=metrics,
+        ood=spec_entry(ood) if ood else None,
         software=software_versions(),
         git_commit=git_commit(),
         weights_sha256=weights,
@@ -361,11 +363,16 @@ def fit(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> FitRe
             test_metrics = compute_metrics(labels.numpy(), logits.argmax(1).numpy(), ds.class_names)
             test_metrics["split"] = "test"
             write_metrics(test_metrics, out, title=f"{cfg.model} — test split")
+        ood = None
+        if cfg.fit_ood:
+            ood = fit_ood(model, eval_loader(parts["train"]), eval_loader(parts["val"]), num_classes, device=device)
+            say(f"OOD score fitted on the train split; threshold {ood['threshold']:.3f} flags "
+                f"{100 * ood['val_flagged']:.1f} % of the validation split")
         final_spec = make_spec(cfg, ds, split_counts, metrics=_summary(test_metrics),
-                               weights=weights_sha256(model.state_dict()))
+                               weights=weights_sha256(model.state_dict()), ood=ood)
         if best is not None:
             save_checkpoint(out / "best.pt", model=model, spec=final_spec, epoch=best.epoch,
-                            metrics=test_metrics, **ckpt_common)
+                            metrics=test_metrics, ood=ood, **ckpt_common)
         summary = {"best_val_f1_macro": best_f1, "epochs_run": epoch + 1, "seconds": time.time() - t_start,
                    "skipped_images": ds.skipped, "precision": precision, "device": str(device), "world": di.world}
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -445,3 +452,35 @@ def evaluate(checkpoint: Path, data: Path, out: Path, *, split: str = "test", sp
     m["checkpoint"] = str(checkpoint)
     write_metrics(m, Path(out), title=f"{ck.model_name} — {split} split")
     return m
+
+
+def refit_ood(checkpoint: Path, data: Path, *, split_file: Path | None = None, out: Path | None = None,
+              flag_rate: float = 0.02, log=print) -> dict:
+    """Fit (or refit) the OOD statistics of an existing checkpoint on its train split; threshold on val."""
+    ck = load_checkpoint(checkpoint)
+    model = ck.build_model()
+    sf = Path(split_file) if split_file else Path(checkpoint).parent / "split.csv"
+    rows = D.split_rows(sf)
+    root = Path(data)
+    ds = D.load(root, class_folders=ck.class_folders,
+                only={root / r["path"] for r in rows if r["split"] in ("train", "val")})
+    which = {root / r["path"]: r["split"] for r in rows}
+    parts = {k: [s for s in ds.samples if which.get(s.path) == k] for k in ("train", "val")}
+    if not parts["train"] or not parts["val"]:
+        raise DatasetError(f"{sf}: needs train and val rows that exist under {root}")
+
+    def loader(samples):
+        return DataLoader(D.ImageDataset(samples, ck.spec, images=ds.images), batch_size=64)
+
+    ood = fit_ood(model, loader(parts["train"]), loader(parts["val"]), len(ck.class_names), flag_rate=flag_rate)
+    spec = ck.spec.replace(ood=spec_entry(ood))
+    dest = Path(out) if out else Path(checkpoint)
+    raw = {k: v for k, v in ck.raw.items() if k not in ("format", "format_version", "model_name", "model_kwargs",
+                                                        "class_names", "class_folders", "spec", "state_dict",
+                                                        "config", "split_hash", "epoch", "metrics", "ood")}
+    save_checkpoint(dest, model=model, model_name=ck.model_name, model_kwargs=ck.model_kwargs, spec=spec,
+                    class_folders=ck.class_folders, config=ck.config, split_hash=ck.split_hash, epoch=ck.epoch,
+                    metrics=ck.metrics, ood=ood, extra=raw)
+    log(f"OOD statistics fitted on {len(parts['train'])} train images; threshold {ood['threshold']:.4f} flags "
+        f"{100 * ood['val_flagged']:.1f} % of {len(parts['val'])} validation images → {dest}")
+    return ood

@@ -81,9 +81,22 @@ def load_image_set(folder: Path, spec: ModelSpec, class_folders: Sequence[str], 
 # ---------------------------------------------------------------------------
 @torch.no_grad()
 def torch_logits(model: torch.nn.Module, x: np.ndarray, batch: int = 32) -> np.ndarray:
+    return torch_outputs(model, x, batch)[0]
+
+
+@torch.no_grad()
+def torch_outputs(model: torch.nn.Module, x: np.ndarray, batch: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
+    """(logits, ood_score or None) — models wrapped in ``WithOOD`` return both."""
     model.eval()
-    return np.concatenate([model(torch.from_numpy(x[i:i + batch])).float().numpy()
-                           for i in range(0, len(x), batch)])
+    logits, ood = [], []
+    for i in range(0, len(x), batch):
+        out = model(torch.from_numpy(x[i:i + batch]))
+        if isinstance(out, tuple):
+            logits.append(out[0].float().numpy())
+            ood.append(out[1].float().numpy())
+        else:
+            logits.append(out.float().numpy())
+    return np.concatenate(logits), (np.concatenate(ood) if ood else None)
 
 
 def ort_session(path_or_bytes, providers=("CPUExecutionProvider",), threads: int | None = None):
@@ -96,9 +109,11 @@ def ort_session(path_or_bytes, providers=("CPUExecutionProvider",), threads: int
                                 sess_options=so, providers=list(providers))
 
 
-def ort_logits(session: ort.InferenceSession, x: np.ndarray, batch: int = 32) -> np.ndarray:
-    return np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: x[i:i + batch]})[0]
-                           for i in range(0, len(x), batch)])
+def ort_outputs(session: ort.InferenceSession, x: np.ndarray, batch: int = 32):
+    names = [o.name for o in session.get_outputs()]
+    outs = [session.run(names, {INPUT_NAME: x[i:i + batch]}) for i in range(0, len(x), batch)]
+    logits = np.concatenate([o[0] for o in outs])
+    return logits, (np.concatenate([o[1] for o in outs]) if len(names) > 1 else None)
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -107,8 +122,11 @@ def softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(1, keepdims=True)
 
 
-def compare(ref: np.ndarray, got: np.ndarray, labels: np.ndarray | None = None,
-            class_names: Sequence[str] = ()) -> dict[str, Any]:
+def compare(ref, got, labels: np.ndarray | None = None, class_names: Sequence[str] = (),
+            ood_threshold: float | None = None) -> dict[str, Any]:
+    """Compare (logits, ood) pairs; plain logits arrays are accepted too."""
+    ref, ref_ood = ref if isinstance(ref, tuple) else (ref, None)
+    got, got_ood = got if isinstance(got, tuple) else (got, None)
     d = np.abs(ref.astype(np.float64) - got.astype(np.float64))
     r = {
         "n": int(len(ref)),
@@ -117,6 +135,12 @@ def compare(ref: np.ndarray, got: np.ndarray, labels: np.ndarray | None = None,
         "max_abs_prob": float(np.abs(softmax(ref) - softmax(got)).max()),
         "top1_agreement": float((ref.argmax(1) == got.argmax(1)).mean()),
     }
+    if ref_ood is not None and got_ood is not None:
+        rel = np.abs(ref_ood.astype(np.float64) - got_ood) / np.maximum(1.0, np.abs(ref_ood))
+        r["ood_max_rel_diff"] = float(rel.max())
+        if ood_threshold is not None:
+            r["ood_flag_agreement"] = float(((ref_ood > ood_threshold) == (got_ood > ood_threshold)).mean())
+            r["ood_flagged"] = float((got_ood > ood_threshold).mean())
     if labels is not None and len(labels) and (labels >= 0).all():
         r["accuracy_ref"] = float((ref.argmax(1) == labels).mean())
         r["accuracy"] = float((got.argmax(1) == labels).mean())
@@ -132,7 +156,8 @@ def compare(ref: np.ndarray, got: np.ndarray, labels: np.ndarray | None = None,
 # ---------------------------------------------------------------------------
 # Graph building
 # ---------------------------------------------------------------------------
-def torch_to_onnx(model: torch.nn.Module, image_size: tuple[int, int], opset: int) -> onnx.ModelProto:
+def torch_to_onnx(model: torch.nn.Module, image_size: tuple[int, int], opset: int,
+                  output_names: Sequence[str] = (OUTPUT_NAME,)) -> onnx.ModelProto:
     """Export with the dynamo exporter and a dynamic batch axis (traced at batch 2)."""
     if opset < 17:
         raise ExportError(f"--opset {opset} is too old: LayerNormalization needs opset ≥ 17")
@@ -140,7 +165,7 @@ def torch_to_onnx(model: torch.nn.Module, image_size: tuple[int, int], opset: in
     batch = torch.export.Dim("batch", min=1, max=4096)
     try:
         program = torch.onnx.export(model.eval(), (x,), dynamo=True, input_names=[INPUT_NAME],
-                                    output_names=[OUTPUT_NAME], dynamic_shapes=({0: batch},),
+                                    output_names=list(output_names), dynamic_shapes=({0: batch},),
                                     opset_version=opset, external_data=False, verbose=False)
     except Exception as exc:  # the exporter raises many types
         raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {str(exc)[:500]}") from exc
@@ -186,11 +211,23 @@ def fp16_weight_storage(proto: onnx.ModelProto, min_elements: int = 1024) -> onn
 
 
 def to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """fp16 weights and compute, fp32 I/O; Softmax/LayerNorm/head (Gemm) stay fp32."""
+    """fp16 weights and compute, fp32 I/O; Softmax/LayerNorm/head (Gemm) and the OOD head stay fp32."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     block = ["Softmax", "LayerNormalization", "ReduceMean", "Gemm"]
-    return convert_float_to_float16(proto, keep_io_types=True, op_block_list=block, disable_shape_infer=False)
+    return convert_float_to_float16(proto, keep_io_types=True, op_block_list=block, node_block_list=ood_nodes(proto),
+                                    disable_shape_infer=False)
+
+
+def ood_nodes(proto: onnx.ModelProto) -> list[str]:
+    """Names of the nodes computing the OOD score (downstream of the ``ood.*`` statistics)."""
+    tainted = {i.name for i in proto.graph.initializer if i.name.startswith("ood.")}
+    names = []
+    for n in proto.graph.node:  # nodes are topologically sorted
+        if any(i in tainted for i in n.input):
+            tainted.update(n.output)
+            names.append(n.name)
+    return names
 
 
 def attention_matmuls(proto: onnx.ModelProto) -> list[str]:
@@ -217,7 +254,8 @@ def to_int8(fp32_path: Path, out_path: Path, calib: np.ndarray, *, per_channel: 
     with tempfile.TemporaryDirectory() as tmp:
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
-        exclude = attention_matmuls(onnx.load(str(pre), load_external_data=False))
+        pre_proto = onnx.load(str(pre), load_external_data=False)
+        exclude = attention_matmuls(pre_proto) + ood_nodes(pre_proto)
         quantize_static(
             str(pre), str(out_path), Reader(calib), quant_format=QuantFormat.QDQ, per_channel=per_channel,
             # U8S8 is what ORT recommends for x86-64 (VNNI runs it without saturation)
@@ -304,8 +342,11 @@ def variant_path(out: Path, fmt: Format) -> Path:
 def build_spec(ck: Checkpoint, variant: str) -> ModelSpec:
     sw = dict(ck.spec.software)
     sw.update({"onnx": onnx.__version__, "onnxruntime": ort.__version__, "exporter_torch": str(torch.__version__)})
+    from cadbcnn_train.ood import spec_entry
+
     return ck.spec.replace(variant=variant, software=sw, git_commit=ck.spec.git_commit or git_commit(),
-                           weights_sha256=weights_sha256(ck.state_dict))
+                           weights_sha256=weights_sha256(ck.state_dict),
+                           ood=spec_entry(ck.ood) if ck.ood else None)
 
 
 def _gate_top1(art: Artifact, case: dict, threshold: float, label: str) -> None:
@@ -324,14 +365,22 @@ def export_checkpoint(checkpoint: Path, out: Path, opts: ExportOptions | None = 
     out.parent.mkdir(parents=True, exist_ok=True)
     ck = load_checkpoint(checkpoint)
     model = ck.build_model()
+    output_names = [OUTPUT_NAME]
+    ood_thr = None
+    if ck.ood:  # the OOD score travels inside the graph as a second output
+        from cadbcnn_train.ood import OUTPUT_NAME as OOD_OUTPUT, WithOOD, head_from
+
+        model = WithOOD(model, head_from(ck.ood)).eval()
+        output_names.append(OOD_OUTPUT)
+        ood_thr = float(ck.ood["threshold"])
     spec = ck.spec
     rng = np.random.default_rng(opts.seed)
     random_cases = {f"random_b{b}": rng.integers(0, 256, (b, 3, *spec.image_size), dtype=np.uint8)
                     for b in (1, 8)}
     real = load_image_set(opts.parity_data, spec, ck.class_folders, limit=opts.parity_limit, seed=opts.seed) \
         if opts.parity_data else None
-    ref_random = {k: torch_logits(model, v) for k, v in random_cases.items()}
-    ref_real = torch_logits(model, real.x) if real is not None else None
+    ref_random = {k: torch_outputs(model, v) for k, v in random_cases.items()}
+    ref_real = torch_outputs(model, real.x) if real is not None else None
 
     report: dict[str, Any] = {"checkpoint": str(checkpoint), "opset": opts.opset, "artifacts": [],
                               "software": {"torch": str(torch.__version__), "onnx": onnx.__version__,
@@ -340,7 +389,7 @@ def export_checkpoint(checkpoint: Path, out: Path, opts: ExportOptions | None = 
     # -- FP32 (or FP32 with fp16-stored weights) -----------------------------
     base_variant = "fp32-fp16weights" if opts.fp16_weights else "fp32"
     fmt = FORMATS[base_variant]
-    proto32 = torch_to_onnx(model, spec.image_size, opts.opset)
+    proto32 = torch_to_onnx(model, spec.image_size, opts.opset, output_names)
     proto = onnx.ModelProto()
     proto.CopyFrom(proto32)
     if opts.fp16_weights:
@@ -353,21 +402,24 @@ def export_checkpoint(checkpoint: Path, out: Path, opts: ExportOptions | None = 
     base = Artifact(base_variant, out)
     session = ort_session(proto.SerializeToString())
     threshold = opts.max_abs_diff if opts.max_abs_diff is not None else fmt.max_abs_logit
+    ood_tol = 1e-4 if base_variant == "fp32" else 5e-2
     for name, x in random_cases.items():
-        case = compare(ref_random[name], ort_logits(session, x))
+        case = compare(ref_random[name], ort_outputs(session, x), ood_threshold=ood_thr)
         base.parity[name] = case
         base.gates.append(Gate(f"{name} max |Δlogit|", case["max_abs_logit"] <= threshold,
                                case["max_abs_logit"], threshold, "<="))
         if base_variant == "fp32":
             _gate_top1(base, case, fmt.min_top1_agreement, name)
+        _gate_ood(base, case, name, ood_tol)
     base_real = None
     if real is not None:
-        base_real = ort_logits(session, real.x)
-        case = compare(ref_real, base_real, real.labels if real.labelled else None, ck.class_names)
+        base_real = ort_outputs(session, real.x)
+        case = compare(ref_real, base_real, real.labels if real.labelled else None, ck.class_names, ood_thr)
         base.parity["images"] = case
         base.gates.append(Gate("images max |Δlogit|", case["max_abs_logit"] <= threshold,
                                case["max_abs_logit"], threshold, "<="))
         _gate_top1(base, case, fmt.min_top1_agreement, "images")
+        _gate_ood(base, case, "images", ood_tol)
     report["artifacts"].append(base)
     if not base.passed:
         failed = "; ".join(g.describe() for g in base.gates if not g.passed)
@@ -376,7 +428,7 @@ def export_checkpoint(checkpoint: Path, out: Path, opts: ExportOptions | None = 
     base.written, base.size_bytes, base.sha256 = True, out.stat().st_size, _sha256(out)
     log(f"wrote {out} ({base.size_bytes / 1e6:.1f} MB, {base_variant}, opset {opts.opset})")
 
-    base_random = {k: ort_logits(session, v) for k, v in random_cases.items()}
+    base_random = {k: ort_outputs(session, v) for k, v in random_cases.items()}
     del session
     eval_set = real
     failures = []
@@ -395,7 +447,7 @@ def export_checkpoint(checkpoint: Path, out: Path, opts: ExportOptions | None = 
             raise ExportError(f"the FP16 model could not be loaded by ONNX Runtime ({providers}): {exc}") from exc
         if "CUDAExecutionProvider" not in s16.get_providers():
             log("note: no CUDA EP here — the FP16 model is checked on the CPU EP (slow but valid)")
-        _check_variant(art, s16, random_cases, base_random, eval_set, base_real, ck, fmt)
+        _check_variant(art, s16, random_cases, base_random, eval_set, base_real, ck, fmt, ood_thr)
         failures += _finish(art, p16, opts, log)
         report["artifacts"].append(art)
 
@@ -416,7 +468,7 @@ def export_checkpoint(checkpoint: Path, out: Path, opts: ExportOptions | None = 
             p8 = onnx.load(str(q))
         set_spec(p8, build_spec(ck, "int8"))
         s8 = ort_session(p8.SerializeToString())
-        _check_variant(art, s8, random_cases, base_random, eval_set, base_real, ck, fmt)
+        _check_variant(art, s8, random_cases, base_random, eval_set, base_real, ck, fmt, ood_thr)
         if eval_set is not None and eval_set.labelled:
             case = art.parity["images"]
             drop = case["accuracy_ref"] - case["accuracy"]
@@ -444,13 +496,20 @@ def _fail(report: dict[str, Any], failures: list[str], t0: float) -> None:
     raise exc
 
 
-def _check_variant(art: Artifact, session, random_cases, base_random, eval_set, base_real, ck, fmt: Format):
+def _gate_ood(art: Artifact, case: dict, label: str, tol: float) -> None:
+    if "ood_max_rel_diff" in case:
+        art.gates.append(Gate(f"{label} max relative |Δood_score|", case["ood_max_rel_diff"] <= tol,
+                              case["ood_max_rel_diff"], tol, "<="))
+
+
+def _check_variant(art: Artifact, session, random_cases, base_random, eval_set, base_real, ck, fmt: Format,
+                   ood_thr: float | None = None):
     """Compare a derived variant with the ORT FP32 model (random inputs reported, real images gated)."""
     for name, x in random_cases.items():
-        art.parity[name] = compare(base_random[name], ort_logits(session, x))
+        art.parity[name] = compare(base_random[name], ort_outputs(session, x), ood_threshold=ood_thr)
     if eval_set is not None:
-        case = compare(base_real, ort_logits(session, eval_set.x),
-                       eval_set.labels if eval_set.labelled else None, ck.class_names)
+        case = compare(base_real, ort_outputs(session, eval_set.x),
+                       eval_set.labels if eval_set.labelled else None, ck.class_names, ood_thr)
         art.parity["images"] = case
         _gate_top1(art, case, fmt.min_top1_agreement, "images vs fp32")
     else:

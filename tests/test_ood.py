@@ -1,0 +1,154 @@
+"""Out-of-distribution score: fitted at the end of training, carried in the ONNX graph, applied by the runtime."""
+
+import csv
+
+import cv2
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cadbcnn_export.exporter import export_checkpoint, torch_outputs
+from cadbcnn_runtime import Classifier, ModelSpec
+from cadbcnn_runtime.cli import app as infer_app
+from cadbcnn_train.checkpoint import load_checkpoint
+from cadbcnn_train.cli import app as train_app
+from cadbcnn_train.config import TrainConfig
+from cadbcnn_train.ood import OODHead, WithOOD, fit_statistics, head_from
+from cadbcnn_train.train import fit
+from conftest import make_dataset
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ood")
+    data = make_dataset(d / "data", per_class=30, size=32)
+    cfg = TrainConfig(data=str(data), out=str(d / "run"), model="resnet18", epochs=2, batch_size=8, image_size=32,
+                      lr=1e-3, warmup_epochs=0.2, precision="fp32", threads=2)
+    fit(cfg, quiet=True)
+    export_checkpoint(d / "run" / "best.pt", d / "m.onnx", log=lambda *a: None)
+    foreign = d / "foreign"
+    foreign.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):  # non-blood inputs: noise, checkerboards, black frames with a bright square
+        noise = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        board = (np.indices((32, 32)).sum(0) // 4 % 2 * 255).astype(np.uint8)[..., None].repeat(3, 2)
+        black = np.zeros((32, 32, 3), np.uint8)
+        black[10:20, 10:20] = 255
+        for name, img in (("noise", noise), ("board", board), ("black", black)):
+            cv2.imwrite(str(foreign / f"{name}-{i}.png"), img)
+    return data, d, foreign
+
+
+def test_mahalanobis_head_matches_numpy():
+    rng = np.random.default_rng(0)
+    f = torch.tensor(rng.normal(size=(200, 6)), dtype=torch.float32)
+    y = torch.tensor(rng.integers(0, 3, 200))
+    w, mw = fit_statistics(f, y, 3, shrinkage=0.0)
+    cov = np.cov((f.numpy() - np.stack([f.numpy()[y.numpy() == k].mean(0) for k in range(3)])[y.numpy()]).T)
+    inv = np.linalg.inv(cov)
+    means = np.stack([f.numpy()[y.numpy() == k].mean(0) for k in range(3)])
+    x = rng.normal(size=(5, 6))
+    ref = np.min([[(xi - m) @ inv @ (xi - m) for m in means] for xi in x], axis=1) / 6
+    got = OODHead(w, mw)(torch.tensor(x, dtype=torch.float32)).numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-3)
+
+
+def test_fit_stores_ood_statistics_and_threshold(trained):
+    _, d, _ = trained
+    ck = load_checkpoint(d / "run" / "best.pt")
+    assert ck.ood is not None and ck.ood["whitening"].shape == (512, 512)
+    assert ck.spec.ood["output"] == "ood_score" and ck.spec.ood["threshold"] == ck.ood["threshold"]
+    assert ck.ood["val_flagged"] <= 0.1  # 2 % rule on a tiny (12-image) val split: at most one image
+
+
+def test_foreign_inputs_score_higher_than_training_like_inputs(trained):
+    data, d, foreign = trained
+    clf = Classifier.from_file(d / "m.onnx", device="cpu")
+    inside = [clf.predict(p) for c in ("Benign", "Pro") for p in sorted((data / c).iterdir())[:8]]
+    outside = [clf.predict(p) for p in sorted(foreign.iterdir())]
+    assert np.median([p.ood_score for p in outside]) > 3 * np.median([p.ood_score for p in inside])
+    assert np.mean([p.out_of_distribution for p in outside]) >= 0.9
+    assert np.mean([p.out_of_distribution for p in inside]) <= 0.2
+    assert all(p.needs_review for p in outside if p.out_of_distribution)
+
+
+def test_statistics_round_trip_checkpoint_and_onnx(trained):
+    _, d, _ = trained
+    ck = load_checkpoint(d / "run" / "best.pt")
+    spec = ModelSpec.from_onnx(d / "m.onnx")
+    assert spec.ood["threshold"] == pytest.approx(ck.ood["threshold"])
+    sess = ort.InferenceSession(str(d / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in sess.get_outputs()] == ["logits", "ood_score"]
+    x = np.random.default_rng(1).integers(0, 256, (5, 3, 32, 32), dtype=np.uint8)
+    logits, ood = torch_outputs(WithOOD(ck.build_model(), head_from(ck.ood)), x)
+    got_logits, got_ood = sess.run(None, {"image": x})
+    assert np.abs(got_logits - logits).max() < 1e-4
+    assert np.max(np.abs(got_ood - ood) / np.maximum(1, np.abs(ood))) < 1e-4
+
+
+def test_threshold_from_spec_is_applied_and_overridable(trained):
+    data, d, _ = trained
+    img = sorted((data / "Pre").iterdir())[0]
+    base = Classifier.from_file(d / "m.onnx", device="cpu")
+    assert base.ood_threshold == base.spec.ood["threshold"]
+    p = base.predict(img)
+    assert p.out_of_distribution == (p.ood_score > base.spec.ood["threshold"])
+    low = Classifier.from_file(d / "m.onnx", device="cpu", ood_threshold=p.ood_score / 2)
+    q = low.predict(img)
+    assert q.out_of_distribution and q.needs_review and q.ood_score == pytest.approx(p.ood_score)
+
+
+def test_cli_columns_and_summary_counts(trained, tmp_path):
+    data, d, foreign = trained
+    for f in sorted(foreign.iterdir())[:6]:
+        (tmp_path / "mix").mkdir(exist_ok=True)
+        (tmp_path / "mix" / f.name).write_bytes(f.read_bytes())
+    for f in sorted((data / "Early").iterdir())[:4]:
+        (tmp_path / "mix" / f.name).write_bytes(f.read_bytes())
+    out = tmp_path / "r.csv"
+    r = CliRunner().invoke(infer_app, [str(tmp_path / "mix"), "--model", str(d / "m.onnx"), "--out", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader(out.open()))
+    assert "ood_score" in rows[0] and "out_of_distribution" in rows[0]
+    flagged = sum(row["out_of_distribution"] == "True" for row in rows)
+    assert f"({flagged} out of distribution)" in r.output
+    assert flagged >= 5
+
+
+def test_fit_ood_refits_an_existing_checkpoint(trained, tmp_path):
+    data, d, _ = trained
+    r = CliRunner().invoke(train_app, ["fit-ood", str(d / "run" / "best.pt"), "--data", str(data),
+                                       "--out", str(tmp_path / "re.pt"), "--flag-rate", "0.5"])
+    assert r.exit_code == 0, r.output
+    before, after = load_checkpoint(d / "run" / "best.pt"), load_checkpoint(tmp_path / "re.pt")
+    assert after.ood["threshold"] < before.ood["threshold"]  # a looser rule flags more of val
+    assert torch.allclose(after.ood["whitening"], before.ood["whitening"], rtol=1e-3, atol=1e-3)
+    assert after.spec.ood["threshold"] == after.ood["threshold"]
+
+
+def test_auroc_matches_scikit_learn():
+    from sklearn.metrics import roc_auc_score
+
+    from cadbcnn_train.ood_eval import auroc
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=50).round(1), rng.normal(0.7, size=40).round(1)  # with ties
+    ref = roc_auc_score(np.r_[np.zeros(50), np.ones(40)], np.r_[a, b])
+    assert auroc(a, b) == pytest.approx(ref)
+
+
+def test_ood_report_structure(trained, tmp_path):
+    data, d, _ = trained
+    r = CliRunner().invoke(train_app, ["ood-report", str(d / "m.onnx"), "--data", str(data), "--split-file",
+                                       str(d / "run" / "split.csv"), "--out", str(tmp_path / "rep")])
+    assert r.exit_code == 0, r.output
+    import json
+
+    rep = json.loads((tmp_path / "rep" / "ood_report.json").read_text())
+    assert 0 <= rep["in_distribution_flagged"] <= 1 and rep["n_test"] > 0
+    assert "central cell on black background" in rep["sets"] and "non-blood: uniform noise" in rep["sets"]
+    for s in rep["sets"].values():
+        assert set(s["auroc"]) == {"mahalanobis", "energy", "1-maxsoftmax"} and 0 <= s["flagged"] <= 1
+    assert rep["sets"]["non-blood: uniform noise"]["auroc"]["mahalanobis"] > 0.9
