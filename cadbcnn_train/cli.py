@@ -105,6 +105,24 @@ def fit_ood_cmd(
         _fail(exc)
 
 
+@app.command()
+def explain(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint written by `cadbcnn-train fit`."),
+    data: Path = typer.Option(..., help="The dataset root."),
+    out: Path = typer.Option(..., help="Folder for gradcam.png and tsne.png."),
+    split_file: Optional[Path] = typer.Option(None, help="Split CSV (default: split.csv next to the checkpoint)."),
+    split: str = typer.Option("test"),
+    per_class: int = typer.Option(2, help="Correct and wrong examples per class in the Grad-CAM figure."),
+) -> None:
+    """Grad-CAM overlays (each branch's last conv block) and t-SNE of fused / per-branch features."""
+    from .explain import explain as run_explain
+
+    try:
+        run_explain(checkpoint, data, out, split_file=split_file, split=split, per_class=per_class, log=typer.echo)
+    except CadbcnnError as exc:
+        _fail(exc)
+
+
 @app.command("ood-report")
 def ood_report_cmd(
     model: Path = typer.Argument(..., help="An exported ONNX model with an OOD output."),

@@ -152,3 +152,30 @@ def test_ood_report_structure(trained, tmp_path):
     for s in rep["sets"].values():
         assert set(s["auroc"]) == {"mahalanobis", "energy", "1-maxsoftmax"} and 0 <= s["flagged"] <= 1
     assert rep["sets"]["non-blood: uniform noise"]["auroc"]["mahalanobis"] > 0.9
+
+
+def test_explain_writes_gradcam_and_tsne(trained, tmp_path):
+    import torch as _t
+
+    from cadbcnn_train.explain import cam_layers, gradcam
+
+    data, d, _ = trained
+    r = CliRunner().invoke(train_app, ["explain", str(d / "run" / "best.pt"), "--data", str(data), "--split", "train",
+                                       "--out", str(tmp_path / "ex"), "--per-class", "1"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "ex" / "gradcam.png").stat().st_size > 1000 and (tmp_path / "ex" / "tsne.png").is_file()
+    m = load_checkpoint(d / "run" / "best.pt").build_model()
+    x = _t.randint(0, 256, (1, 3, 32, 32), dtype=_t.uint8)
+    cams = gradcam(m, x, 0, cam_layers(m))
+    assert all(c.shape == (32, 32) and 0 <= c.min() and c.max() <= 1 for c in cams.values())
+
+
+def test_gradcam_reaches_both_cadbcnn_branches():
+    from cadbcnn_train.explain import cam_layers, gradcam
+    from cadbcnn_train.model import create_model
+
+    torch.manual_seed(0)
+    m = create_model("cadbcnn", num_classes=4)
+    cams = gradcam(m, torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8), 1, cam_layers(m))
+    assert set(cams) == {"ResNet18 branch", "ResNet34 branch"}
+    assert all(c.shape == (64, 64) and np.isfinite(c).all() for c in cams.values())
