@@ -269,3 +269,21 @@ def test_spec_from_onnx_matches_the_session(onnx_model, clf):
     assert ModelSpec.from_onnx(onnx_model) == clf.spec
     with pytest.raises(ModelLoadError):
         ModelSpec.from_onnx(onnx_model.parent / "missing.onnx")
+
+
+RELEASED = Path(__file__).resolve().parents[1] / "models" / "cadbcnn.onnx"
+
+
+@pytest.mark.skipif(not RELEASED.is_file(), reason="no released model in models/ yet")
+def test_released_model_is_the_default_and_classifies_the_samples():
+    samples = sorted((RELEASED.parent / "samples").glob("*.jpg"))
+    with Classifier.from_file(device="cpu") as c:  # path=None → the released model
+        assert c.path.resolve() == RELEASED.resolve()
+        assert c.spec.metrics and c.spec.ood and c.spec.variant == "fp32-fp16weights"
+        preds = c.predict_batch(samples)
+    # sample files are named after their true class folder: <Class>-<file>.jpg
+    truth = [p.name.split("-", 1)[0] for p in samples]
+    folders = ("Benign", "Early", "Pre", "Pro")
+    assert sum(folders[p.index] == t for p, t in zip(preds, truth)) >= len(samples) - 1
+    r = runner.invoke(app, [str(RELEASED.parent / "samples"), "--out", "-", "-q"])
+    assert r.exit_code == 0 and "label" in r.output
