@@ -47,6 +47,8 @@ def fit(
     no_cache: bool = typer.Option(False, "--no-cache", help="Decode images every epoch instead of caching in RAM."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from OUT/last.pt."),
     no_ood: bool = typer.Option(False, "--no-ood", help="Do not fit the out-of-distribution score at the end."),
+    bn_recal_images: int = typer.Option(512, help="Recompute BatchNorm statistics on N clean training images "
+                                        "before each validation (precise BN; 0 = off)."),
 ) -> None:
     """Train a model. Runs unchanged under `torchrun --nproc_per_node=N` (DDP)."""
     from .config import TrainConfig
@@ -59,7 +61,7 @@ def fit(
                           block_size=block_size, max_per_class=max_per_class, augment=not no_augment,
                           class_weights=not no_class_weights, precision=precision, patience=patience,
                           workers=workers, threads=threads, pretrained=pretrained, max_steps=max_steps,
-                          cache=not no_cache, fit_ood=not no_ood)
+                          cache=not no_cache, fit_ood=not no_ood, bn_recal_images=bn_recal_images)
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2)
@@ -86,6 +88,23 @@ def evaluate(
     except CadbcnnError as exc:
         _fail(exc)
     typer.echo(metrics_markdown(m, f"{checkpoint} — {split}"))
+
+
+@app.command("recalibrate-bn")
+def recalibrate_bn_cmd(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint written by `cadbcnn-train fit`."),
+    data: Path = typer.Option(..., help="The dataset root the checkpoint was trained on."),
+    split_file: Optional[Path] = typer.Option(None, help="Split CSV (default: split.csv next to the checkpoint)."),
+    out: Optional[Path] = typer.Option(None, help="Write the updated checkpoint here (default: in place)."),
+    images: int = typer.Option(1024, help="Clean training images to average the statistics over."),
+) -> None:
+    """Precise BatchNorm for an existing checkpoint (clean train-split images; no labels used)."""
+    from .train import recalibrate_checkpoint
+
+    try:
+        recalibrate_checkpoint(checkpoint, data, split_file=split_file, out=out, images=images, log=typer.echo)
+    except CadbcnnError as exc:
+        _fail(exc)
 
 
 @app.command("fit-ood")

@@ -37,6 +37,7 @@ class TrainConfig:
     cache: bool = True
     max_steps: int | None = None       # stop each epoch after N steps (smoke tests)
     fit_ood: bool = True               # fit the OOD statistics at the end of training
+    bn_recal_images: int = 512         # precise-BN before each validation (0 = off)
     model_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):

@@ -155,6 +155,39 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device, precisio
     return torch.cat(logits), torch.cat(labels)
 
 
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, loader: DataLoader, device: torch.device, precision: str = "fp32",
+                   max_images: int = 512) -> int:
+    """Precise BatchNorm: recompute running statistics as a plain average over clean training images.
+
+    During training BN normalises with batch statistics of *augmented* images, and its exponential running
+    averages lag behind weights that move fast at a high learning rate; evaluated with those stale averages
+    a from-scratch model can look far worse than it is (measured here: 38 % → 97.7 % validation accuracy
+    for the same weights). Returns the number of images used.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns or max_images <= 0:
+        return 0
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average = plain mean over the batches seen
+    was_training = model.training
+    model.train()
+    seen = 0
+    for x, _ in loader:
+        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with autocast(device, precision):
+            model(x)
+        seen += len(x)
+        if seen >= max_images:
+            break
+    for m, mom in zip(bns, momenta):
+        m.momentum = mom
+    model.train(was_training)
+    return seen
+
+
 def make_spec(cfg: TrainConfig, ds: D.LoadedDataset, split_counts: dict, *, metrics=None,
               weights: str | None = None, ood: dict | None = None) -> ModelSpec:
     return ModelSpec(
@@ -236,6 +269,11 @@ def fit(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> FitRe
     train_loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
                               num_workers=cfg.workers, drop_last=len(train_set) > cfg.batch_size, generator=g,
                               pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0)
+
+    def bn_loader(epoch: int) -> DataLoader:  # clean (non-augmented) training images, a fresh sample per epoch
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        return DataLoader(D.ImageDataset(parts["train"], spec, images=ds.images), batch_size=cfg.batch_size,
+                          shuffle=True, generator=gen, num_workers=cfg.workers)
 
     def eval_loader(samples):
         return DataLoader(D.ImageDataset(samples, spec, images=ds.images), batch_size=max(cfg.batch_size, 64),
@@ -323,6 +361,8 @@ def fit(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> FitRe
                        ips=seen * di.world / max(time.time() - t0, 1e-9))
         bar.close()
         train_time = time.time() - t0
+        if cfg.bn_recal_images:
+            recalibrate_bn(model, bn_loader(epoch), device, precision, cfg.bn_recal_images)
 
         logits, labels = predict(model, eval_loader(parts["val"]), device, precision)
         val = compute_metrics(labels.numpy(), logits.argmax(1).numpy(), ds.class_names)
@@ -452,6 +492,31 @@ def evaluate(checkpoint: Path, data: Path, out: Path, *, split: str = "test", sp
     m["checkpoint"] = str(checkpoint)
     write_metrics(m, Path(out), title=f"{ck.model_name} — {split} split")
     return m
+
+
+def recalibrate_checkpoint(checkpoint: Path, data: Path, *, split_file: Path | None = None,
+                           out: Path | None = None, images: int = 1024, seed: int = 0, log=print) -> Path:
+    """Precise-BN for an existing checkpoint (statistics from clean images of its train split)."""
+    ck = load_checkpoint(checkpoint)
+    model = ck.build_model()
+    sf = Path(split_file) if split_file else Path(checkpoint).parent / "split.csv"
+    root = Path(data)
+    train_rows = [root / r["path"] for r in D.split_rows(sf) if r["split"] == "train"]
+    rng = np.random.default_rng(seed)
+    pick = {train_rows[i] for i in rng.choice(len(train_rows), min(images, len(train_rows)), replace=False)}
+    ds = D.load(root, class_folders=ck.class_folders, only=pick)
+    loader = DataLoader(D.ImageDataset(ds.samples, ck.spec, images=ds.images), batch_size=32, shuffle=True,
+                        generator=torch.Generator().manual_seed(seed))
+    n = recalibrate_bn(model, loader, torch.device("cpu"), "fp32", images)
+    dest = Path(out) if out else Path(checkpoint)
+    keep = {k: v for k, v in ck.raw.items() if k in ("optimizer", "scheduler", "best_f1", "bad_epochs", "history",
+                                                      "rng_state")}
+    spec = ck.spec.replace(weights_sha256=weights_sha256(model.state_dict()))
+    save_checkpoint(dest, model=model, model_name=ck.model_name, model_kwargs=ck.model_kwargs, spec=spec,
+                    class_folders=ck.class_folders, config=ck.config, split_hash=ck.split_hash, epoch=ck.epoch,
+                    metrics=ck.metrics, ood=ck.ood, extra={**keep, "bn_recalibrated_on": n})
+    log(f"BatchNorm statistics recomputed on {n} clean train-split images → {dest}")
+    return dest
 
 
 def refit_ood(checkpoint: Path, data: Path, *, split_file: Path | None = None, out: Path | None = None,

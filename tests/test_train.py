@@ -148,3 +148,34 @@ def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path):
     # (BatchNorm running stats are per-rank between DDP's buffer broadcasts; rank 0's are saved.)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "run" / "best.pt").is_file()
+
+
+def test_recalibrate_bn_restores_statistics_of_clean_images():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from cadbcnn_train.model import create_model
+    from cadbcnn_train.train import recalibrate_bn
+
+    torch.manual_seed(0)
+    m = create_model("resnet18", num_classes=4).eval()
+    x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    bn = m.net.bn1
+    bn.running_mean.fill_(5.0)
+    bn.running_var.fill_(100.0)
+    n = recalibrate_bn(m, DataLoader(TensorDataset(x, torch.zeros(16)), batch_size=8), torch.device("cpu"))
+    assert n == 16 and not m.training and bn.momentum == 0.1
+    with torch.no_grad():
+        pre = m.net.conv1(m.normalize(x))
+    torch.testing.assert_close(bn.running_mean, pre.mean((0, 2, 3)), rtol=1e-4, atol=1e-4)
+
+
+def test_cli_recalibrate_bn(tmp_path):
+    data = make_dataset(tmp_path / "d", per_class=8, size=32)
+    fit(small_cfg(data, tmp_path / "run", epochs=1, max_steps=2, bn_recal_images=0), quiet=True)
+    r = runner.invoke(app, ["recalibrate-bn", str(tmp_path / "run" / "best.pt"), "--data", str(data),
+                            "--out", str(tmp_path / "re.pt"), "--images", "16"])
+    assert r.exit_code == 0, r.output
+    a, b = load_checkpoint(tmp_path / "run" / "best.pt"), load_checkpoint(tmp_path / "re.pt")
+    assert b.raw["bn_recalibrated_on"] == 16 and b.spec.weights_sha256 != a.spec.weights_sha256
+    assert torch.equal(a.state_dict["net.conv1.weight"], b.state_dict["net.conv1.weight"])
+    assert not torch.equal(a.state_dict["net.bn1.running_mean"], b.state_dict["net.bn1.running_mean"])
