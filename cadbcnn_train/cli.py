@@ -78,13 +78,15 @@ def evaluate(
     split: str = typer.Option("test", help="test | val | train | all"),
     split_file: Optional[Path] = typer.Option(None, help="Split CSV (default: split.csv next to the checkpoint)."),
     out: Path = typer.Option(..., help="Folder for metrics.json, metrics.md and confusion_matrix.png."),
+    store: bool = typer.Option(False, "--store", help="Also record the metrics in the checkpoint's model spec "
+                               "(exported into the ONNX metadata)."),
 ) -> None:
     """Evaluate a checkpoint: accuracy, per-class P/R/F1, confusion matrix."""
     from .metrics import metrics_markdown
     from .train import evaluate as run_eval
 
     try:
-        m = run_eval(checkpoint, data, out, split=split, split_file=split_file)
+        m = run_eval(checkpoint, data, out, split=split, split_file=split_file, store=store)
     except CadbcnnError as exc:
         _fail(exc)
     typer.echo(metrics_markdown(m, f"{checkpoint} — {split}"))

@@ -471,7 +471,7 @@ def plot_curves(out: Path, history: list[dict]) -> None:
 
 
 def evaluate(checkpoint: Path, data: Path, out: Path, *, split: str = "test", split_file: Path | None = None,
-             batch_size: int = 64) -> dict:
+             batch_size: int = 64, store: bool = False) -> dict:
     """Evaluate a checkpoint on a split of DATA (through the runtime preprocessing)."""
     ck = load_checkpoint(checkpoint)
     model = ck.build_model()
@@ -491,6 +491,13 @@ def evaluate(checkpoint: Path, data: Path, out: Path, *, split: str = "test", sp
     m["split"] = split
     m["checkpoint"] = str(checkpoint)
     write_metrics(m, Path(out), title=f"{ck.model_name} — {split} split")
+    if store:  # record these metrics in the checkpoint and its spec (what the exporter embeds)
+        keep = {k: v for k, v in ck.raw.items() if k in ("optimizer", "scheduler", "best_f1", "bad_epochs",
+                                                          "history", "rng_state", "bn_recalibrated_on")}
+        save_checkpoint(Path(checkpoint), model=model, model_name=ck.model_name, model_kwargs=ck.model_kwargs,
+                        spec=ck.spec.replace(metrics=_summary(m)), class_folders=ck.class_folders,
+                        config=ck.config, split_hash=ck.split_hash, epoch=ck.epoch, metrics=m, ood=ck.ood,
+                        extra=keep)
     return m
 
 

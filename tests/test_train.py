@@ -94,6 +94,9 @@ def test_cli_fit_and_evaluate(tmp_path):
     m = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert m["split"] == "val" and m["n"] == sum(1 for l in (out / "split.csv").read_text().splitlines() if l.endswith(",val"))
     assert (tmp_path / "eval" / "confusion_matrix.png").is_file()
+    r = runner.invoke(app, ["evaluate", str(out / "best.pt"), "--data", str(data), "--split", "val",
+                            "--out", str(tmp_path / "eval"), "--store"])
+    assert r.exit_code == 0 and load_checkpoint(out / "best.pt").spec.metrics["accuracy"] == m["accuracy"]
 
 
 def test_cli_errors_are_clear(tmp_path):
