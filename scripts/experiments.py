@@ -38,9 +38,8 @@ ROWS = {
 
 def run(args) -> None:
     out = Path(args.out)
-    for name, extra in ROWS.items():
-        if args.only and name not in args.only:
-            continue
+    for name in args.only or ROWS:  # --only also sets the order
+        extra = ROWS[name]
         if (out / name / "metrics.json").is_file():
             continue
         cmd = [str(Path(sys.executable).parent / "cadbcnn-train"), "fit", "--data", args.data, "--out",
