@@ -64,8 +64,8 @@ def _central_cell_on_black(img):
 
 
 SHIFTS: dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]] = {
-    "hue +10 (mild stain shift)": ("mild", lambda im: _hsv(im, dh=10)),
-    "hue +45, saturation ×1.3 (other stain)": ("strong", lambda im: _hsv(im, dh=45, ds=1.3)),
+    "hue +20° (mild stain shift)": ("mild", lambda im: _hsv(im, dh=10)),
+    "hue +90°, saturation ×1.3 (other stain)": ("strong", lambda im: _hsv(im, dh=45, ds=1.3)),
     "saturation ×0.3 (faded stain)": ("strong", lambda im: _hsv(im, ds=0.3)),
     "brightness ×0.6 (darker exposure)": ("mild", lambda im: _hsv(im, dv=0.6)),
     "gaussian blur σ=1.5 (slightly out of focus)": ("mild", lambda im: cv2.GaussianBlur(im, (0, 0), 1.5)),
