@@ -41,10 +41,11 @@ def _torch_importable() -> bool:
         return False
 
 
-# In the runtime-only environment (no torch) only the torch-free test modules are collected.
+# In the runtime-only environment (no torch) only the torch-free test module is collected.
+RUNTIME_MODULES = {"test_runtime.py"}
 if not _torch_importable():
-    collect_ignore = ["test_model.py", "test_data.py", "test_train.py", "test_export.py",
-                      "test_runtime_models.py", "test_bench.py", "make_test_model.py"]
+    collect_ignore = [p.name for p in Path(__file__).parent.glob("*.py")
+                      if p.name not in RUNTIME_MODULES and p.name != "conftest.py"]
 
 
 @pytest.fixture
