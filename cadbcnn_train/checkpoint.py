@@ -79,6 +79,20 @@ def save_checkpoint(path: Path, *, model: nn.Module, model_name: str, model_kwar
     tmp.replace(path)
 
 
+_CORE_KEYS = ("format", "format_version", "model_name", "model_kwargs", "class_names", "class_folders", "spec",
+              "state_dict", "config", "split_hash", "epoch", "metrics", "ood")
+
+
+def resave_checkpoint(ck: Checkpoint, dest: Path, *, model: nn.Module, spec: ModelSpec | None = None,
+                      metrics: dict | None = None, ood: dict | None = None, extra: dict | None = None) -> None:
+    """Write CK again with new weights/spec/metrics/OOD, keeping everything else it carried (e.g. resume state)."""
+    kept = {k: v for k, v in ck.raw.items() if k not in _CORE_KEYS}
+    save_checkpoint(dest, model=model, model_name=ck.model_name, model_kwargs=ck.model_kwargs,
+                    spec=spec or ck.spec, class_folders=ck.class_folders, config=ck.config, split_hash=ck.split_hash,
+                    epoch=ck.epoch, metrics=metrics if metrics is not None else ck.metrics,
+                    ood=ood if ood is not None else ck.ood, extra={**kept, **(extra or {})})
+
+
 def load_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     if not path.is_file():

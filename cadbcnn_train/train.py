@@ -35,7 +35,7 @@ from cadbcnn_runtime.errors import CadbcnnError, DatasetError
 from cadbcnn_runtime.spec import DATASET_CITATION, ModelSpec
 
 from . import data as D
-from .checkpoint import load_checkpoint, save_checkpoint, weights_sha256
+from .checkpoint import load_checkpoint, resave_checkpoint, save_checkpoint, weights_sha256
 from .config import TrainConfig
 from .metrics import compute_metrics, write_metrics
 from .model import PRETRAINED_SOURCES, TRUNK_LAYERS, create_model
@@ -492,12 +492,7 @@ def evaluate(checkpoint: Path, data: Path, out: Path, *, split: str = "test", sp
     m["checkpoint"] = str(checkpoint)
     write_metrics(m, Path(out), title=f"{ck.model_name} — {split} split")
     if store:  # record these metrics in the checkpoint and its spec (what the exporter embeds)
-        keep = {k: v for k, v in ck.raw.items() if k in ("optimizer", "scheduler", "best_f1", "bad_epochs",
-                                                          "history", "rng_state", "bn_recalibrated_on")}
-        save_checkpoint(Path(checkpoint), model=model, model_name=ck.model_name, model_kwargs=ck.model_kwargs,
-                        spec=ck.spec.replace(metrics=_summary(m)), class_folders=ck.class_folders,
-                        config=ck.config, split_hash=ck.split_hash, epoch=ck.epoch, metrics=m, ood=ck.ood,
-                        extra=keep)
+        resave_checkpoint(ck, Path(checkpoint), model=model, spec=ck.spec.replace(metrics=_summary(m)), metrics=m)
     return m
 
 
@@ -516,12 +511,8 @@ def recalibrate_checkpoint(checkpoint: Path, data: Path, *, split_file: Path | N
                         generator=torch.Generator().manual_seed(seed))
     n = recalibrate_bn(model, loader, torch.device("cpu"), "fp32", images)
     dest = Path(out) if out else Path(checkpoint)
-    keep = {k: v for k, v in ck.raw.items() if k in ("optimizer", "scheduler", "best_f1", "bad_epochs", "history",
-                                                      "rng_state")}
-    spec = ck.spec.replace(weights_sha256=weights_sha256(model.state_dict()))
-    save_checkpoint(dest, model=model, model_name=ck.model_name, model_kwargs=ck.model_kwargs, spec=spec,
-                    class_folders=ck.class_folders, config=ck.config, split_hash=ck.split_hash, epoch=ck.epoch,
-                    metrics=ck.metrics, ood=ck.ood, extra={**keep, "bn_recalibrated_on": n})
+    resave_checkpoint(ck, dest, model=model, spec=ck.spec.replace(weights_sha256=weights_sha256(model.state_dict())),
+                      extra={"bn_recalibrated_on": n})
     log(f"BatchNorm statistics recomputed on {n} clean train-split images → {dest}")
     return dest
 
@@ -547,12 +538,7 @@ def refit_ood(checkpoint: Path, data: Path, *, split_file: Path | None = None, o
     ood = fit_ood(model, loader(parts["train"]), loader(parts["val"]), len(ck.class_names), flag_rate=flag_rate)
     spec = ck.spec.replace(ood=spec_entry(ood))
     dest = Path(out) if out else Path(checkpoint)
-    raw = {k: v for k, v in ck.raw.items() if k not in ("format", "format_version", "model_name", "model_kwargs",
-                                                        "class_names", "class_folders", "spec", "state_dict",
-                                                        "config", "split_hash", "epoch", "metrics", "ood")}
-    save_checkpoint(dest, model=model, model_name=ck.model_name, model_kwargs=ck.model_kwargs, spec=spec,
-                    class_folders=ck.class_folders, config=ck.config, split_hash=ck.split_hash, epoch=ck.epoch,
-                    metrics=ck.metrics, ood=ood, extra=raw)
+    resave_checkpoint(ck, dest, model=model, spec=spec, ood=ood)
     log(f"OOD statistics fitted on {len(parts['train'])} train images; threshold {ood['threshold']:.4f} flags "
         f"{100 * ood['val_flagged']:.1f} % of {len(parts['val'])} validation images → {dest}")
     return ood
