@@ -252,11 +252,11 @@ def fit(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> FitRe
     if not parts["train"] or not parts["val"]:
         raise DatasetError(f"{cfg.data}: too few images to split ({len(ds.samples)}); need a few per class.")
     split_counts = {k: ds.counts(v) for k, v in parts.items()}
+    split_hash = None
     if di.main:
         out.mkdir(parents=True, exist_ok=True)
         cfg.write(out / "config.json")
-        D.write_split_csv(out / "split.csv", ds.root, ds.samples, assignment, ds.class_folders)
-    split_hash = D.split_hash(out / "split.csv") if di.main else None
+        split_hash = D.write_split_csv(out / "split.csv", ds.root, ds.samples, assignment, ds.class_folders)
     spec = make_spec(cfg, ds, split_counts)
     say(f"data: {len(ds.samples)} images, {len(ds.skipped)} skipped as unreadable; split "
         + ", ".join(f"{k} {len(v)}" for k, v in parts.items()) + f"; device {device}, precision {precision}")
