@@ -15,7 +15,8 @@ candidate() {
   local seed=$1 split=${2:-} run=runs/release-s$1
   local extra=()
   [[ -n "$split" ]] && extra=(--split-file "$split")
-  $B/cadbcnn-train fit --data "$DATA" --out "$run" --epochs 30 --patience 30 --seed "$seed" "${extra[@]}"
+  # OOD statistics are fitted by `ship` for the chosen run only.
+  $B/cadbcnn-train fit --data "$DATA" --out "$run" --epochs 30 --patience 30 --seed "$seed" --no-ood "${extra[@]}"
   # Precise BN for the best-on-validation and the last checkpoint, then keep the better one on validation.
   for c in best last; do
     $B/cadbcnn-train recalibrate-bn "$run/$c.pt" --data "$DATA" --out "$run/$c-bn.pt"
