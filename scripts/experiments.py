@@ -130,8 +130,9 @@ def release_seeds(runs: list[Path]) -> list[str]:
                       f"{_mean_sd([100 * r[3]['f1_macro'] for r in rows])}; validation macro-F1 "
                       f"{_mean_sd([100 * r[2]['f1_macro'] for r in rows])}."]
     best = max(rows, key=lambda r: (r[2]["f1_macro"], r[2]["accuracy"]))
-    lines += ["", f"Best on validation: seed {best[0]} (`{best[6]}`) — the seed to ship (chosen on validation, "
-                  "never on test).", ""]
+    lines += ["", f"Best on validation: seed {best[0]} (`{best[6]}`). A candidate is released only if it also "
+                  "passes the export gates and the OOD check (`scripts/release.sh ship`); test scores play no part.",
+              ""]
     return lines
 
 
