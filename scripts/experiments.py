@@ -169,7 +169,7 @@ def report(args) -> None:
     if len(seeds) >= 2:
         acc = [100 * m["accuracy"] for m in seeds]
         f1 = [100 * m["f1_macro"] for m in seeds]
-        lines += ["", f"CADBCNN over {len(seeds)} seeds: accuracy {statistics.mean(acc):.2f} ± "
+        lines += ["", f"Reduced protocol, CADBCNN over {len(seeds)} seeds (each seed also draws its split): accuracy {statistics.mean(acc):.2f} ± "
                       f"{statistics.stdev(acc):.2f} %, macro-F1 {statistics.mean(f1):.2f} ± {statistics.stdev(f1):.2f} "
                       "(mean ± sd)."]
     head = [
