@@ -12,6 +12,7 @@ plus the full-protocol seed table from the `scripts/release.sh candidate` runs. 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import statistics
 import subprocess
@@ -95,20 +96,32 @@ def _mean_sd(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}" if len(xs) >= 2 else f"{xs[0]:.2f}"
 
 
+def history(run: Path) -> list[dict]:
+    """A run's history.csv as rows keyed by column name (values as floats)."""
+    with open(run / "history.csv", newline="") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def chosen_checkpoint(run: Path) -> str:
+    """The release rule: 'best' or 'last', whichever scores the higher validation macro-F1 after precise BN."""
+    f1 = {c: json.loads((run / f"val-{c}" / "metrics.json").read_text())["f1_macro"] for c in ("best", "last")}
+    return "best" if f1["best"] >= f1["last"] else "last"
+
+
 def release_seeds(runs: list[Path]) -> list[str]:
     """Full-protocol seed table: one row per finished `scripts/release.sh candidate` run."""
     rows = []
     for run in runs:
         if not (run / "test" / "metrics.json").is_file():
             continue
-        val_f1 = {c: json.loads((run / f"val-{c}" / "metrics.json").read_text()) for c in ("best", "last")}
-        chosen = "best" if val_f1["best"]["f1_macro"] >= val_f1["last"]["f1_macro"] else "last"  # release.sh's rule
+        chosen = chosen_checkpoint(run)
+        val = json.loads((run / f"val-{chosen}" / "metrics.json").read_text())
         cfg = json.loads((run / "config.json").read_text())
-        hist = [line.split(",") for line in (run / "history.csv").read_text().splitlines()[1:]]
-        best_epoch = max(hist, key=lambda r: float(r[5]))[0]
-        rows.append((cfg["seed"], chosen if chosen == "last" else f"best (epoch {best_epoch})", val_f1[chosen],
+        hist = history(run)
+        best_epoch = int(max(hist, key=lambda r: r["val_f1_macro"])["epoch"])
+        rows.append((cfg["seed"], chosen if chosen == "last" else f"best (epoch {best_epoch})", val,
                      json.loads((run / "test" / "metrics.json").read_text()),
-                     sum(float(r[7]) for r in hist), len(hist), run))
+                     sum(r["seconds"] for r in hist), len(hist), run))
     if not rows:
         return []
     lines = ["## CADBCNN seeds at the full protocol (the released recipe)", "",
@@ -144,9 +157,7 @@ def report(args) -> None:
         if p.is_file():
             m = json.loads(p.read_text())
             cfg = json.loads((out / name / "config.json").read_text())
-            hist = (out / name / "history.csv").read_text().splitlines()[1:]
-            secs = sum(float(line.split(",")[7]) for line in hist)
-            res[name] = (m, cfg, secs)
+            res[name] = (m, cfg, sum(r["seconds"] for r in history(out / name)))
     # Costs depend on the architecture only: reuse earlier measurements (latency must be measured on an idle
     # machine, and training runs usually are not idle) unless --remeasure.
     cached = out / "experiments.json"
@@ -187,9 +198,8 @@ def report(args) -> None:
         "image-level split with duplicates grouped; `grouped` = blocks of 20 consecutive file numbers kept "
         "together (patient proxy) plus duplicates grouped.", ""]
     md = Path(args.md)
-    kept = ""
-    if md.is_file() and READING_MARKER in md.read_text():
-        kept = md.read_text().split(READING_MARKER, 1)[1]
+    old = md.read_text() if md.is_file() else ""
+    kept = old.split(READING_MARKER, 1)[1] if READING_MARKER in old else ""
     seeds_md = release_seeds(sorted(Path(r) for r in args.release_runs))
     md.parent.mkdir(parents=True, exist_ok=True)
     md.write_text("\n".join(head + seeds_md + ["## The paper's comparison and ablations (reduced protocol)", ""]
@@ -213,5 +223,10 @@ if __name__ == "__main__":
     p.add_argument("--remeasure", action="store_true", help="measure latency again instead of reusing it")
     p.add_argument("--release-runs", nargs="*", default=[str(r) for r in sorted(Path("runs").glob("release-s*"))
                                                           if r.is_dir()])
+    c = sub.add_parser("choose", help="print the checkpoint (best|last) a release candidate keeps")
+    c.add_argument("run")
     a = ap.parse_args()
-    run(a) if a.cmd == "run" else report(a)
+    if a.cmd == "choose":
+        print(chosen_checkpoint(Path(a.run)))
+    else:
+        run(a) if a.cmd == "run" else report(a)

@@ -23,9 +23,8 @@ candidate() {
     $B/cadbcnn-train evaluate "$run/$c-bn.pt" --data "$DATA" --split val --out "$run/val-$c"
   done
   local chosen
-  chosen=$($B/python -c "import json,sys; f=lambda c: json.load(open('$run/val-'+c+'/metrics.json'))['f1_macro']; print('best' if f('best') >= f('last') else 'last')")
+  chosen=$($B/python scripts/experiments.py choose "$run")
   cp "$run/$chosen-bn.pt" "$run/release.pt"
-  cp -r "$run/val-$chosen" "$run/val"
   $B/cadbcnn-train evaluate "$run/release.pt" --data "$DATA" --split test --out "$run/test"
 }
 

@@ -61,7 +61,7 @@ def test_report_keeps_reading_and_cached_costs(tmp_path, experiments):
     run = out / "resnet18"
     _write(run / "metrics.json", _metrics(0.9, 0.88))
     _write(run / "config.json", {"model": "resnet18", "split": "stratified", "seed": 0})
-    _write(run / "history.csv", "h\n" + "1,1,1,1,1,1,1,42,1\n")
+    _write(run / "history.csv", "epoch,train_loss,train_acc,val_loss,val_acc,val_f1_macro,lr,seconds,images_per_s\n1,1,1,1,1,1,1,42,1\n")
     costs = {"params_m": 11.2, "gflops": 3.63, "ort_ms": 13.5}
     _write(out / "experiments.json", {"resnet18": {"config": {"model": "resnet18"}, "costs": costs}})
     md = tmp_path / "EXPERIMENTS.md"
