@@ -47,3 +47,9 @@ class ExportError(CadbcnnError):
     """An export failed or a parity/accuracy gate did not pass."""
 
     exit_code = 3
+
+
+class OODGateError(CadbcnnError):
+    """A model's out-of-distribution flag missed the release gate on foreign images."""
+
+    exit_code = 3

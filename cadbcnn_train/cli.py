@@ -148,18 +148,28 @@ def explain(
 def ood_report_cmd(
     model: Path = typer.Argument(..., help="An exported ONNX model with an OOD output."),
     data: Path = typer.Option(..., help="The dataset root."),
-    split_file: Path = typer.Option(..., help="split.csv of the model's training run (its test rows are used)."),
+    split_file: Path = typer.Option(..., help="split.csv of the model's training run."),
     out: Path = typer.Option(..., help="Folder for ood_report.md / .json."),
-    limit: Optional[int] = typer.Option(None, help="Use at most N test images."),
+    split: str = typer.Option("test", help="Whose images are the in-distribution reference and the source of the "
+                                           "shifted sets: test (the published report) or val (the release gate)."),
+    limit: Optional[int] = typer.Option(None, help="Use at most N images of the split."),
+    n_foreign: int = typer.Option(100, help="Images in each synthetic non-blood set."),
+    min_foreign_flagged: Optional[float] = typer.Option(
+        None, help="Gate: fail (exit 3) unless every foreign set is flagged at least this often (e.g. 0.9)."),
 ) -> None:
-    """Fraction flagged and AUROC of the OOD score on shifted and foreign image sets."""
+    """Fraction flagged and AUROC of the OOD score on shifted and foreign image sets (optionally a gate)."""
     from .ood_eval import ood_report
 
     try:
-        ood_report(model, data, split_file, out, limit=limit)
-    except (CadbcnnError, ValueError) as exc:
+        ood_report(model, data, split_file, out, split=split, limit=limit, n_foreign=n_foreign,
+                   min_foreign_flagged=min_foreign_flagged)
+    except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2)
+    except CadbcnnError as exc:
+        if (out / "ood_report.md").exists():
+            typer.echo((out / "ood_report.md").read_text())
+        _fail(exc)
     typer.echo((out / "ood_report.md").read_text())
 
 

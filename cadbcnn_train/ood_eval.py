@@ -1,12 +1,17 @@
 """How well does the OOD score flag shifted and foreign images?
 
-Builds evaluation sets from the in-distribution test split (never touching its
-labels): colour/stain shifts, blur, black background around the central cell,
+Builds evaluation sets from the in-distribution images of one split (the test
+split for the published report, the validation split for the release gate;
+labels are never used): colour/stain shifts, blur, black background around the central cell,
 heavy JPEG, changed magnification — and non-blood images (synthetic textures
 and patterns). For each set: the fraction flagged by the model's threshold and
 the AUROC against the clean test split, for three candidate scores (the
 in-graph Mahalanobis score, the energy score −logsumexp(logits), and
 1 − max softmax).
+
+As a release gate (``min_foreign_flagged``) every *foreign* set — the central
+cell cut out onto black, and the non-blood images — must be flagged at least
+that often, or ``OODGateError`` is raised after the report is written.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import cv2
 import numpy as np
 
 from cadbcnn_runtime.classifier import Classifier
+from cadbcnn_runtime.errors import OODGateError
 from cadbcnn_runtime.preprocess import preprocess, read_image
 
 from . import data as D
@@ -134,19 +140,21 @@ def _scores(clf: Classifier, images: list[np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def ood_report(model: Path, data: Path, split_file: Path, out: Path, *, limit: int | None = None,
-               n_foreign: int = 100) -> dict:
+def ood_report(model: Path, data: Path, split_file: Path, out: Path, *, split: str = "test",
+               limit: int | None = None, n_foreign: int = 100, min_foreign_flagged: float | None = None) -> dict:
     clf = Classifier.from_file(model, device="cpu")
     if clf.spec.ood is None:
         raise ValueError(f"{model}: has no OOD output; fit it (cadbcnn-train fit-ood) and re-export")
     root = Path(data)
-    rows = [r for r in D.split_rows(split_file) if r["split"] == "test"]
+    rows = [r for r in D.split_rows(split_file) if r["split"] == split]
+    if not rows:
+        raise ValueError(f"{split_file}: has no rows of split {split!r}; use one of train, val, test")
     if limit:
         rows = rows[:: max(1, len(rows) // limit)][:limit]
     clean = [read_image(root / r["path"]) for r in rows]
     thr = clf.ood_threshold
     base = _scores(clf, clean)
-    result = {"model": str(model), "threshold": thr, "n_test": len(clean),
+    result = {"model": str(model), "threshold": thr, "split": split, "n_images": len(clean),
               "in_distribution_flagged": float((base["mahalanobis"] > thr).mean()), "sets": {}}
     sets: dict[str, tuple[str, list[np.ndarray]]] = {k: (kind, [f(im) for im in clean])
                                                       for k, (kind, f) in SHIFTS.items()}
@@ -158,16 +166,30 @@ def ood_report(model: Path, data: Path, split_file: Path, out: Path, *, limit: i
             "kind": kind, "n": len(imgs), "flagged": float((s["mahalanobis"] > thr).mean()),
             "auroc": {k: auroc(base[k], s[k]) for k in s},
         }
+    failed = []
+    if min_foreign_flagged is not None:
+        failed = [f"{n} {100 * r['flagged']:.1f} %" for n, r in result["sets"].items()
+                  if r["kind"] == "foreign" and r["flagged"] < min_foreign_flagged]
+        result["gate"] = {"min_foreign_flagged": min_foreign_flagged, "passed": not failed, "failed": failed}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "ood_report.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"Threshold {thr:.4f} (from the spec); in-distribution test split flagged: "
-             f"**{100 * result['in_distribution_flagged']:.1f} %** of {len(clean)}.", "",
+    lines = [f"Threshold {thr:.4f} (from the spec); in-distribution {split} split flagged: "
+             f"**{100 * result['in_distribution_flagged']:.1f} %** of {len(clean)}. "
+             f"Shifted sets are built from the same {split} images.", "",
              "| set | kind | n | flagged % | AUROC Mahalanobis | AUROC energy | AUROC 1−max softmax |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for name, r in result["sets"].items():
         a = r["auroc"]
         lines.append(f"| {name} | {r['kind']} | {r['n']} | {100 * r['flagged']:.1f} | {a['mahalanobis']:.3f} | "
                      f"{a['energy']:.3f} | {a['1-maxsoftmax']:.3f} |")
+    if min_foreign_flagged is not None:
+        lines += ["", f"Release gate (every foreign set flagged ≥ {100 * min_foreign_flagged:.0f} %): "
+                      + ("**passed**" if not failed else "**failed** — " + "; ".join(failed))]
     (out / "ood_report.md").write_text("\n".join(lines) + "\n")
+    if failed:
+        raise OODGateError(
+            f"{model}: the OOD flag misses foreign images ({'; '.join(failed)}; the gate needs "
+            f">= {100 * min_foreign_flagged:.0f} %). Do not ship this model: choose another candidate run, or "
+            f"refit the threshold (cadbcnn-train fit-ood --flag-rate) and re-export. Report: {out / 'ood_report.md'}")
     return result

@@ -26,6 +26,11 @@ def _summary(report: dict) -> str:
                 lines.append(f"{'':>19}{name:<12} n={case['n']:<4} max|Δlogit| {case['max_abs_logit']:.2e}  "
                              f"mean {case['mean_abs_logit']:.2e}  max|Δprob| {case['max_abs_prob']:.2e}  "
                              f"top-1 agree {100 * case['top1_agreement']:.2f}%{acc}")
+        if "ood_output" in a["parity"]:
+            o = a["parity"]["ood_output"]
+            agree = "not measured" if o["flag_agreement"] is None else f"{100 * o['flag_agreement']:.1f} %"
+            lines.append(f"{'':>19}OOD flag agreement vs fp32 {agree} (needs {100 * o['needs']:.0f} %): "
+                         f"OOD output {'kept' if o['kept'] else 'LEFT OUT of this file'}")
         for g in a["gates"]:
             mark = "PASS" if g["passed"] else "FAIL"
             lines.append(f"{'':>19}[{mark}] {g['name']}: {g['value']:.4g} ({g['comparison']} {g['threshold']:.4g})")

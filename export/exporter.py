@@ -230,6 +230,41 @@ def ood_nodes(proto: onnx.ModelProto) -> list[str]:
     return names
 
 
+def ood_feature_readers(proto: onnx.ModelProto) -> list[str]:
+    """Names of the nodes that read the features the OOD score is computed on (the OOD head and the classifier head).
+
+    Left in FP32 by the INT8 quantizer: quantizing them puts a Quantize/Dequantize pair with a single 8-bit scale on
+    the feature vector itself, and the whitening in the Mahalanobis score amplifies that rounding noise in the
+    low-variance directions until in-distribution images score like foreign ones.
+    """
+    inits = {i.name for i in proto.graph.initializer}
+    feats = {i for n in proto.graph.node if any(j.startswith("ood.") for j in n.input)
+             for i in n.input if i not in inits and not i.startswith("ood.")}
+    feats -= {o for n in proto.graph.node if any(j.startswith("ood.") for j in n.input) for o in n.output}
+    return [n.name for n in proto.graph.node if any(i in feats for i in n.input)]
+
+
+def drop_output(proto: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    """Remove graph output NAME and every node and initializer that only it needed."""
+    g = proto.graph
+    outputs = [o for o in g.output if o.name != name]
+    del g.output[:]
+    g.output.extend(outputs)
+    needed = {o.name for o in g.output}
+    keep = []
+    for n in reversed(g.node):  # nodes are topologically sorted
+        if any(o in needed for o in n.output):
+            keep.append(n)
+            needed.update(n.input)
+    del g.node[:]
+    g.node.extend(reversed(keep))
+    for field_ in (g.initializer, g.value_info):
+        kept = [t for t in field_ if t.name in needed]
+        del field_[:]
+        field_.extend(kept)
+    return proto
+
+
 def attention_matmuls(proto: onnx.ModelProto) -> list[str]:
     """Names of MatMul nodes between two activations (QKᵀ and attention·V)."""
     inits = {i.name for i in proto.graph.initializer}
@@ -255,7 +290,7 @@ def to_int8(fp32_path: Path, out_path: Path, calib: np.ndarray, *, per_channel: 
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
         pre_proto = onnx.load(str(pre), load_external_data=False)
-        exclude = attention_matmuls(pre_proto) + ood_nodes(pre_proto)
+        exclude = sorted(set(attention_matmuls(pre_proto) + ood_nodes(pre_proto) + ood_feature_readers(pre_proto)))
         quantize_static(
             str(pre), str(out_path), Reader(calib), quant_format=QuantFormat.QDQ, per_channel=per_channel,
             # U8S8 is what ORT recommends for x86-64 (VNNI runs it without saturation)
@@ -339,14 +374,14 @@ def variant_path(out: Path, fmt: Format) -> Path:
     return out if not fmt.suffix else out.with_name(out.stem + fmt.suffix + out.suffix)
 
 
-def build_spec(ck: Checkpoint, variant: str) -> ModelSpec:
+def build_spec(ck: Checkpoint, variant: str, *, with_ood: bool = True) -> ModelSpec:
     sw = dict(ck.spec.software)
     sw.update({"onnx": onnx.__version__, "onnxruntime": ort.__version__, "exporter_torch": str(torch.__version__)})
     from cadbcnn_train.ood import spec_entry
 
     return ck.spec.replace(variant=variant, software=sw, git_commit=ck.spec.git_commit or git_commit(),
                            weights_sha256=weights_sha256(ck.state_dict),
-                           ood=spec_entry(ck.ood) if ck.ood else None)
+                           ood=spec_entry(ck.ood) if ck.ood and with_ood else None)
 
 
 def _gate_top1(art: Artifact, case: dict, threshold: float, label: str) -> None:
@@ -438,7 +473,6 @@ def export_checkpoint(checkpoint: Path, out: Path, opts: ExportOptions | None = 
         fmt = FORMATS["fp16"]
         art = Artifact("fp16", variant_path(out, fmt))
         p16 = to_fp16(proto32)
-        set_spec(p16, build_spec(ck, "fp16"))
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
         art.parity["providers"] = providers[:1]
         try:
@@ -448,6 +482,8 @@ def export_checkpoint(checkpoint: Path, out: Path, opts: ExportOptions | None = 
         if "CUDAExecutionProvider" not in s16.get_providers():
             log("note: no CUDA EP here — the FP16 model is checked on the CPU EP (slow but valid)")
         _check_variant(art, s16, random_cases, base_random, eval_set, base_real, ck, fmt, ood_thr)
+        p16 = _ood_output_gate(art, p16, fmt, ood_thr, opts, log)
+        set_spec(p16, build_spec(ck, "fp16", with_ood=art.parity.get("ood_output", {}).get("kept", True)))
         failures += _finish(art, p16, opts, log)
         report["artifacts"].append(art)
 
@@ -466,9 +502,10 @@ def export_checkpoint(checkpoint: Path, out: Path, opts: ExportOptions | None = 
             onnx.save_model(proto32, str(src))
             to_int8(src, q, calib.x, method=opts.calibration_method)
             p8 = onnx.load(str(q))
-        set_spec(p8, build_spec(ck, "int8"))
         s8 = ort_session(p8.SerializeToString())
         _check_variant(art, s8, random_cases, base_random, eval_set, base_real, ck, fmt, ood_thr)
+        p8 = _ood_output_gate(art, p8, fmt, ood_thr, opts, log)
+        set_spec(p8, build_spec(ck, "int8", with_ood=art.parity.get("ood_output", {}).get("kept", True)))
         if eval_set is not None and eval_set.labelled:
             case = art.parity["images"]
             drop = case["accuracy_ref"] - case["accuracy"]
@@ -500,6 +537,35 @@ def _gate_ood(art: Artifact, case: dict, label: str, tol: float) -> None:
     if "ood_max_rel_diff" in case:
         art.gates.append(Gate(f"{label} max relative |Δood_score|", case["ood_max_rel_diff"] <= tol,
                               case["ood_max_rel_diff"], tol, "<="))
+
+
+def _ood_output_gate(art: Artifact, proto: onnx.ModelProto, fmt: Format, ood_thr: float | None, opts: ExportOptions,
+                     log) -> onnx.ModelProto:
+    """Keep a derived variant's OOD output only if its flag reproduces the FP32 flag on the real parity images.
+
+    A wrong flag is worse than none (it would mark clean images for review, or pass foreign ones), so when it cannot
+    be verified or disagrees, the output is removed from that file and its spec says it has no OOD score; the
+    classification gates are separate and unaffected. ``--no-gate`` keeps it regardless (recorded in the report).
+    """
+    if ood_thr is None or fmt.min_ood_flag_agreement is None:
+        return proto
+    case = art.parity.get("images", {})
+    agree = case.get("ood_flag_agreement")
+    kept = (agree is not None and agree >= fmt.min_ood_flag_agreement) or opts.no_gate
+    art.parity["ood_output"] = {"kept": kept, "flag_agreement": agree, "needs": fmt.min_ood_flag_agreement,
+                                "flagged": case.get("ood_flagged")}
+    if kept:
+        return proto
+    why = ("no --parity-data to verify it" if agree is None else
+           f"its flag agrees with FP32 on {100 * agree:.1f} % of the parity images, needs "
+           f">= {100 * fmt.min_ood_flag_agreement:.0f} %")
+    log(f"note: {art.variant}: the OOD output is left out of {art.path.name} ({why}); classification is unaffected. "
+        f"Use the FP32 model where the out-of-distribution flag is needed.")
+    from cadbcnn_train.ood import OUTPUT_NAME as OOD_OUTPUT
+
+    proto = drop_output(proto, OOD_OUTPUT)
+    onnx.checker.check_model(proto)
+    return proto
 
 
 def _check_variant(art: Artifact, session, random_cases, base_random, eval_set, base_real, ck, fmt: Format,

@@ -14,6 +14,9 @@ class Format:
     # Parity gate against PyTorch fp32 (random + real images) or against the ORT fp32 model.
     max_abs_logit: float | None   # None: not gated on logits
     min_top1_agreement: float      # on real images (random images when none are given)
+    # Derived variants keep the OOD output only if its flag agrees with the FP32 model's on at least this fraction
+    # of the real parity images; otherwise the output is removed from that file (classification is unaffected).
+    min_ood_flag_agreement: float | None = None
 
 
 FORMATS: dict[str, Format] = {
@@ -21,6 +24,6 @@ FORMATS: dict[str, Format] = {
     "fp32-fp16weights": Format("fp32-fp16weights", "", "ONNX FP32 compute, weights stored as FP16 (half size)",
                                ("cpu", "cuda"), 5e-2, 1.0),
     "fp16": Format("fp16", ".fp16", "ONNX FP16 for the CUDA EP (fp32 I/O; softmax/LayerNorm/head in fp32)",
-                   ("cuda", "cpu"), None, 0.995),
-    "int8": Format("int8", ".int8", "ONNX INT8 static QDQ for CPUs with VNNI", ("cpu",), None, 0.99),
+                   ("cuda", "cpu"), None, 0.995, 0.97),
+    "int8": Format("int8", ".int8", "ONNX INT8 static QDQ for CPUs with VNNI", ("cpu",), None, 0.99, 0.97),
 }

@@ -2,11 +2,13 @@
 # How the released model in models/ was produced (after `make install`).
 #
 #   scripts/release.sh candidate SEED [SPLIT_CSV]   # train one seed (~58 min on the 2-core CPU) -> runs/release-sSEED
-#   scripts/release.sh ship RUN                     # OOD fit, export with parity gates, figures, OOD report
+#   scripts/release.sh ship RUN                     # OOD fit, exports with parity gates, OOD gate (val), figures,
+#                                                   # OOD report; writes models/ and docs/ only if every gate passes
 #
 # Seed 0 draws the stratified split (runs/release-s0/split.csv); seeds 1 and 2 reuse that split file so
 # that the seeds differ only in initialisation, augmentation and batch order, and their validation scores
-# are comparable. The shipped run is the seed with the best validation macro-F1 (never chosen on test).
+# are comparable. The shipped run is the seed with the best validation macro-F1 (never chosen on test)
+# among the candidates that pass every gate of `ship`.
 set -euo pipefail
 DATA=${DATA:-../shared/data/all-leukemia}
 B=.venv/bin
@@ -32,15 +34,19 @@ ship() {
   local run=$1
   $B/cadbcnn-train fit-ood "$run/release.pt" --data "$DATA"                  # OOD statistics (train) + threshold (val)
   $B/cadbcnn-train evaluate "$run/release.pt" --data "$DATA" --split test --out "$run/test" --store
-  rm -rf build/test-split build/train-split
+  rm -rf build/test-split build/train-split build/release
   $B/python scripts/split_folder.py "$run/split.csv" "$DATA" test build/test-split
   $B/python scripts/split_folder.py "$run/split.csv" "$DATA" train build/train-split
+  # The exact FP32 model and the FP16 / INT8 variants (not committed: size budget), each behind its gates.
+  $B/cadbcnn-export "$run/release.pt" -o build/release/cadbcnn.onnx --half --int8 \
+      --calibration-data build/train-split --parity-data build/test-split --report build/release/export-report.json
+  # Release gate on the OOD flag, on validation images (not test): every foreign set flagged >= 90 %.
+  # It fails (exit 3) before anything under models/ or docs/ is touched.
+  $B/cadbcnn-train ood-report build/release/cadbcnn.onnx --data "$DATA" --split-file "$run/split.csv" \
+      --split val --min-foreign-flagged 0.9 --out build/release/ood-gate
   # The release: FP32 compute, weights stored as FP16 (size budget), parity gate on the test images.
   $B/cadbcnn-export "$run/release.pt" -o models/cadbcnn.onnx --fp16-weights --parity-data build/test-split \
       --report models/export-report.json
-  # The exact FP32 model and the INT8 / FP16 variants (not committed: size budget), with their gates.
-  $B/cadbcnn-export "$run/release.pt" -o build/release/cadbcnn.onnx --half --int8 \
-      --calibration-data build/train-split --parity-data build/test-split --report build/release/export-report.json
   $B/cadbcnn-train explain "$run/release.pt" --data "$DATA" --out docs/figures
   $B/cadbcnn-train ood-report models/cadbcnn.onnx --data "$DATA" --split-file "$run/split.csv" --out docs/ood
 }

@@ -147,11 +147,35 @@ def test_ood_report_structure(trained, tmp_path):
     import json
 
     rep = json.loads((tmp_path / "rep" / "ood_report.json").read_text())
-    assert 0 <= rep["in_distribution_flagged"] <= 1 and rep["n_test"] > 0
+    assert 0 <= rep["in_distribution_flagged"] <= 1 and rep["n_images"] > 0 and rep["split"] == "test"
     assert "central cell on black background" in rep["sets"] and "non-blood: uniform noise" in rep["sets"]
     for s in rep["sets"].values():
         assert set(s["auroc"]) == {"mahalanobis", "energy", "1-maxsoftmax"} and 0 <= s["flagged"] <= 1
     assert rep["sets"]["non-blood: uniform noise"]["auroc"]["mahalanobis"] > 0.9
+    assert "gate" not in rep
+
+
+def test_ood_gate_on_validation_images(trained, tmp_path):
+    """The release gate: every foreign set must be flagged at least --min-foreign-flagged, else exit 3."""
+    import json
+
+    data, d, _ = trained
+    args = ["ood-report", str(d / "m.onnx"), "--data", str(data), "--split-file", str(d / "run" / "split.csv"),
+            "--split", "val", "--n-foreign", "8"]
+    r = CliRunner().invoke(train_app, args + ["--out", str(tmp_path / "a"), "--min-foreign-flagged", "0.5"])
+    rep = json.loads((tmp_path / "a" / "ood_report.json").read_text())
+    assert rep["split"] == "val" and rep["n_images"] == sum(
+        1 for line in (d / "run" / "split.csv").read_text().splitlines() if line.endswith(",val"))
+    foreign = {n: s["flagged"] for n, s in rep["sets"].items() if s["kind"] == "foreign"}
+    assert len(foreign) == 6
+    expect_pass = min(foreign.values()) >= 0.5
+    assert rep["gate"]["passed"] == expect_pass and (r.exit_code == 0) == expect_pass, r.output
+    # an unreachable bar fails, names every foreign set, and still leaves the report for the reader
+    r = CliRunner().invoke(train_app, args + ["--out", str(tmp_path / "b"), "--min-foreign-flagged", "1.01"])
+    assert r.exit_code == 3 and "Do not ship" in r.output
+    rep = json.loads((tmp_path / "b" / "ood_report.json").read_text())
+    assert rep["gate"]["passed"] is False and len(rep["gate"]["failed"]) == 6
+    assert "Release gate" in (tmp_path / "b" / "ood_report.md").read_text()
 
 
 def test_explain_writes_gradcam_and_tsne(trained, tmp_path):
@@ -179,3 +203,63 @@ def test_gradcam_reaches_both_cadbcnn_branches():
     cams = gradcam(m, torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8), 1, cam_layers(m))
     assert set(cams) == {"ResNet18 branch", "ResNet34 branch"}
     assert all(c.shape == (64, 64) and np.isfinite(c).all() for c in cams.values())
+
+
+def test_derived_variants_keep_the_ood_output_only_when_its_flag_agrees(trained, tmp_path, monkeypatch):
+    """INT8/FP16 files carry the OOD output only if their flag reproduces FP32's on the parity images."""
+    from dataclasses import replace
+
+    import onnx
+
+    from cadbcnn_export.cli import app as export_app
+    from cadbcnn_export.formats import FORMATS
+
+    data, d, _ = trained
+    ck = d / "run" / "best.pt"
+    base = ["--half", "--int8", "--calibration-data", str(data), "--parity-data", str(data)]
+    monkeypatch.setitem(FORMATS, "int8", replace(FORMATS["int8"], min_ood_flag_agreement=1.01))  # unreachable
+    monkeypatch.setitem(FORMATS, "fp16", replace(FORMATS["fp16"], min_ood_flag_agreement=0.0))   # always met
+    rep = tmp_path / "rep.json"
+    r = CliRunner().invoke(export_app, [str(ck), "-o", str(tmp_path / "m.onnx"), *base, "--report", str(rep)])
+    assert r.exit_code == 0, r.output
+    assert "OOD output LEFT OUT" in r.output and "the OOD output is left out of m.int8.onnx" in r.output
+    import json
+
+    arts = {a["variant"]: a for a in json.loads(rep.read_text())["artifacts"]}
+    assert arts["int8"]["written"] and arts["int8"]["parity"]["ood_output"]["kept"] is False
+    assert arts["fp16"]["parity"]["ood_output"]["kept"] is True
+    # the INT8 file: one output, no OOD statistics left behind, a spec without an OOD entry, still runs
+    p8 = onnx.load(str(tmp_path / "m.int8.onnx"))
+    assert [o.name for o in p8.graph.output] == ["logits"]
+    assert not any(i.name.startswith("ood.") for i in p8.graph.initializer)
+    i8 = Classifier.from_file(tmp_path / "m.int8.onnx", device="cpu")
+    assert i8.spec.ood is None and i8.ood_threshold is None
+    img = sorted((data / "Pre").iterdir())[0]
+    p = i8.predict(img)
+    assert p.ood_score is None and not p.out_of_distribution
+    f16 = Classifier.from_file(tmp_path / "m.fp16.onnx", device="cpu")
+    assert f16.spec.ood is not None and f16.predict(img).ood_score is not None
+    # --no-gate keeps it (recorded), and removing it did not change the logits
+    r = CliRunner().invoke(export_app, [str(ck), "-o", str(tmp_path / "k.onnx"), *base, "--no-gate"])
+    assert r.exit_code == 0, r.output
+    kept = Classifier.from_file(tmp_path / "k.int8.onnx", device="cpu")
+    assert kept.spec.ood is not None
+    x = np.random.default_rng(0).integers(0, 256, (4, 3, 32, 32), dtype=np.uint8)
+    np.testing.assert_array_equal(kept.run_all(x)[0], i8.run_all(x)[0])
+
+
+def test_int8_leaves_the_feature_vector_unquantized(trained, tmp_path):
+    """No Quantize/Dequantize pair on the features the OOD head whitens (its rounding noise swamps the score)."""
+    import onnx
+
+    from cadbcnn_export.exporter import ExportOptions
+
+    data, d, _ = trained
+    export_checkpoint(d / "run" / "best.pt", tmp_path / "m.onnx",
+                      ExportOptions(int8=True, calibration_data=data, no_gate=True), log=lambda *a: None)
+    p8 = onnx.load(str(tmp_path / "m.int8.onnx"))
+    whitening = next(n for n in p8.graph.node if "ood.whitening" in n.input)
+    feature = next(i for i in whitening.input if i != "ood.whitening")
+    producer = next(n for n in p8.graph.node if feature in n.output)
+    assert producer.op_type != "DequantizeLinear"
+    assert not any(n.op_type == "QuantizeLinear" and feature in n.input for n in p8.graph.node)
