@@ -67,6 +67,19 @@ def features(model: nn.Module, loader: DataLoader) -> dict[str, np.ndarray]:
     return {k: np.concatenate(v) for k, v in out.items() if v}
 
 
+def save_png(fig, path: Path) -> None:
+    """Write a figure as a 256-colour palette PNG (about 4x smaller than matplotlib's RGBA output; these
+    figures are committed under docs/)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    buf.seek(0)
+    Image.open(buf).convert("RGB").quantize(256, method=Image.Quantize.FASTOCTREE).save(path, optimize=True)
+
+
 def explain(checkpoint: Path, data: Path, out: Path, *, split_file: Path | None = None, split: str = "test",
             per_class: int = 2, log=print) -> None:
     import matplotlib
@@ -112,7 +125,7 @@ def explain(checkpoint: Path, data: Path, out: Path, *, split_file: Path | None 
         for a in axes[r]:
             a.axis("off")
     fig.tight_layout()
-    fig.savefig(out / "gradcam.png")
+    save_png(fig, out / "gradcam.png")
     plt.close(fig)
 
     # -- t-SNE ---------------------------------------------------------------------------------
@@ -131,6 +144,6 @@ def explain(checkpoint: Path, data: Path, out: Path, *, split_file: Path | None 
         ax.set_yticks([])
     axes[0][0].legend(fontsize=8, markerscale=2)
     fig.tight_layout()
-    fig.savefig(out / "tsne.png")
+    save_png(fig, out / "tsne.png")
     plt.close(fig)
     log(f"wrote {out / 'gradcam.png'} ({len(rows)} examples) and {out / 'tsne.png'} ({len(labels)} {split} images)")

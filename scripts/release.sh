@@ -2,13 +2,15 @@
 # How the released model in models/ was produced (after `make install`).
 #
 #   scripts/release.sh candidate SEED [SPLIT_CSV]   # train one seed (~58 min on the 2-core CPU) -> runs/release-sSEED
-#   scripts/release.sh ship RUN                     # OOD fit, exports with parity gates, OOD gate (val), figures,
-#                                                   # OOD report; writes models/ and docs/ only if every gate passes
+#   scripts/release.sh gate RUN                     # OOD fit + OOD release gate on validation images (~4 min)
+#   scripts/release.sh ship RUN                     # gate, exports with parity gates, figures, OOD report;
+#                                                   # writes models/ and docs/ only if every gate passes
 #
 # Seed 0 draws the stratified split (runs/release-s0/split.csv); seeds 1 and 2 reuse that split file so
 # that the seeds differ only in initialisation, augmentation and batch order, and their validation scores
 # are comparable. The shipped run is the seed with the best validation macro-F1 (never chosen on test)
-# among the candidates that pass every gate of `ship`.
+# among the candidates that pass every gate of `ship`: run `gate` on the candidates in order of validation
+# score and `ship` the first that passes (`python scripts/experiments.py report` shows the verdicts).
 set -euo pipefail
 DATA=${DATA:-../shared/data/all-leukemia}
 B=.venv/bin
@@ -30,9 +32,19 @@ candidate() {
   $B/cadbcnn-train evaluate "$run/release.pt" --data "$DATA" --split test --out "$run/test"
 }
 
-ship() {
+gate() {
+  # The OOD release gate for a candidate, on validation images (not test); writes nothing under models/ or docs/.
   local run=$1
   $B/cadbcnn-train fit-ood "$run/release.pt" --data "$DATA"                  # OOD statistics (train) + threshold (val)
+  $B/cadbcnn-export "$run/release.pt" -o "$run/gate/cadbcnn.onnx" --report "$run/gate/export-report.json"
+  # Every foreign set (central cell on black from val images; synthetic non-blood images) flagged >= 90 %, else exit 3.
+  $B/cadbcnn-train ood-report "$run/gate/cadbcnn.onnx" --data "$DATA" --split-file "$run/split.csv" \
+      --split val --min-foreign-flagged 0.9 --out "$run/ood-gate"
+}
+
+ship() {
+  local run=$1
+  gate "$run"
   $B/cadbcnn-train evaluate "$run/release.pt" --data "$DATA" --split test --out "$run/test" --store
   rm -rf build/test-split build/train-split build/release
   $B/python scripts/split_folder.py "$run/split.csv" "$DATA" test build/test-split
@@ -40,19 +52,20 @@ ship() {
   # The exact FP32 model and the FP16 / INT8 variants (not committed: size budget), each behind its gates.
   $B/cadbcnn-export "$run/release.pt" -o build/release/cadbcnn.onnx --half --int8 \
       --calibration-data build/train-split --parity-data build/test-split --report build/release/export-report.json
-  # Release gate on the OOD flag, on validation images (not test): every foreign set flagged >= 90 %.
-  # It fails (exit 3) before anything under models/ or docs/ is touched.
-  $B/cadbcnn-train ood-report build/release/cadbcnn.onnx --data "$DATA" --split-file "$run/split.csv" \
-      --split val --min-foreign-flagged 0.9 --out build/release/ood-gate
   # The release: FP32 compute, weights stored as FP16 (size budget), parity gate on the test images.
   $B/cadbcnn-export "$run/release.pt" -o models/cadbcnn.onnx --fp16-weights --parity-data build/test-split \
       --report models/export-report.json
   $B/cadbcnn-train explain "$run/release.pt" --data "$DATA" --out docs/figures
   $B/cadbcnn-train ood-report models/cadbcnn.onnx --data "$DATA" --split-file "$run/split.csv" --out docs/ood
+  mkdir -p docs/ood/release-gate
+  seed=$($B/python -c "import json,sys; print(json.load(open(sys.argv[1]))['seed'])" "$run/config.json")
+  cp "$run/ood-gate/ood_report.md" "docs/ood/release-gate/seed$seed.md"
+  cp "$run/ood-gate/ood_report.json" "docs/ood/release-gate/seed$seed.json"
 }
 
 case "${1:-}" in
   candidate) candidate "${2:?seed}" "${3:-}" ;;
+  gate) gate "${2:?run directory}" ;;
   ship) ship "${2:?run directory}" ;;
-  *) echo "usage: scripts/release.sh candidate SEED [SPLIT_CSV] | ship RUN" >&2; exit 2 ;;
+  *) echo "usage: scripts/release.sh candidate SEED [SPLIT_CSV] | gate RUN | ship RUN" >&2; exit 2 ;;
 esac

@@ -51,9 +51,23 @@ def test_release_seed_table(tmp_path, experiments):
     assert len(rows) == 3
     assert rows[0].startswith("| 0 | last | 97.00 | 97.00 | 99.00 |")
     assert rows[1].startswith("| 1 | best (epoch 2) | 98.00 | 98.00 | 97.50 |")  # epoch of the best val F1
-    assert "| 4 / 400 | 3 | 330 |" in rows[0]  # errors, epochs, summed epoch seconds
+    assert "| 4 / 400 | 3 | 330 | not run |" in rows[0]  # errors, epochs, summed epoch seconds, OOD gate
     assert "test accuracy 98.17 ± 0.76 %" in text
     assert "Best on validation: seed 1" in text  # seed 1 has the best validation F1, not the best test score
+    assert "No candidate has passed the OOD gate yet." in text
+
+
+def test_release_rule_skips_candidates_that_fail_the_ood_gate(tmp_path, experiments):
+    runs = [_release_run(tmp_path, 0, 0.95, 0.96, 0.99), _release_run(tmp_path, 1, 0.98, 0.96, 0.975),
+            _release_run(tmp_path, 2, 0.90, 0.91, 0.98)]
+    gate = {0: {"passed": True, "failed": []}, 1: {"passed": False, "failed": ["non-blood: uniform noise 0.0 %"]},
+            2: {"passed": True, "failed": []}}
+    for seed, g in gate.items():
+        _write(runs[seed] / "ood-gate" / "ood_report.json", {"gate": {"min_foreign_flagged": 0.9, **g}})
+    text = "\n".join(experiments.release_seeds(runs))
+    assert "| failed: non-blood: uniform noise 0.0 % |" in text
+    assert "Best on validation: seed 1" in text
+    assert "Released by that rule: seed 0" in text  # seed 1 fails the gate; seed 0 beats seed 2 on validation
 
 
 def test_report_keeps_reading_and_cached_costs(tmp_path, experiments):

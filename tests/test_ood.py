@@ -188,6 +188,9 @@ def test_explain_writes_gradcam_and_tsne(trained, tmp_path):
                                        "--out", str(tmp_path / "ex"), "--per-class", "1"])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "ex" / "gradcam.png").stat().st_size > 1000 and (tmp_path / "ex" / "tsne.png").is_file()
+    from PIL import Image
+
+    assert {Image.open(tmp_path / "ex" / f).mode for f in ("gradcam.png", "tsne.png")} == {"P"}  # palette PNGs
     m = load_checkpoint(d / "run" / "best.pt").build_model()
     x = _t.randint(0, 256, (1, 3, 32, 32), dtype=_t.uint8)
     cams = gradcam(m, x, 0, cam_layers(m))
