@@ -2,7 +2,7 @@
 # How the released model in models/ was produced (after `make install`).
 #
 #   scripts/release.sh candidate SEED [SPLIT_CSV]   # train one seed (~58 min on the 2-core CPU) -> runs/release-sSEED
-#   scripts/release.sh gate RUN                     # OOD fit + OOD release gate on validation images (~4 min)
+#   scripts/release.sh gate RUN                     # OOD fit + OOD release gate on validation images (~6 min)
 #   scripts/release.sh ship RUN                     # gate, exports with parity gates, figures, OOD report;
 #                                                   # writes models/ and docs/ only if every gate passes
 #
