@@ -56,10 +56,14 @@ def main_cmd(
     report: Optional[Path] = typer.Option(None, help="Write the full parity report as JSON."),
     max_abs_diff: Optional[float] = typer.Option(None, help="FP32 gate: max |Δlogit| (default 1e-4; 5e-2 with "
                                                  "--fp16-weights)."),
-    no_gate: bool = typer.Option(False, "--no-gate", help="Write FP16/INT8 even if their accuracy gate fails "
-                                 "(loud warning; the FP32 parity gate always applies)."),
+    no_gate: bool = typer.Option(False, "--no-gate", help="Write FP16/INT8 even if their accuracy gate fails, "
+                                 "and keep their OOD output even if its flag disagrees with FP32 (loud warning; "
+                                 "the FP32 parity gate always applies)."),
 ) -> None:
     """Export a checkpoint to ONNX with the cross-attention intact and the model spec embedded.
+
+    FP16/INT8 files keep the OOD output only if its flag agrees with FP32's on >= 97 % of
+    --parity-data; otherwise the output is left out of that file (said in the log and the report).
 
     Exit codes: 0 every written model passed every gate; 3 a gate failed (a model
     that failed is not left on disk); 2 bad checkpoint, arguments or data.

@@ -551,14 +551,18 @@ def _ood_output_gate(art: Artifact, proto: onnx.ModelProto, fmt: Format, ood_thr
         return proto
     case = art.parity.get("images", {})
     agree = case.get("ood_flag_agreement")
-    kept = (agree is not None and agree >= fmt.min_ood_flag_agreement) or opts.no_gate
+    verified = agree is not None and agree >= fmt.min_ood_flag_agreement
+    kept = verified or opts.no_gate
     art.parity["ood_output"] = {"kept": kept, "flag_agreement": agree, "needs": fmt.min_ood_flag_agreement,
                                 "flagged": case.get("ood_flagged")}
-    if kept:
+    if verified:
         return proto
     why = ("no --parity-data to verify it" if agree is None else
            f"its flag agrees with FP32 on {100 * agree:.1f} % of the parity images, needs "
            f">= {100 * fmt.min_ood_flag_agreement:.0f} %")
+    if kept:
+        log(f"WARNING: {art.variant}: keeping an unverified OOD output because --no-gate was given ({why})")
+        return proto
     log(f"note: {art.variant}: the OOD output is left out of {art.path.name} ({why}); classification is unaffected. "
         f"Use the FP32 model where the out-of-distribution flag is needed.")
     from cadbcnn_train.ood import OUTPUT_NAME as OOD_OUTPUT

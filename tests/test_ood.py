@@ -242,9 +242,10 @@ def test_derived_variants_keep_the_ood_output_only_when_its_flag_agrees(trained,
     assert p.ood_score is None and not p.out_of_distribution
     f16 = Classifier.from_file(tmp_path / "m.fp16.onnx", device="cpu")
     assert f16.spec.ood is not None and f16.predict(img).ood_score is not None
-    # --no-gate keeps it (recorded), and removing it did not change the logits
+    # --no-gate keeps it (loudly, recorded), and removing it did not change the logits
     r = CliRunner().invoke(export_app, [str(ck), "-o", str(tmp_path / "k.onnx"), *base, "--no-gate"])
     assert r.exit_code == 0, r.output
+    assert "keeping an unverified OOD output because --no-gate was given" in r.output
     kept = Classifier.from_file(tmp_path / "k.int8.onnx", device="cpu")
     assert kept.spec.ood is not None
     x = np.random.default_rng(0).integers(0, 256, (4, 3, 32, 32), dtype=np.uint8)
