@@ -287,3 +287,18 @@ def test_released_model_is_the_default_and_classifies_the_samples():
     assert sum(folders[p.index] == t for p, t in zip(preds, truth)) >= len(samples) - 1
     r = runner.invoke(app, [str(RELEASED.parent / "samples"), "--out", "-", "-q"])
     assert r.exit_code == 0 and "label" in r.output
+
+
+@pytest.mark.skipif(not RELEASED.is_file(), reason="no released model in models/ yet")
+def test_model_card_lists_the_sha256_of_every_released_file():
+    """Replacing a released file without updating models/MODEL_CARD.md fails here."""
+    import hashlib
+    import re
+
+    root = RELEASED.parents[1]
+    card = (root / "models" / "MODEL_CARD.md").read_text()
+    listed = dict(re.findall(r"^\| `(models/[^`]+)` \|.*\| `([0-9a-f]{64})` \|$", card, flags=re.M))
+    files = [RELEASED] + sorted((root / "models" / "samples").glob("*.jpg"))
+    assert {str(f.relative_to(root)) for f in files} == set(listed)
+    for f in files:
+        assert hashlib.sha256(f.read_bytes()).hexdigest() == listed[str(f.relative_to(root))], f
