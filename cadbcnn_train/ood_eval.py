@@ -2,10 +2,11 @@
 
 Builds evaluation sets from the in-distribution images of one split (the test
 split for the published report, the validation split for the release gate;
-labels are never used): colour/stain shifts, blur, black background around the central cell,
-heavy JPEG, changed magnification — and non-blood images (synthetic textures
-and patterns). For each set: the fraction flagged by the model's threshold and
-the AUROC against the clean test split, for three candidate scores (the
+labels are never used): colour/stain shifts, blur, black background around the
+central cell, heavy JPEG, changed magnification — and non-blood images
+(synthetic textures and patterns). For each set: the fraction flagged by the
+model's threshold and the AUROC against the clean images of that split, for
+three candidate scores (the
 in-graph Mahalanobis score, the energy score −logsumexp(logits), and
 1 − max softmax).
 
