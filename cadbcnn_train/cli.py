@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from cadbcnn_runtime.errors import CadbcnnError
+from cadbcnn_runtime.errors import CadbcnnError, OODGateError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Train and evaluate CADBCNN and its baselines on a folder-per-class image dataset.")
@@ -163,12 +163,10 @@ def ood_report_cmd(
     try:
         ood_report(model, data, split_file, out, split=split, limit=limit, n_foreign=n_foreign,
                    min_foreign_flagged=min_foreign_flagged)
-    except ValueError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2)
+    except OODGateError as exc:  # the report was written: show it above the verdict
+        typer.echo((out / "ood_report.md").read_text())
+        _fail(exc)
     except CadbcnnError as exc:
-        if (out / "ood_report.md").exists():
-            typer.echo((out / "ood_report.md").read_text())
         _fail(exc)
     typer.echo((out / "ood_report.md").read_text())
 

@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 
 from cadbcnn_runtime.classifier import Classifier
-from cadbcnn_runtime.errors import OODGateError
+from cadbcnn_runtime.errors import DatasetError, ModelSpecError, OODGateError
 from cadbcnn_runtime.preprocess import preprocess, read_image
 
 from . import data as D
@@ -145,11 +145,11 @@ def ood_report(model: Path, data: Path, split_file: Path, out: Path, *, split: s
                limit: int | None = None, n_foreign: int = 100, min_foreign_flagged: float | None = None) -> dict:
     clf = Classifier.from_file(model, device="cpu")
     if clf.spec.ood is None:
-        raise ValueError(f"{model}: has no OOD output; fit it (cadbcnn-train fit-ood) and re-export")
+        raise ModelSpecError(f"{model}: has no OOD output; fit it (cadbcnn-train fit-ood) and re-export")
     root = Path(data)
     rows = [r for r in D.split_rows(split_file) if r["split"] == split]
     if not rows:
-        raise ValueError(f"{split_file}: has no rows of split {split!r}; use one of train, val, test")
+        raise DatasetError(f"{split_file}: has no rows of split {split!r}; use one of train, val, test")
     if limit:
         rows = rows[:: max(1, len(rows) // limit)][:limit]
     clean = [read_image(root / r["path"]) for r in rows]

@@ -237,10 +237,11 @@ def ood_feature_readers(proto: onnx.ModelProto) -> list[str]:
     the feature vector itself, and the whitening in the Mahalanobis score amplifies that rounding noise in the
     low-variance directions until in-distribution images score like foreign ones.
     """
+    head = next((n for n in proto.graph.node if any(i.startswith("ood.") for i in n.input)), None)
+    if head is None:
+        return []
     inits = {i.name for i in proto.graph.initializer}
-    feats = {i for n in proto.graph.node if any(j.startswith("ood.") for j in n.input)
-             for i in n.input if i not in inits and not i.startswith("ood.")}
-    feats -= {o for n in proto.graph.node if any(j.startswith("ood.") for j in n.input) for o in n.output}
+    feats = {i for i in head.input if i not in inits}  # the activation beside Σ^-1/2 in the head's first MatMul
     return [n.name for n in proto.graph.node if any(i in feats for i in n.input)]
 
 
@@ -482,8 +483,8 @@ def export_checkpoint(checkpoint: Path, out: Path, opts: ExportOptions | None = 
         if "CUDAExecutionProvider" not in s16.get_providers():
             log("note: no CUDA EP here — the FP16 model is checked on the CPU EP (slow but valid)")
         _check_variant(art, s16, random_cases, base_random, eval_set, base_real, ck, fmt, ood_thr)
-        p16 = _ood_output_gate(art, p16, fmt, ood_thr, opts, log)
-        set_spec(p16, build_spec(ck, "fp16", with_ood=art.parity.get("ood_output", {}).get("kept", True)))
+        p16, with_ood = _ood_output_gate(art, p16, fmt, ood_thr, opts, log)
+        set_spec(p16, build_spec(ck, "fp16", with_ood=with_ood))
         failures += _finish(art, p16, opts, log)
         report["artifacts"].append(art)
 
@@ -504,8 +505,8 @@ def export_checkpoint(checkpoint: Path, out: Path, opts: ExportOptions | None = 
             p8 = onnx.load(str(q))
         s8 = ort_session(p8.SerializeToString())
         _check_variant(art, s8, random_cases, base_random, eval_set, base_real, ck, fmt, ood_thr)
-        p8 = _ood_output_gate(art, p8, fmt, ood_thr, opts, log)
-        set_spec(p8, build_spec(ck, "int8", with_ood=art.parity.get("ood_output", {}).get("kept", True)))
+        p8, with_ood = _ood_output_gate(art, p8, fmt, ood_thr, opts, log)
+        set_spec(p8, build_spec(ck, "int8", with_ood=with_ood))
         if eval_set is not None and eval_set.labelled:
             case = art.parity["images"]
             drop = case["accuracy_ref"] - case["accuracy"]
@@ -540,15 +541,16 @@ def _gate_ood(art: Artifact, case: dict, label: str, tol: float) -> None:
 
 
 def _ood_output_gate(art: Artifact, proto: onnx.ModelProto, fmt: Format, ood_thr: float | None, opts: ExportOptions,
-                     log) -> onnx.ModelProto:
+                     log) -> tuple[onnx.ModelProto, bool]:
     """Keep a derived variant's OOD output only if its flag reproduces the FP32 flag on the real parity images.
+    Returns the (possibly pruned) graph and whether it still has the OOD output.
 
     A wrong flag is worse than none (it would mark clean images for review, or pass foreign ones), so when it cannot
     be verified or disagrees, the output is removed from that file and its spec says it has no OOD score; the
     classification gates are separate and unaffected. ``--no-gate`` keeps it regardless (recorded in the report).
     """
     if ood_thr is None or fmt.min_ood_flag_agreement is None:
-        return proto
+        return proto, ood_thr is not None
     case = art.parity.get("images", {})
     agree = case.get("ood_flag_agreement")
     verified = agree is not None and agree >= fmt.min_ood_flag_agreement
@@ -556,20 +558,20 @@ def _ood_output_gate(art: Artifact, proto: onnx.ModelProto, fmt: Format, ood_thr
     art.parity["ood_output"] = {"kept": kept, "flag_agreement": agree, "needs": fmt.min_ood_flag_agreement,
                                 "flagged": case.get("ood_flagged")}
     if verified:
-        return proto
+        return proto, True
     why = ("no --parity-data to verify it" if agree is None else
            f"its flag agrees with FP32 on {100 * agree:.1f} % of the parity images, needs "
            f">= {100 * fmt.min_ood_flag_agreement:.0f} %")
     if kept:
         log(f"WARNING: {art.variant}: keeping an unverified OOD output because --no-gate was given ({why})")
-        return proto
+        return proto, True
     log(f"note: {art.variant}: the OOD output is left out of {art.path.name} ({why}); classification is unaffected. "
         f"Use the FP32 model where the out-of-distribution flag is needed.")
     from cadbcnn_train.ood import OUTPUT_NAME as OOD_OUTPUT
 
     proto = drop_output(proto, OOD_OUTPUT)
     onnx.checker.check_model(proto)
-    return proto
+    return proto, False
 
 
 def _check_variant(art: Artifact, session, random_cases, base_random, eval_set, base_real, ck, fmt: Format,

@@ -132,7 +132,7 @@ def release_seeds(runs: list[Path]) -> list[str]:
         best_epoch = int(max(hist, key=lambda r: r["val_f1_macro"])["epoch"])
         rows.append((cfg["seed"], chosen if chosen == "last" else f"best (epoch {best_epoch})", val,
                      json.loads((run / "test" / "metrics.json").read_text()),
-                     sum(r["seconds"] for r in hist), len(hist), run))
+                     sum(r["seconds"] for r in hist), len(hist), run, ood_gate(run)))
     if not rows:
         return []
     lines = ["## CADBCNN seeds at the full protocol (the released recipe)", "",
@@ -144,18 +144,18 @@ def release_seeds(runs: list[Path]) -> list[str]:
              "test recall (macro) | test F1 macro | test F1 weighted | test errors | epochs | train time (s) | "
              "OOD gate (val) |",
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for seed, chosen, v, t, secs, epochs, run in rows:
+    for seed, chosen, v, t, secs, epochs, run, gate in rows:
         errors = round(t["n"] * (1 - t["accuracy"]))
         lines.append(f"| {seed} | {chosen} | {_pct(v['accuracy'])} | {_pct(v['f1_macro'])} | {_pct(t['accuracy'])} | "
                      f"{_pct(t['precision_macro'])} | {_pct(t['recall_macro'])} | {_pct(t['f1_macro'])} | "
-                     f"{_pct(t['f1_weighted'])} | {errors} / {t['n']} | {epochs} | {secs:.0f} | {ood_gate(run)} |")
+                     f"{_pct(t['f1_weighted'])} | {errors} / {t['n']} | {epochs} | {secs:.0f} | {gate} |")
     if len(rows) >= 2:
         lines += ["", f"Mean ± sd over {len(rows)} seeds: test accuracy "
                       f"{_mean_sd([100 * r[3]['accuracy'] for r in rows])} %, test macro-F1 "
                       f"{_mean_sd([100 * r[3]['f1_macro'] for r in rows])}; validation macro-F1 "
                       f"{_mean_sd([100 * r[2]['f1_macro'] for r in rows])}."]
     ranked = sorted(rows, key=lambda r: (r[2]["f1_macro"], r[2]["accuracy"]), reverse=True)
-    passing = [r for r in ranked if ood_gate(r[6]) == "passed"]
+    passing = [r for r in ranked if r[7] == "passed"]
     lines += ["", f"Best on validation: seed {ranked[0][0]} (`{ranked[0][6]}`). The release rule: the best on "
                   "validation among the candidates that pass every gate of `scripts/release.sh ship` (export parity "
                   "gates and the OOD gate: every foreign set built from validation images flagged ≥ 90 %); test "
