@@ -5,6 +5,7 @@ other cadbcnn packages.
 """
 
 from .errors import (
+    ArgumentError,
     CadbcnnError,
     CheckpointError,
     DatasetError,
@@ -12,7 +13,9 @@ from .errors import (
     ExportError,
     ImageError,
     ModelLoadError,
+    ModelRunError,
     ModelSpecError,
+    OutputError,
 )
 from .preprocess import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, load_and_preprocess, preprocess, read_image
 from .spec import METADATA_KEY, SCHEMA_VERSION, ModelSpec
@@ -30,7 +33,7 @@ def __getattr__(name):  # lazy: importing the package must not load onnxruntime
 
 __all__ = [
     "Classifier", "Prediction",
-    "CadbcnnError", "CheckpointError", "DatasetError", "DeviceError", "ExportError", "ImageError",
+    "ArgumentError", "CadbcnnError", "CheckpointError", "ModelRunError", "OutputError", "DatasetError", "DeviceError", "ExportError", "ImageError",
     "ModelLoadError", "ModelSpecError", "IMAGE_SUFFIXES", "MAX_IMAGE_PIXELS", "load_and_preprocess",
     "preprocess", "read_image", "METADATA_KEY", "SCHEMA_VERSION", "ModelSpec", "__version__",
 ]

@@ -18,11 +18,11 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import DeviceError, ModelLoadError, ModelSpecError
+from ._onnxmeta import content_digest, metadata_of, read_model_bytes
+from .errors import ArgumentError, DeviceError, ModelLoadError, ModelRunError, ModelSpecError
 from .preprocess import ImageSource, load_and_preprocess
+from .session import CPU_EP, CUDA_EP, make_session, resolve_threads
 from .spec import ModelSpec
-
-CPU_EP, CUDA_EP = "CPUExecutionProvider", "CUDAExecutionProvider"
 _ONNX_DTYPES = {"uint8": "tensor(uint8)", "float32": "tensor(float)"}
 
 
@@ -65,14 +65,15 @@ class Classifier:
     """A cadbcnn ONNX model with its spec, on the CPU or CUDA execution provider."""
 
     def __init__(self, session, spec: ModelSpec, path: Path, device: str, *, review_threshold: float | None = None,
-                 ood_threshold: float | None = None):
+                 ood_threshold: float | None = None, threads: int | None = None):
         self.session = session
         self.spec = spec
         self.path = path
         self.device = device  # what is really used: "cpu" or "cuda"
+        self.threads = threads  # intra-op threads (capped at the CPUs this process may use; 0 = ORT's default)
         self.review_threshold = spec.review_threshold if review_threshold is None else float(review_threshold)
         if not 0.0 <= self.review_threshold <= 1.0:
-            raise ValueError(f"review_threshold must be in [0, 1], got {self.review_threshold}")
+            raise ArgumentError(f"review_threshold must be in [0, 1], got {self.review_threshold}")
         self.ood_threshold = None if spec.ood is None else (
             float(spec.ood["threshold"]) if ood_threshold is None else float(ood_threshold))
         self._outputs = [spec.output_name] + ([spec.ood["output"]] if spec.ood else [])
@@ -104,24 +105,23 @@ class Classifier:
                 "libraries, or use --device cpu / --allow-fallback.")
         providers = [CUDA_EP, CPU_EP] if want_cuda and _cuda_available(ort) else [CPU_EP]
 
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # do not starve a host GUI
-        so.log_severity_level = 3
-        if threads:
-            so.intra_op_num_threads = int(threads)
-        try:
-            session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
+        data = read_model_bytes(path)
+        spec = ModelSpec.from_metadata(metadata_of(data, path), source=str(path))
+        verify_content(data, spec, path)
+        n_threads = resolve_threads(threads)
+        try:  # built from the very bytes that were verified: no second read of the file
+            session = make_session(data, providers=providers, threads=n_threads)
         except Exception as exc:  # ORT raises its own exception types
             raise ModelLoadError(f"{path}: ONNX Runtime cannot load this file ({str(exc).splitlines()[0][:300]}). "
                                  "Is it an ONNX model exported with cadbcnn-export?") from None
-        spec = ModelSpec.from_metadata(session.get_modelmeta().custom_metadata_map, source=str(path))
+        del data
         _check_io(session, spec, path)
         used = "cuda" if CUDA_EP in session.get_providers() else "cpu"
         if device == "cuda" and used != "cuda" and not allow_fallback:
             raise DeviceError(f"{path}: the CUDA EP could not be initialised (session providers: "
                               f"{session.get_providers()}); check the CUDA/cuDNN libraries or use --device cpu.")
-        return cls(session, spec, path, used, review_threshold=review_threshold, ood_threshold=ood_threshold)
+        return cls(session, spec, path, used, review_threshold=review_threshold, ood_threshold=ood_threshold,
+                   threads=n_threads)
 
     @property
     def providers(self) -> list[str]:
@@ -142,9 +142,16 @@ class Classifier:
 
     def run_all(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(logits, ood_score or None) for a preprocessed (N, 3, H, W) batch."""
-        if self.session is None:
+        session = self.session
+        if session is None:
             raise ModelLoadError(f"{self.path}: this Classifier was closed")
-        outs = self.session.run(self._outputs, {self.spec.input_name: batch})
+        try:
+            outs = session.run(self._outputs, {self.spec.input_name: batch})
+        except Exception as exc:  # ORT raises its own types (e.g. allocation failures); not a per-image problem
+            msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise ModelRunError(f"{self.path}: ONNX Runtime failed while running the model on a batch of "
+                                f"{len(batch)} ({msg}). Try a smaller --batch, free memory, or re-export the "
+                                "model with cadbcnn-export.") from None
         return outs[0], (outs[1] if len(outs) > 1 else None)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
@@ -173,6 +180,8 @@ class Classifier:
 
     def predict_batch(self, images: Iterable[ImageSource], batch_size: int = 16) -> list[Prediction]:
         """Predict many images; raises ``ImageError`` naming the first unreadable one."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ArgumentError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         out: list[Prediction] = []
         for chunk in _chunks(images, batch_size):
             out += self.classify(np.stack([self.preprocess(im) for im in chunk]))
@@ -188,6 +197,28 @@ def _chunks(items: Iterable, n: int) -> Iterator[list]:
             chunk = []
     if chunk:
         yield chunk
+
+
+def verify_content(data: bytes, spec: ModelSpec, path: Path) -> None:
+    """Refuse a model whose graph, weights or spec changed after export (or that was never stamped).
+
+    This catches edits and mix-ups — a spec with swapped class names, a spec moved onto other weights, a
+    re-saved graph — not a deliberate forgery: anyone can recompute an unkeyed hash. For that, compare the
+    file's sha256 with the one published in the model card.
+    """
+    if spec.content_sha256 is None:
+        raise ModelSpecError(
+            f"{path}: the model spec has no content hash (exported by cadbcnn < 0.2, or its spec was replaced), so "
+            "its graph and spec cannot be checked against each other. Re-export it with `cadbcnn-export`.")
+    try:
+        got = content_digest(data, spec.without_content_hash().to_json())
+    except ValueError as exc:
+        raise ModelLoadError(f"{path}: not a valid ONNX file ({exc}). Re-export it with cadbcnn-export.") from None
+    if got != spec.content_sha256:
+        raise ModelSpecError(
+            f"{path}: integrity check failed — the graph, weights or spec were changed after export (content "
+            f"sha256 {got[:16]}… ≠ {spec.content_sha256[:16]}… recorded by cadbcnn-export). Get the file again "
+            "from its source, or re-export it with `cadbcnn-export`.")
 
 
 def _check_io(session, spec: ModelSpec, path: Path) -> None:

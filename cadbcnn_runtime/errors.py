@@ -25,6 +25,18 @@ class DeviceError(CadbcnnError):
     """The requested execution device is not available."""
 
 
+class ModelRunError(CadbcnnError):
+    """ONNX Runtime failed while running a model that loaded (e.g. it ran out of memory)."""
+
+
+class ArgumentError(CadbcnnError, ValueError):
+    """A bad argument to an API call or command, refused before any work."""
+
+
+class OutputError(CadbcnnError):
+    """The results file cannot be written: a directory, locked by another run, or a file cadbcnn did not write."""
+
+
 class ImageError(CadbcnnError):
     """An image cannot be read or decoded; the message names the file."""
 

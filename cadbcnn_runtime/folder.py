@@ -1,12 +1,14 @@
-"""Folder inference: discover images, decode in a small thread pool overlapped
-with batched inference, and stream rows to a results file that survives
-interruption (``.partial`` flushed per batch, renamed at the end)."""
+"""Folder inference: discover images, decode in a small thread pool overlapped with batched inference.
+
+Nothing a folder holds can stop the run: every per-file failure of any kind (decoders, memory, encodings,
+OS errors, symlink loops, FIFOs, folders that cannot be listed) becomes that file's error row. Only failures
+of the run itself — the model, the output, the arguments — stop it. Results are streamed by
+``cadbcnn_runtime.results.ResultsWriter``.
+"""
 
 from __future__ import annotations
 
-import csv
-import io
-import json
+import errno
 import os
 import time
 from collections import Counter, deque
@@ -18,36 +20,74 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .classifier import Classifier, Prediction
-from .errors import CadbcnnError, ImageError
+from .errors import ImageError
 from .preprocess import IMAGE_SUFFIXES
 
 
 @dataclass(frozen=True)
 class Item:
-    path: Path   # absolute path on disk
-    rel: str     # path relative to the input folder (the row key)
+    path: Path   # path on disk
+    rel: str     # path relative to the input folder, '/'-separated (the row key; may hold surrogate escapes)
     error: str | None = None  # set when the file is refused before decoding
 
 
+def _is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+
+
+def _symlink_problem(path: Path, root: str, folder: Path) -> str | None:
+    """Why a symlink is not followed (loop, dangling, points outside FOLDER), or None when it is fine."""
+    try:
+        target = os.path.realpath(path, strict=True)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return f"{path}: symlink loop (the link points, directly or not, at itself); fix or remove it"
+        return f"{path}: broken symlink ({exc.strerror}); fix or remove it"
+    except RuntimeError:  # Python < 3.13 may raise this for loops
+        return f"{path}: symlink loop (the link points, directly or not, at itself); fix or remove it"
+    if not (target == root or target.startswith(root.rstrip(os.sep) + os.sep)):
+        return f"{path}: symlink points outside {folder} ({target}); not followed"
+    return None
+
+
 def discover(folder: Path, *, recursive: bool = False) -> list[Item]:
-    """Image files in FOLDER (case-insensitive suffixes), sorted. Symlinks leaving FOLDER are refused."""
+    """Image files in FOLDER (case-insensitive suffixes), sorted; iterative (no depth limit).
+
+    Symlinked files are followed only inside FOLDER; symlinked folders are never entered (no cycles). A
+    sub-folder that cannot be listed becomes one error item instead of stopping the walk.
+    """
     folder = Path(folder)
-    root = folder.resolve()
+    root = os.path.realpath(folder)
     items: list[Item] = []
-    walker = os.walk(folder, followlinks=False) if recursive else [(str(folder), [], os.listdir(folder))]
-    for dirpath, dirnames, filenames in walker:
-        dirnames.sort()
-        for name in sorted(filenames):
-            p = Path(dirpath) / name
-            if p.suffix.lower() not in IMAGE_SUFFIXES or (not recursive and p.is_dir()):
+    stack: list[tuple[Path, str]] = [(folder, "")]
+    while stack:
+        directory, prefix = stack.pop()
+        try:
+            with os.scandir(directory) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            if not prefix:
+                raise  # the folder itself: a usage error for the caller
+            items.append(Item(directory, prefix.rstrip("/"), f"{directory}: cannot list this folder "
+                                                              f"({exc.strerror}); its images were not classified"))
+            continue
+        subdirs = []
+        for e in entries:
+            rel = prefix + e.name
+            try:
+                is_link = e.is_symlink()
+                is_dir = e.is_dir(follow_symlinks=False)
+            except OSError:
+                is_link = is_dir = False
+            if is_dir and recursive:
+                subdirs.append((Path(e.path), rel + "/"))
                 continue
-            rel = p.relative_to(folder).as_posix()
-            if p.is_symlink():
-                target = p.resolve()
-                if not target.is_relative_to(root):
-                    items.append(Item(p, rel, f"{p}: symlink points outside {folder} ({target}); not followed"))
-                    continue
-            items.append(Item(p, rel))
+            if is_dir or not _is_image_name(e.name):
+                continue
+            problem = _symlink_problem(Path(e.path), root, folder) if is_link else None
+            items.append(Item(Path(e.path), rel, problem))
+        stack.extend(reversed(subdirs))
+    items.sort(key=lambda i: i.rel)
     return items
 
 
@@ -73,69 +113,6 @@ def error_row(rel: str, message: str, class_names) -> dict:
     return row
 
 
-class ResultsWriter:
-    """CSV / JSONL / JSON writer: rows go to ``OUT.partial`` (flushed per batch), renamed to OUT by ``close``."""
-
-    def __init__(self, out: Path, cols: list[str], previous: list[dict]):
-        self.out, self.cols = Path(out), cols
-        self.kind = {".csv": "csv", ".jsonl": "jsonl", ".json": "json"}.get(self.out.suffix.lower())
-        if self.kind is None:
-            raise CadbcnnError(f"{out}: unknown output type; use .csv, .jsonl or .json (or '-' for a table)")
-        self.partial = self.out.with_name(self.out.name + ".partial")
-        self.rows: list[dict] = []
-        self.f = open(self.partial, "w", encoding="utf-8", newline="")
-        if self.kind == "csv":
-            self.csv = csv.DictWriter(self.f, fieldnames=cols, extrasaction="ignore")
-            self.csv.writeheader()
-        self.write(previous)
-        self.flush()
-
-    def write(self, rows: list[dict]) -> None:
-        for r in rows:
-            if self.kind == "csv":
-                self.csv.writerow(r)
-            elif self.kind == "jsonl":
-                self.f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            else:
-                self.f.write(json.dumps(r, ensure_ascii=False) + "\n")  # JSON-lines while running
-                self.rows.append(r)
-
-    def flush(self) -> None:
-        self.f.flush()
-        os.fsync(self.f.fileno())
-
-    def close(self, *, finished: bool) -> Path:
-        self.flush()
-        self.f.close()
-        if not finished:
-            return self.partial
-        if self.kind == "json":
-            self.partial.write_text(json.dumps(self.rows, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-        self.partial.replace(self.out)
-        return self.out
-
-
-def read_previous(out: Path) -> list[dict]:
-    """Rows of an earlier run (OUT, else OUT.partial) for --resume."""
-    rows: list[dict] = []
-    for p in (Path(out), Path(str(out) + ".partial")):
-        if not p.is_file():
-            continue
-        text = p.read_text(encoding="utf-8")
-        if p.suffix.lower() == ".csv" or p.name.endswith(".csv.partial"):
-            rows = list(csv.DictReader(io.StringIO(text)))
-        elif text.lstrip().startswith("["):
-            rows = json.loads(text)
-        else:
-            for line in text.splitlines():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass  # a line cut short by an interruption
-        break
-    return [r for r in rows if r.get("status") == "ok"]
-
-
 @dataclass
 class Summary:
     total: int = 0
@@ -153,23 +130,33 @@ class Summary:
 
 
 def _decode(clf: Classifier, item: Item):
+    """(item, input or None, error or None) — never raises for a file's sake."""
     if item.error:
         return item, None, item.error
     try:
         return item, clf.preprocess(item.path), None
     except ImageError as exc:
         return item, None, str(exc)
+    except MemoryError:
+        return item, None, f"{item.path}: out of memory while decoding; crop or downscale the image, or free memory"
+    except Exception as exc:  # noqa: BLE001 — any library's failure on one file is that file's error row
+        return item, None, f"{item.path}: cannot be read ({type(exc).__name__}: {str(exc).strip()[:200]})"
 
 
 def classify_items(clf: Classifier, items: list[Item], *, batch: int = 16, workers: int = 2,
                    on_rows: Callable[[list[dict]], None], progress: Callable[[int], None] | None = None,
                    summary: Summary | None = None) -> Summary:
-    """Decode (thread pool, bounded read-ahead) → batch → infer → rows. Never stops on a bad file."""
+    """Decode (thread pool, bounded read-ahead) → batch → infer → rows. Never stops on a bad file.
+
+    On any exception of the run itself (Ctrl-C, a model error) queued decodes are cancelled and the pool is
+    not waited for, so an interrupt stops the run at once; rows already handed to ``on_rows`` are kept.
+    """
     s = summary or Summary()
     names = clf.spec.class_names
     t0 = time.perf_counter()
     done = 0
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="cadbcnn-decode") as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="cadbcnn-decode")
+    try:
         pending: deque = deque()
         it: Iterator[Item] = iter(items)
         ahead = max(batch * 3, workers * 2)
@@ -188,17 +175,15 @@ def classify_items(clf: Classifier, items: list[Item], *, batch: int = 16, worke
                 group.append(pending.popleft().result())
             fill()  # keep decoding while this batch runs
             good = [(item, x) for item, x, err in group if err is None]
-            preds: dict[str, Prediction] = {}
-            if good:
-                batch_preds = clf.classify(np.stack([x for _, x in good]))
-                preds = {item.rel: p for (item, _), p in zip(good, batch_preds)}
+            preds: list[Prediction] = clf.classify(np.stack([x for _, x in good])) if good else []
+            by_item = {id(item): p for (item, _), p in zip(good, preds)}
             rows = []
             for item, _, err in group:
                 if err is not None:
                     rows.append(error_row(item.rel, err, names))
                     s.errors += 1
                 else:
-                    p = preds[item.rel]
+                    p = by_item[id(item)]
                     rows.append(ok_row(item.rel, p))
                     s.ok += 1
                     s.per_class[p.label] += 1
@@ -208,6 +193,12 @@ def classify_items(clf: Classifier, items: list[Item], *, batch: int = 16, worke
             done += len(group)
             if progress:
                 progress(done)
-    s.total += done
-    s.seconds += time.perf_counter() - t0
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    else:
+        pool.shutdown(wait=True)
+    finally:
+        s.total += done
+        s.seconds += time.perf_counter() - t0
     return s

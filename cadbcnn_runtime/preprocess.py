@@ -9,21 +9,18 @@ interpolation → CHW uint8. Normalisation is inside the model graph.
 from __future__ import annotations
 
 import os
-import struct
 from pathlib import Path
 from typing import Union
 
-import cv2
 import numpy as np
 
+from .decode import IMAGE_SUFFIXES, MAX_FILE_BYTES, MAX_IMAGE_PIXELS, decode_to_array, read_file, sniff_format
+from .decode import cv2  # OpenCV, imported after its pixel limit is set
 from .errors import ImageError
 from .spec import ModelSpec
 
-#: Refuse images with more pixels than this (≈ 64 MP; a 224-px cell crop is 50 k).
-MAX_IMAGE_PIXELS = 64_000_000
-#: Refuse files larger than this before reading them.
-MAX_FILE_BYTES = 256 * 1024 * 1024
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+__all__ = ["IMAGE_SUFFIXES", "MAX_FILE_BYTES", "MAX_IMAGE_PIXELS", "ImageSource", "decode_bytes", "load_and_preprocess",
+           "preprocess", "read_file", "read_image", "resize", "sniff_format", "to_rgb8"]
 
 _CV2_INTERP = {
     "nearest": cv2.INTER_NEAREST,
@@ -35,100 +32,49 @@ _CV2_INTERP = {
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, np.ndarray]
 
 
-def _header_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from a PNG, JPEG or BMP header, without decoding."""
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
-        return struct.unpack(">II", data[16:24])
-    if data[:2] == b"BM" and len(data) >= 26:
-        w, h = struct.unpack("<ii", data[18:26])
-        return abs(w), abs(h)
-    if data[:2] == b"\xff\xd8":
-        pos = 2
-        while pos + 9 < len(data):
-            if data[pos] != 0xFF:
-                pos += 1
-                continue
-            marker = data[pos + 1]
-            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
-                pos += 1 if marker == 0xFF else 2
-                continue
-            (length,) = struct.unpack(">H", data[pos + 2:pos + 4])
-            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-                h, w = struct.unpack(">HH", data[pos + 5:pos + 9])
-                return w, h
-            pos += 2 + length
-    return None
-
-
-def _check_complete(data: bytes, name: str) -> None:
-    if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[-1024:]:
-        raise ImageError(f"{name}: truncated JPEG (no end-of-image marker); re-export or re-copy the file",
-                         source=name)
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and b"IEND" not in data[-64:]:
-        raise ImageError(f"{name}: truncated PNG (no IEND chunk); re-export or re-copy the file", source=name)
-
-
 def to_rgb8(img: np.ndarray, *, bgr: bool, name: str = "<array>") -> np.ndarray:
-    """Convert a decoded image (grey, BGR/RGB, BGRA/RGBA; uint8, uint16 or float) to RGB uint8 HWC."""
+    """Convert a decoded image (grey, BGR/RGB, BGRA/RGBA; uint8, uint16 or float) to RGB uint8 HWC.
+
+    Every array that is not an image — empty, 1-D or 4-D, 2 or 5 channels, object/complex/bool dtype,
+    NaN or infinite values, over the pixel limit — raises ``ImageError``.
+    """
+    if not isinstance(img, np.ndarray):
+        raise ImageError(f"{name}: expected a numpy array, got {type(img).__name__}", source=name)
     if img.ndim == 3 and img.shape[2] == 1:
         img = img[:, :, 0]
+    if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (3, 4)):
+        raise ImageError(f"{name}: expected an H×W, H×W×3 or H×W×4 image, got shape {img.shape}", source=name)
+    if img.shape[0] < 1 or img.shape[1] < 1:
+        raise ImageError(f"{name}: empty image (shape {img.shape}); pass at least 1×1 pixels", source=name)
+    if img.shape[0] * img.shape[1] > MAX_IMAGE_PIXELS:
+        raise ImageError(f"{name}: image is {img.shape[1]}×{img.shape[0]} pixels, over the "
+                         f"{MAX_IMAGE_PIXELS:,}-pixel limit; crop or downscale it first", source=name)
     if img.dtype == np.uint16:
         img = (img >> 8).astype(np.uint8)
-    elif img.dtype in (np.float32, np.float64):
+    elif img.dtype in (np.float16, np.float32, np.float64):
         if not np.isfinite(img).all():
             raise ImageError(f"{name}: image holds NaN or infinite values", source=name)
+        img = img.astype(np.float32) if img.dtype == np.float16 else img
         scale = 255.0 if img.max(initial=0.0) <= 1.0 else 1.0
         img = np.clip(img * scale + 0.5, 0, 255).astype(np.uint8)
     elif img.dtype != np.uint8:
-        raise ImageError(f"{name}: unsupported pixel type {img.dtype}; use 8- or 16-bit images", source=name)
-    if img.ndim == 2:
-        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
-    if img.ndim != 3 or img.shape[2] not in (3, 4):
-        raise ImageError(f"{name}: expected an H×W, H×W×3 or H×W×4 image, got shape {img.shape}", source=name)
-    if img.shape[2] == 4:
-        return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB if bgr else cv2.COLOR_RGBA2RGB)
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB) if bgr else np.ascontiguousarray(img)
+        raise ImageError(f"{name}: unsupported pixel type {img.dtype}; use 8- or 16-bit or float images",
+                         source=name)
+    img = np.ascontiguousarray(img)
+    try:
+        if img.ndim == 2:
+            return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+        if img.shape[2] == 4:
+            return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB if bgr else cv2.COLOR_RGBA2RGB)
+        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB) if bgr else np.ascontiguousarray(img)
+    except cv2.error as exc:
+        raise ImageError(f"{name}: cannot convert this array to RGB ({str(exc).strip().splitlines()[-1][:200]})",
+                         source=name) from None
 
 
 def decode_bytes(data: bytes, *, name: str = "<bytes>") -> np.ndarray:
-    """Decode encoded image bytes (JPEG, PNG, BMP, TIFF, …) to RGB uint8 HWC."""
-    if len(data) == 0:
-        raise ImageError(f"{name}: empty file (0 bytes)", source=name)
-    size = _header_size(data)
-    if size is not None and size[0] * size[1] > MAX_IMAGE_PIXELS:
-        raise ImageError(
-            f"{name}: image is {size[0]}×{size[1]} pixels, over the {MAX_IMAGE_PIXELS:,}-pixel limit; "
-            "crop or downscale it first", source=name)
-    _check_complete(data, name)
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if img is None or img.size == 0:
-        raise ImageError(
-            f"{name}: not a decodable image (corrupt file or unsupported format; "
-            f"supported: {', '.join(IMAGE_SUFFIXES)})", source=name)
-    if img.shape[0] * img.shape[1] > MAX_IMAGE_PIXELS:
-        raise ImageError(f"{name}: image is over the {MAX_IMAGE_PIXELS:,}-pixel limit; crop or downscale it first",
-                         source=name)
-    return to_rgb8(img, bgr=True, name=name)
-
-
-def read_file(path: str | os.PathLike) -> bytes:
-    """Read an image file's bytes with errors that name the file and the fix."""
-    p = Path(path)
-    name = str(p)
-    try:
-        st = p.stat()
-        if p.is_dir():
-            raise ImageError(f"{name}: is a directory, not an image", source=name)
-        if st.st_size > MAX_FILE_BYTES:
-            raise ImageError(f"{name}: file is {st.st_size / 2**20:.0f} MiB, over the "
-                             f"{MAX_FILE_BYTES // 2**20} MiB limit", source=name)
-        return p.read_bytes()
-    except FileNotFoundError:
-        raise ImageError(f"{name}: file not found", source=name) from None
-    except PermissionError:
-        raise ImageError(f"{name}: permission denied; make the file readable (chmod +r)", source=name) from None
-    except OSError as exc:
-        raise ImageError(f"{name}: cannot read file ({exc.strerror})", source=name) from None
+    """Decode encoded image bytes (JPEG, PNG, BMP or TIFF) to RGB uint8 HWC; any failure is an ``ImageError``."""
+    return to_rgb8(decode_to_array(data, name=name), bgr=True, name=name)
 
 
 def read_image(source: ImageSource, *, name: str | None = None) -> np.ndarray:

@@ -19,6 +19,8 @@ from .errors import ModelSpecError
 
 SCHEMA_VERSION = 1
 METADATA_KEY = "cadbcnn.spec"
+#: A spec is a few kilobytes; anything over this is refused unparsed.
+MAX_SPEC_BYTES = 1 << 20
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -63,10 +65,12 @@ class ModelSpec:
     metrics: Mapping[str, Any] | None = None
     software: Mapping[str, str] = field(default_factory=dict)
     git_commit: str | None = None
-    weights_sha256: str | None = None
+    weights_sha256: str | None = None   # the PyTorch weights it was exported from (provenance)
+    content_sha256: str | None = None   # graph + this spec, written by the exporter, checked by the runtime
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
+        _check_shapes(self)
         # Normalise sequence fields to tuples so equality survives JSON.
         object.__setattr__(self, "class_names", tuple(self.class_names))
         object.__setattr__(self, "image_size", tuple(int(v) for v in self.image_size))
@@ -116,8 +120,10 @@ class ModelSpec:
             need(isinstance(thr, (int, float)) and not isinstance(thr, bool) and math.isfinite(thr),
                  "ood.threshold must be a finite number")
         need(self.variant in VARIANTS, f"variant must be one of {VARIANTS}")
-        need(self.weights_sha256 is None or (isinstance(self.weights_sha256, str) and len(self.weights_sha256) == 64),
-             "weights_sha256 must be a 64-character hex digest or null")
+        for key in ("weights_sha256", "content_sha256"):
+            v = getattr(self, key)
+            need(v is None or (isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)),
+                 f"{key} must be a 64-character lower-case hex digest or null")
         if problems:
             raise ModelSpecError("invalid model spec: " + "; ".join(problems))
 
@@ -152,15 +158,27 @@ class ModelSpec:
             return cls(**dict(data))
         except ModelSpecError as exc:
             raise ModelSpecError(f"{source}: {exc}. Re-export the model with cadbcnn-export.") from None
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, AttributeError, OverflowError, RecursionError) as exc:
             raise ModelSpecError(f"{source}: invalid model spec ({exc}). Re-export the model with cadbcnn-export.") from None
 
     @classmethod
-    def from_json(cls, text: str, *, source: str = "spec") -> "ModelSpec":
+    def from_json(cls, text: str | bytes, *, source: str = "spec") -> "ModelSpec":
+        """Parse a spec; any malformed input (bad UTF-8, bad JSON, absurd nesting or size) is a ModelSpecError."""
+        if len(text) > MAX_SPEC_BYTES:
+            raise ModelSpecError(f"{source}: the model spec is {len(text):,} bytes, over the {MAX_SPEC_BYTES:,}-byte "
+                                 "limit — not a cadbcnn spec. Re-export the model with cadbcnn-export.")
         try:
+            if isinstance(text, (bytes, bytearray)):
+                text = bytes(text).decode("utf-8")
             data = json.loads(text)
+        except UnicodeDecodeError as exc:
+            raise ModelSpecError(f"{source}: the model spec is not valid UTF-8 ({exc.reason} at byte {exc.start}). "
+                                 "Re-export the model with cadbcnn-export.") from None
         except (json.JSONDecodeError, TypeError) as exc:
             raise ModelSpecError(f"{source}: the model spec is not valid JSON ({exc})") from None
+        except RecursionError:
+            raise ModelSpecError(f"{source}: the model spec is nested too deeply to be a cadbcnn spec. Re-export "
+                                 "the model with cadbcnn-export.") from None
         return cls.from_dict(data, source=source)
 
     @classmethod
@@ -179,6 +197,9 @@ class ModelSpec:
         return cls.from_metadata(read_metadata_props(path), source=str(path))
 
     # -- helpers ------------------------------------------------------------
+    def without_content_hash(self) -> "ModelSpec":
+        return self if self.content_sha256 is None else self.replace(content_sha256=None)
+
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
@@ -187,3 +208,26 @@ class ModelSpec:
         d = self.to_dict()
         d.update(changes)
         return ModelSpec.from_dict(d)
+
+
+_SEQUENCES = {"class_names": str, "image_size": int, "mean": (int, float), "std": (int, float)}
+_MAPPINGS = ("training", "software", "metrics", "ood")
+
+
+def _check_shapes(spec: ModelSpec) -> None:
+    """Container types before normalisation: a string is not a list of class names, a list is not a mapping."""
+    problems = []
+    for key, kind in _SEQUENCES.items():
+        v = getattr(spec, key)
+        if not isinstance(v, (list, tuple)) or not all(isinstance(x, kind) and not isinstance(x, bool) for x in v):
+            problems.append(f"{key} must be a list of {getattr(kind, '__name__', 'number')}s")
+        elif key != "class_names" and not all(math.isfinite(float(x)) for x in v):
+            problems.append(f"{key} must hold finite numbers")
+    for key in _MAPPINGS:
+        v = getattr(spec, key)
+        if not (v is None and key in ("metrics", "ood")) and not isinstance(v, Mapping):
+            problems.append(f"{key} must be a JSON object" + (" or null" if key in ("metrics", "ood") else ""))
+    if not isinstance(spec.software, Mapping) or not all(isinstance(v, str) for v in spec.software.values()):
+        problems.append("software must map names to version strings")
+    if problems:
+        raise ModelSpecError("invalid model spec: " + "; ".join(problems))

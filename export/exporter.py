@@ -21,6 +21,7 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from cadbcnn_runtime._onnxmeta import content_digest
 from cadbcnn_runtime.errors import CadbcnnError, ExportError
 from cadbcnn_runtime.preprocess import IMAGE_SUFFIXES, load_and_preprocess
 from cadbcnn_runtime.spec import METADATA_KEY, ModelSpec
@@ -176,6 +177,17 @@ def torch_to_onnx(model: torch.nn.Module, image_size: tuple[int, int], opset: in
 
 
 def set_spec(proto: onnx.ModelProto, spec: ModelSpec) -> onnx.ModelProto:
+    """Embed SPEC, stamped with the content hash of this graph and spec (what the runtime verifies at load).
+
+    Call it last: any later change to the graph, the weights or the spec makes the runtime refuse the file.
+    """
+    spec = spec.without_content_hash()
+    _put_spec(proto, spec)
+    digest = content_digest(proto.SerializeToString(), spec.to_json())
+    return _put_spec(proto, spec.replace(content_sha256=digest))
+
+
+def _put_spec(proto: onnx.ModelProto, spec: ModelSpec) -> onnx.ModelProto:
     keep = [p for p in proto.metadata_props if p.key != METADATA_KEY]
     del proto.metadata_props[:]
     proto.metadata_props.extend(keep)

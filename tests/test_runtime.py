@@ -97,10 +97,12 @@ def test_bad_inputs_raise_image_errors_naming_the_file(messy, clf, monkeypatch):
     with pytest.raises(ImageError, match="file not found"):
         clf.predict(messy / "missing.jpg")
 
-    def deny(self):
+    def deny(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(Path, "read_bytes", deny)  # root ignores chmod, so simulate it
+    import cadbcnn_runtime.decode as decode
+
+    monkeypatch.setattr(decode.os, "open", deny)  # root ignores chmod, so simulate it
     with pytest.raises(ImageError, match="permission denied"):
         clf.predict(messy / "good.jpg")
 

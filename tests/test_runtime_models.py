@@ -13,8 +13,16 @@ from cadbcnn_train.checkpoint import load_checkpoint
 from conftest import make_dataset, save_random_checkpoint
 
 
-def _with_meta(src, dst, value=None, drop=False):
+def _with_meta(src, dst, value=None, drop=False, restamp=False):
+    """Copy SRC with its spec replaced by VALUE (raw JSON text) or dropped; ``restamp`` re-hashes it as the
+    exporter would, so that the graph/spec check (not the integrity check) is what refuses it."""
     m = onnx.load(str(src))
+    if restamp:
+        from cadbcnn_export.exporter import set_spec
+
+        set_spec(m, ModelSpec.from_json(value))
+        onnx.save(m, str(dst))
+        return dst
     props = [p for p in m.metadata_props if p.key != METADATA_KEY]
     del m.metadata_props[:]
     m.metadata_props.extend(props)
@@ -40,6 +48,9 @@ def test_model_whose_spec_does_not_match_the_graph_is_refused(onnx_model, tmp_pa
     }
     for name, bad in cases.items():
         p = _with_meta(onnx_model, tmp_path / f"{name}.onnx", bad.to_json())
+        with pytest.raises(ModelSpecError, match="integrity check failed"):  # edited after export
+            Classifier.from_file(p, device="cpu")
+        p = _with_meta(onnx_model, tmp_path / f"{name}-stamped.onnx", bad.to_json(), restamp=True)
         with pytest.raises(ModelSpecError, match="does not match its spec"):
             Classifier.from_file(p, device="cpu")
     p = _with_meta(onnx_model, tmp_path / "garbage.onnx", "{not json")
