@@ -27,6 +27,7 @@ import errno
 import os
 import stat
 import struct
+import sys
 
 #: Refuse images with more pixels than this (≈ 64 MP; a 224-px cell crop is 50 k).
 MAX_IMAGE_PIXELS = 64_000_000
@@ -34,11 +35,14 @@ MAX_IMAGE_PIXELS = 64_000_000
 MAX_FILE_BYTES = 256 * 1024 * 1024
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
-# Must happen before OpenCV's first decode in this process (it caches the value then); a smaller limit
-# set by the host application is kept.
+# OpenCV reads its limit once, when cv2 is imported: this must run first. A smaller limit set by the host
+# application is kept. If the host imported cv2 before cadbcnn_runtime, the decoders keep whatever limit they
+# had (OpenCV's default is 2^30 pixels) and the header pre-check below — which reads the size of all four
+# accepted formats — is what refuses over-sized images; ``DECODER_LIMIT_ACTIVE`` says which case this is.
 _env = os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS", "")
 if not (_env.isdigit() and 0 < int(_env) <= MAX_IMAGE_PIXELS):
     os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(MAX_IMAGE_PIXELS)
+DECODER_LIMIT_ACTIVE = "cv2" not in sys.modules
 
 import cv2  # noqa: E402  (after the environment variable above)
 import numpy as np  # noqa: E402
@@ -64,7 +68,7 @@ def sniff_format(data: bytes) -> str | None:
 
 
 def header_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from a PNG, JPEG or BMP header without decoding (a cheap early refusal)."""
+    """(width, height) from a PNG, JPEG, BMP or TIFF header without decoding (a cheap early refusal)."""
     if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
         return struct.unpack(">II", data[16:24])
     if data[:2] == b"BM" and len(data) >= 26:
@@ -72,7 +76,25 @@ def header_size(data: bytes) -> tuple[int, int] | None:
         return abs(w), abs(h)
     if data[:2] == b"\xff\xd8":
         return _jpeg_size(data)
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return _tiff_size(data)
     return None
+
+
+def _tiff_size(data: bytes) -> tuple[int, int] | None:
+    """ImageWidth (256) and ImageLength (257) of the first IFD (the page OpenCV decodes)."""
+    e = "<" if data[:2] == b"II" else ">"
+    try:
+        (ifd,) = struct.unpack(e + "I", data[4:8])
+        (count,) = struct.unpack(e + "H", data[ifd:ifd + 2])
+        size = {}
+        for i in range(min(count, 4096)):
+            tag, typ, _n, raw = struct.unpack(e + "HHI4s", data[ifd + 2 + 12 * i:ifd + 14 + 12 * i])
+            if tag in (256, 257):
+                size[tag] = struct.unpack(e + ("H" if typ == 3 else "I"), raw[:2] if typ == 3 else raw)[0]
+    except struct.error:
+        return None
+    return (size[256], size[257]) if len(size) == 2 else None
 
 
 def _jpeg_size(data: bytes) -> tuple[int, int] | None:

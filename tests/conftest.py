@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import cadbcnn_runtime  # noqa: F401 — first, as in any user process: sets OpenCV's pixel limit before cv2 loads
 import cv2
 import numpy as np
 import pytest
@@ -42,7 +43,7 @@ def _torch_importable() -> bool:
 
 
 # In the runtime-only environment (no torch) only the torch-free test module is collected.
-RUNTIME_MODULES = {"test_runtime.py"}
+RUNTIME_MODULES = {"test_runtime.py", "test_hardening.py", "test_reliability.py"}
 if not _torch_importable():
     collect_ignore = [p.name for p in Path(__file__).parent.glob("*.py")
                       if p.name not in RUNTIME_MODULES and p.name != "conftest.py"]

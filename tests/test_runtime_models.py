@@ -85,3 +85,65 @@ def test_api_cli_and_exporter_parity_path_agree(tmp_path):
         assert api[i].index == int(ref_p[i].argmax())
         assert abs(api[i].confidence - ref_p[i].max()) < 1e-5
         assert rows[i]["path"] == f.name and abs(float(rows[i]["confidence"]) - api[i].confidence) < 1e-5
+
+
+def _memory_bomb_model(path):
+    """A valid cadbcnn model (spec stamped) whose graph asks for batch × 10^11 floats at run time."""
+    from onnx import TensorProto, helper
+
+    from cadbcnn_export.exporter import set_spec
+
+    i64 = lambda name, v: helper.make_tensor(name, TensorProto.INT64, [len(v)], v)  # noqa: E731
+    nodes = [
+        helper.make_node("Cast", ["image"], ["xf"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceMean", ["xf", "axes"], ["m"], keepdims=0),
+        helper.make_node("MatMul", ["m", "w"], ["base"]),
+        helper.make_node("Shape", ["image"], ["shape"]),
+        helper.make_node("Slice", ["shape", "zero", "one"], ["n"]),
+        helper.make_node("Mul", ["n", "huge"], ["count"]),                  # depends on the input: not folded
+        helper.make_node("ConstantOfShape", ["count"], ["bomb"]),
+        helper.make_node("ReduceSum", ["bomb"], ["s"], keepdims=0),
+        helper.make_node("Add", ["base", "s"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "bomb", [helper.make_tensor_value_info("image", TensorProto.UINT8, ["batch", 3, 64, 64])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])],
+        [i64("axes", [2, 3]), helper.make_tensor("w", TensorProto.FLOAT, [3, 4], [0.1] * 12),
+         i64("zero", [0]), i64("one", [1]), i64("huge", [10**11])])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    set_spec(m, ModelSpec(name="bomb", version="0", class_names=("Benign", "Early Pre-B", "Pre-B", "Pro-B"),
+                          image_size=(64, 64)))
+    onnx.save(m, str(path))
+    return path
+
+
+def test_onnx_runtime_failures_at_run_time_are_typed_errors_exit_2(tmp_path):
+    """A graph that allocates 10^11 floats per image: ModelRunError from the API, exit 2 from the CLI (in a
+    subprocess under an address-space cap, so a misbehaving allocator cannot take the machine down)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    import cv2
+
+    model = _memory_bomb_model(tmp_path / "bomb.onnx")
+    (tmp_path / "imgs").mkdir()
+    cv2.imwrite(str(tmp_path / "imgs" / "a.png"), np.zeros((64, 64, 3), np.uint8))
+    code = textwrap.dedent(f"""
+        import resource, sys
+        resource.setrlimit(resource.RLIMIT_AS, (8 * 2**30, 8 * 2**30))
+        import numpy as np
+        from cadbcnn_runtime import Classifier, ModelRunError
+        clf = Classifier.from_file({str(model)!r}, device="cpu")
+        try:
+            clf.predict(np.zeros((64, 64, 3), np.uint8))
+        except ModelRunError as e:
+            print("typed:", str(e)[:80])
+        from cadbcnn_runtime.cli import app
+        sys.argv = ["cadbcnn-infer", {str(tmp_path / 'imgs')!r}, "--model", {str(model)!r}, "--out",
+                    {str(tmp_path / 'r.csv')!r}, "-q"]
+        app()
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "typed:" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 2 and "ONNX Runtime failed while running" in r.stderr and "Traceback" not in r.stderr
