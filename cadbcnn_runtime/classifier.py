@@ -20,7 +20,9 @@ import numpy as np
 
 from ._onnxmeta import content_digest, metadata_of, read_model_bytes
 from .errors import ArgumentError, DeviceError, ModelLoadError, ModelRunError, ModelSpecError
+from .calibration import temperature_of
 from .preprocess import ImageSource, load_and_preprocess
+from .reliability import softmax
 from .session import CPU_EP, CUDA_EP, make_session, resolve_threads
 from .spec import ModelSpec
 _ONNX_DTYPES = {"uint8": "tensor(uint8)", "float32": "tensor(float)"}
@@ -28,6 +30,9 @@ _ONNX_DTYPES = {"uint8": "tensor(uint8)", "float32": "tensor(float)"}
 
 @dataclass(frozen=True)
 class Prediction:
+    """One image's result. ``probabilities`` and ``confidence`` are calibrated when the spec carries a
+    temperature (``spec.calibration``)."""
+
     label: str
     index: int
     confidence: float
@@ -51,12 +56,6 @@ def default_model_path() -> Path:
         "Pass a model exported with `cadbcnn-export` (--model PATH / Classifier.from_file(path)).")
 
 
-def softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def _cuda_available(ort) -> bool:
     return CUDA_EP in ort.get_available_providers()
 
@@ -74,6 +73,7 @@ class Classifier:
         self.review_threshold = spec.review_threshold if review_threshold is None else float(review_threshold)
         if not 0.0 <= self.review_threshold <= 1.0:
             raise ArgumentError(f"review_threshold must be in [0, 1], got {self.review_threshold}")
+        self.temperature = temperature_of(spec.calibration)  # logits / T before the softmax (1.0: uncalibrated)
         self.ood_threshold = None if spec.ood is None else (
             float(spec.ood["threshold"]) if ood_threshold is None else float(ood_threshold))
         self._outputs = [spec.output_name] + ([spec.ood["output"]] if spec.ood else [])
@@ -159,7 +159,7 @@ class Classifier:
         return self.run_all(batch)[0]
 
     def predictions(self, logits: np.ndarray, ood: np.ndarray | None = None) -> list[Prediction]:
-        probs = softmax(logits.astype(np.float64))
+        probs = softmax(logits, self.temperature)
         out = []
         for i, p in enumerate(probs):
             k = int(p.argmax())

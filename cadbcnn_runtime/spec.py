@@ -61,6 +61,7 @@ class ModelSpec:
     review_threshold: float = 0.80
     variant: str = "fp32"              # fp32 | fp32-fp16weights | fp16 | int8 (how the graph computes)
     ood: Mapping[str, Any] | None = None   # second output: {"output", "method", "threshold", ...}
+    calibration: Mapping[str, Any] | None = None  # {"method": "temperature", "temperature": T, ...}
     training: Mapping[str, Any] = field(default_factory=dict)
     metrics: Mapping[str, Any] | None = None
     software: Mapping[str, str] = field(default_factory=dict)
@@ -82,6 +83,8 @@ class ModelSpec:
             object.__setattr__(self, "metrics", copy.deepcopy(dict(self.metrics)))
         if self.ood is not None:
             object.__setattr__(self, "ood", copy.deepcopy(dict(self.ood)))
+        if self.calibration is not None:
+            object.__setattr__(self, "calibration", copy.deepcopy(dict(self.calibration)))
         self.validate()
 
     # -- validation ---------------------------------------------------------
@@ -119,6 +122,11 @@ class ModelSpec:
                  and self.ood.get("output") != self.output_name, "ood.output must name a second graph output")
             need(isinstance(thr, (int, float)) and not isinstance(thr, bool) and math.isfinite(thr),
                  "ood.threshold must be a finite number")
+        if self.calibration is not None:
+            t = self.calibration.get("temperature")
+            need(self.calibration.get("method") == "temperature", "calibration.method must be 'temperature'")
+            need(isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t > 0,
+                 "calibration.temperature must be a finite number > 0")
         need(self.variant in VARIANTS, f"variant must be one of {VARIANTS}")
         for key in ("weights_sha256", "content_sha256"):
             v = getattr(self, key)
@@ -211,7 +219,8 @@ class ModelSpec:
 
 
 _SEQUENCES = {"class_names": str, "image_size": int, "mean": (int, float), "std": (int, float)}
-_MAPPINGS = ("training", "software", "metrics", "ood")
+_MAPPINGS = ("training", "software", "metrics", "ood", "calibration")
+_NULLABLE = ("metrics", "ood", "calibration")
 
 
 def _check_shapes(spec: ModelSpec) -> None:
@@ -225,8 +234,8 @@ def _check_shapes(spec: ModelSpec) -> None:
             problems.append(f"{key} must hold finite numbers")
     for key in _MAPPINGS:
         v = getattr(spec, key)
-        if not (v is None and key in ("metrics", "ood")) and not isinstance(v, Mapping):
-            problems.append(f"{key} must be a JSON object" + (" or null" if key in ("metrics", "ood") else ""))
+        if not (v is None and key in _NULLABLE) and not isinstance(v, Mapping):
+            problems.append(f"{key} must be a JSON object" + (" or null" if key in _NULLABLE else ""))
     if not isinstance(spec.software, Mapping) or not all(isinstance(v, str) for v in spec.software.values()):
         problems.append("software must map names to version strings")
     if problems:

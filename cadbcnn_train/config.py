@@ -37,6 +37,8 @@ class TrainConfig:
     cache: bool = True
     max_steps: int | None = None       # stop each epoch after N steps (smoke tests)
     fit_ood: bool = True               # fit the OOD statistics at the end of training
+    calibrate: bool = True             # fit a temperature and the review threshold on the validation split
+    review_target_risk: float = 0.005  # review rule: <= this error rate among non-reviewed validation images
     bn_recal_images: int = 512         # precise-BN before each validation (0 = off)
     model_kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -47,6 +49,8 @@ class TrainConfig:
             raise ValueError(f"split must be 'stratified' or 'grouped', got {self.split!r}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if not 0.0 <= self.review_target_risk <= 1.0:
+            raise ValueError(f"review_target_risk must be in [0, 1], got {self.review_target_risk}")
         if self.pretrained not in (None, "imagenet"):
             raise ValueError(f"pretrained must be 'imagenet' or unset, got {self.pretrained!r}")
 

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 import cadbcnn_runtime
+from cadbcnn_runtime.calibration import TARGET_RISK, fit_calibration
 from cadbcnn_runtime.errors import CadbcnnError, DatasetError
 from cadbcnn_runtime.spec import DATASET_CITATION, ModelSpec
 
@@ -189,7 +190,9 @@ def recalibrate_bn(model: nn.Module, loader: DataLoader, device: torch.device, p
 
 
 def make_spec(cfg: TrainConfig, ds: D.LoadedDataset, split_counts: dict, *, metrics=None,
-              weights: str | None = None, ood: dict | None = None) -> ModelSpec:
+              weights: str | None = None, ood: dict | None = None, calibration: dict | None = None,
+              review_threshold: float | None = None) -> ModelSpec:
+    extra = {} if review_threshold is None else {"review_threshold": review_threshold}
     return ModelSpec(
         name=cfg.model,
         version=cadbcnn_runtime.__version__,
@@ -209,9 +212,11 @@ def make_spec(cfg: TrainConfig, ds: D.LoadedDataset, split_counts: dict, *, metr
         },
         metrics=metrics,
         ood=spec_entry(ood) if ood else None,
+        calibration=calibration,
         software=software_versions(),
         git_commit=git_commit(),
         weights_sha256=weights,
+        **extra,
     )
 
 
@@ -408,8 +413,18 @@ def fit(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> FitRe
             ood = fit_ood(model, eval_loader(parts["train"]), eval_loader(parts["val"]), num_classes, device=device)
             say(f"OOD score fitted on the train split; threshold {ood['threshold']:.3f} flags "
                 f"{100 * ood['val_flagged']:.1f} % of the validation split")
+        calibration, review = None, None
+        if cfg.calibrate:
+            logits, labels = predict(model, eval_loader(parts["val"]), device, "fp32")
+            calibration, review = fit_calibration(logits.numpy(), labels.numpy(), target_risk=cfg.review_target_risk,
+                                                  fitted_on=f"validation split ({len(parts['val'])} images)")
+            say(f"calibration: temperature {calibration['temperature']:.3f} (validation NLL "
+                f"{calibration['before']['nll']:.4f} → {calibration['after']['nll']:.4f}, ECE "
+                f"{calibration['before']['ece_15']:.4f} → {calibration['after']['ece_15']:.4f}); review below "
+                f"confidence {review:.4f}")
         final_spec = make_spec(cfg, ds, split_counts, metrics=_summary(test_metrics),
-                               weights=weights_sha256(model.state_dict()), ood=ood)
+                               weights=weights_sha256(model.state_dict()), ood=ood, calibration=calibration,
+                               review_threshold=review)
         if best is not None:
             save_checkpoint(out / "best.pt", model=model, spec=final_spec, epoch=best.epoch,
                             metrics=test_metrics, ood=ood, **ckpt_common)
@@ -511,9 +526,13 @@ def recalibrate_checkpoint(checkpoint: Path, data: Path, *, split_file: Path | N
                         generator=torch.Generator().manual_seed(seed))
     n = recalibrate_bn(model, loader, torch.device("cpu"), "fp32", images)
     dest = Path(out) if out else Path(checkpoint)
-    resave_checkpoint(ck, dest, model=model, spec=ck.spec.replace(weights_sha256=weights_sha256(model.state_dict())),
-                      extra={"bn_recalibrated_on": n})
-    log(f"BatchNorm statistics recomputed on {n} clean train-split images → {dest}")
+    # The calibration was fitted on the old weights' logits: drop it (and the review threshold it chose).
+    spec = ck.spec.replace(weights_sha256=weights_sha256(model.state_dict()), calibration=None,
+                           review_threshold=ModelSpec.review_threshold)
+    resave_checkpoint(ck, dest, model=model, spec=spec, extra={"bn_recalibrated_on": n})
+    log(f"BatchNorm statistics recomputed on {n} clean train-split images → {dest}"
+        + ("; its calibration was dropped (fitted on the old weights): run `cadbcnn-train calibrate`"
+           if ck.spec.calibration else ""))
     return dest
 
 
@@ -542,3 +561,26 @@ def refit_ood(checkpoint: Path, data: Path, *, split_file: Path | None = None, o
     log(f"OOD statistics fitted on {len(parts['train'])} train images; threshold {ood['threshold']:.4f} flags "
         f"{100 * ood['val_flagged']:.1f} % of {len(parts['val'])} validation images → {dest}")
     return ood
+
+
+def calibrate_checkpoint(checkpoint: Path, data: Path, *, split_file: Path | None = None, out: Path | None = None,
+                         target_risk: float = TARGET_RISK, log=print) -> dict:
+    """Fit the temperature and the review threshold of an existing checkpoint on its validation split."""
+    ck = load_checkpoint(checkpoint)
+    model = ck.build_model()
+    sf = Path(split_file) if split_file else Path(checkpoint).parent / "split.csv"
+    root = Path(data)
+    wanted = {root / r["path"] for r in D.split_rows(sf) if r["split"] == "val"}
+    if not wanted:
+        raise DatasetError(f"{sf}: has no validation rows; calibration needs held-out labelled images")
+    ds = D.load(root, class_folders=ck.class_folders, only=wanted)
+    loader = DataLoader(D.ImageDataset(ds.samples, ck.spec, images=ds.images), batch_size=64)
+    logits, labels = predict(model.to(memory_format=torch.channels_last), loader, torch.device("cpu"))
+    entry, review = fit_calibration(logits.numpy(), labels.numpy(), target_risk=target_risk,
+                                    fitted_on=f"validation split ({len(ds.samples)} images)")
+    dest = Path(out) if out else Path(checkpoint)
+    resave_checkpoint(ck, dest, model=model, spec=ck.spec.replace(calibration=entry, review_threshold=review))
+    log(f"temperature {entry['temperature']:.4f} fitted on {len(ds.samples)} validation images (NLL "
+        f"{entry['before']['nll']:.4f} → {entry['after']['nll']:.4f}, ECE {entry['before']['ece_15']:.4f} → "
+        f"{entry['after']['ece_15']:.4f}); review threshold {review:.4f} → {dest}")
+    return entry

@@ -468,6 +468,8 @@ def export_checkpoint(checkpoint: Path, out: Path, opts: ExportOptions | None = 
                                case["max_abs_logit"], threshold, "<="))
         _gate_top1(base, case, fmt.min_top1_agreement, "images")
         _gate_ood(base, case, "images", ood_tol)
+    _gate_runtime_probabilities(base, proto, out, random_cases["random_b8"], ref_random["random_b8"][0], spec,
+                                threshold)
     report["artifacts"].append(base)
     if not base.passed:
         failed = "; ".join(g.describe() for g in base.gates if not g.passed)
@@ -534,6 +536,30 @@ def export_checkpoint(checkpoint: Path, out: Path, opts: ExportOptions | None = 
     report["passed"] = True
     report["artifacts"] = [a.to_dict() for a in report["artifacts"]]
     return report
+
+
+def _gate_runtime_probabilities(art: Artifact, proto: onnx.ModelProto, out: Path, x: np.ndarray,
+                                ref_logits: np.ndarray, spec: ModelSpec, tol: float) -> None:
+    """Load the file exactly as users will (``cadbcnn_runtime.Classifier``: spec parsing, content hash, I/O check,
+    temperature) and compare its probabilities with PyTorch's softmax(logits / T)."""
+    from cadbcnn_runtime.calibration import temperature_of
+    from cadbcnn_runtime.classifier import Classifier
+    from cadbcnn_runtime.reliability import softmax as calibrated_softmax
+
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.runtime-check.onnx")
+    try:
+        onnx.save_model(proto, str(tmp))
+        with Classifier.from_file(tmp, device="cpu") as clf:
+            got = np.array([[p.probabilities[c] for c in clf.spec.class_names] for p in clf.classify(x)])
+    except CadbcnnError as exc:
+        raise ExportError(f"the exported model is refused by cadbcnn_runtime: {exc}") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    diff = float(np.abs(got - calibrated_softmax(ref_logits, temperature_of(spec.calibration))).max())
+    art.parity["runtime_probabilities"] = {"n": int(len(x)), "temperature": temperature_of(spec.calibration),
+                                           "max_abs_prob": diff}
+    art.gates.append(Gate("cadbcnn_runtime calibrated probabilities (random_b8) max |Δp|", diff <= tol, diff, tol,
+                          "<="))
 
 
 def _fail(report: dict[str, Any], failures: list[str], t0: float) -> None:

@@ -1,0 +1,81 @@
+"""Temperature calibration: fitted on validation logits, carried by the spec, applied by the runtime, gated at export."""
+
+import numpy as np
+import pytest
+
+from cadbcnn_export.exporter import export_checkpoint, torch_logits
+from cadbcnn_runtime import Classifier, ModelSpec
+from cadbcnn_runtime.calibration import fit_calibration
+from cadbcnn_runtime.errors import ExportError, ModelSpecError
+from cadbcnn_runtime.reliability import softmax
+from cadbcnn_train.checkpoint import load_checkpoint, resave_checkpoint
+from cadbcnn_train.train import calibrate_checkpoint, fit, recalibrate_checkpoint
+from conftest import make_dataset, save_random_checkpoint
+from test_train import small_cfg
+
+
+def _with_temperature(ck_path, t):
+    ck = load_checkpoint(ck_path)
+    entry = {"method": "temperature", "temperature": t, "fitted_on": "test"}
+    resave_checkpoint(ck, ck_path, model=ck.build_model(), spec=ck.spec.replace(calibration=entry))
+    return ck_path
+
+
+def test_fit_calibration_fixes_an_overconfident_model():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 2000)
+    z = rng.normal(0, 1, (2000, 4))
+    z[np.arange(2000), labels] += 1.5
+    true_t = 0.4
+    sampled = np.array([rng.choice(4, p=p) for p in softmax(z)])  # the truth follows softmax(z) …
+    entry, review = fit_calibration(z / true_t, sampled, fitted_on="synthetic")  # … the model says z / 0.4
+    assert entry["temperature"] == pytest.approx(1 / true_t, rel=0.15)
+    assert entry["after"]["nll"] < entry["before"]["nll"] and entry["after"]["ece_15"] < entry["before"]["ece_15"]
+    assert 0.0 < review <= 1.0 and entry["review_target_risk"] == 0.005
+
+
+def test_temperature_round_trips_checkpoint_onnx_runtime_and_is_gated(tmp_path):
+    ck = _with_temperature(save_random_checkpoint(tmp_path / "ck.pt", image_size=64, seed=1), 2.5)
+    rep = export_checkpoint(ck, tmp_path / "m.onnx", log=lambda *a: None)
+    gate = next(g for g in rep["artifacts"][0]["gates"] if g["name"].startswith("cadbcnn_runtime calibrated"))
+    assert gate["passed"] and rep["artifacts"][0]["parity"]["runtime_probabilities"]["temperature"] == 2.5
+    x = np.random.default_rng(0).integers(0, 256, (6, 3, 64, 64), dtype=np.uint8)
+    ref = softmax(torch_logits(load_checkpoint(ck).build_model(), x), 2.5)
+    with Classifier.from_file(tmp_path / "m.onnx", device="cpu") as clf:
+        assert clf.temperature == 2.5 and ModelSpec.from_onnx(tmp_path / "m.onnx").calibration["temperature"] == 2.5
+        got = np.array([[p.probabilities[c] for c in clf.spec.class_names] for p in clf.classify(x)])
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+def test_export_gate_catches_a_runtime_that_ignores_the_temperature(tmp_path, monkeypatch):
+    import cadbcnn_runtime.classifier as classifier
+
+    ck = _with_temperature(save_random_checkpoint(tmp_path / "ck.pt", image_size=64, seed=2), 3.0)
+    monkeypatch.setattr(classifier, "temperature_of", lambda calibration: 1.0)
+    with pytest.raises(ExportError, match="calibrated probabilities"):
+        export_checkpoint(ck, tmp_path / "m.onnx", log=lambda *a: None)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_bad_temperatures_are_refused_by_the_spec():
+    base = ModelSpec(name="m", version="1", class_names=("a", "b")).to_dict()
+    for bad in ({"method": "temperature", "temperature": 0}, {"method": "temperature", "temperature": -1},
+                {"method": "platt", "temperature": 1.0}, {"method": "temperature"}):
+        with pytest.raises(ModelSpecError, match="calibration"):
+            ModelSpec.from_dict({**base, "calibration": bad})
+
+
+def test_fit_calibrates_on_validation_and_precise_bn_drops_the_stale_calibration(tmp_path):
+    data = make_dataset(tmp_path / "d", per_class=20, size=32)
+    fit(small_cfg(data, tmp_path / "run", epochs=1, max_steps=3, fit_ood=False), quiet=True)
+    spec = load_checkpoint(tmp_path / "run" / "best.pt").spec
+    assert spec.calibration["method"] == "temperature" and spec.calibration["temperature"] > 0
+    assert "validation split" in spec.calibration["fitted_on"]
+    assert spec.review_threshold == pytest.approx(spec.review_threshold) and 0 < spec.review_threshold <= 1
+    recalibrate_checkpoint(tmp_path / "run" / "best.pt", data, out=tmp_path / "bn.pt", images=16, log=lambda *a: None)
+    stale = load_checkpoint(tmp_path / "bn.pt").spec
+    assert stale.calibration is None and stale.review_threshold == ModelSpec.review_threshold
+    entry = calibrate_checkpoint(tmp_path / "bn.pt", data, split_file=tmp_path / "run" / "split.csv",
+                                 log=lambda *a: None)
+    again = load_checkpoint(tmp_path / "bn.pt").spec
+    assert again.calibration == entry and entry["temperature"] > 0
