@@ -29,6 +29,8 @@ candidate() {
   local chosen
   chosen=$($B/python scripts/experiments.py choose "$run")
   cp "$run/$chosen-bn.pt" "$run/release.pt"
+  # Temperature and review threshold on validation logits of the final weights (precise BN changed them).
+  $B/cadbcnn-train calibrate "$run/release.pt" --data "$DATA"
   $B/cadbcnn-train evaluate "$run/release.pt" --data "$DATA" --split test --out "$run/test"
 }
 

@@ -79,3 +79,20 @@ def test_fit_calibrates_on_validation_and_precise_bn_drops_the_stale_calibration
                                  log=lambda *a: None)
     again = load_checkpoint(tmp_path / "bn.pt").spec
     assert again.calibration == entry and entry["temperature"] > 0
+
+
+def test_cli_calibrate(tmp_path):
+    from typer.testing import CliRunner
+
+    from cadbcnn_train.cli import app
+
+    data = make_dataset(tmp_path / "d", per_class=12, size=32)
+    fit(small_cfg(data, tmp_path / "run", epochs=1, max_steps=2, fit_ood=False, calibrate=False), quiet=True)
+    assert load_checkpoint(tmp_path / "run" / "best.pt").spec.calibration is None
+    r = CliRunner().invoke(app, ["calibrate", str(tmp_path / "run" / "best.pt"), "--data", str(data),
+                                 "--target-risk", "0.01"])
+    assert r.exit_code == 0 and "temperature" in r.output, r.output
+    spec = load_checkpoint(tmp_path / "run" / "best.pt").spec
+    assert spec.calibration["review_target_risk"] == 0.01
+    r = CliRunner().invoke(app, ["calibrate", str(tmp_path / "run" / "best.pt"), "--data", str(tmp_path / "nope")])
+    assert r.exit_code == 2 and "nope" in r.output
