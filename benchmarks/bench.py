@@ -155,17 +155,13 @@ def torch_runner(model, precision: str, size_mb: float | None) -> Runner:
 
 
 def ort_runner(name: str, path: Path, provider: str) -> Runner:
-    import onnxruntime as ort
+    from cadbcnn_runtime.session import make_session
 
     state: dict[str, Any] = {}
 
-    def make(threads: int):
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.intra_op_num_threads = threads
-        so.log_severity_level = 3
+    def make(threads: int):  # the very session options cadbcnn_runtime.Classifier uses
         providers = [provider] + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [])
-        state["s"] = ort.InferenceSession(str(path), sess_options=so, providers=providers)
+        state["s"] = make_session(path, providers=providers, threads=threads)
         state["threads"] = threads
         if provider not in state["s"].get_providers():
             raise RuntimeError(f"{provider} did not initialise (got {state['s'].get_providers()})")

@@ -11,10 +11,11 @@ thread-safe for ``run``; nothing else here is mutated after construction).
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -22,9 +23,10 @@ from ._onnxmeta import content_digest, metadata_of, read_model_bytes
 from .errors import ArgumentError, DeviceError, ModelLoadError, ModelRunError, ModelSpecError
 from .calibration import temperature_of
 from .preprocess import ImageSource, load_and_preprocess
+from .quality import content_scores
 from .reliability import softmax
 from .session import CPU_EP, CUDA_EP, make_session, resolve_threads
-from .spec import ModelSpec
+from .spec import METADATA_KEY, ModelSpec, canonical_spec_json
 _ONNX_DTYPES = {"uint8": "tensor(uint8)", "float32": "tensor(float)"}
 
 
@@ -40,6 +42,8 @@ class Prediction:
     needs_review: bool                   # low confidence or out of distribution
     ood_score: float | None = None       # None when the model has no OOD output
     out_of_distribution: bool = False
+    content_score: float | None = None   # None when the spec has no field-content check
+    low_content: bool = False            # blank / near-uniform field: always needs review
 
 
 def default_model_path() -> Path:
@@ -106,8 +110,9 @@ class Classifier:
         providers = [CUDA_EP, CPU_EP] if want_cuda and _cuda_available(ort) else [CPU_EP]
 
         data = read_model_bytes(path)
-        spec = ModelSpec.from_metadata(metadata_of(data, path), source=str(path))
-        verify_content(data, spec, path)
+        meta = metadata_of(data, path)
+        spec = ModelSpec.from_metadata(meta, source=str(path))
+        verify_content(data, spec, json.loads(meta[METADATA_KEY]), path)
         n_threads = resolve_threads(threads)
         try:  # built from the very bytes that were verified: no second read of the file
             session = make_session(data, providers=providers, threads=n_threads)
@@ -158,22 +163,28 @@ class Classifier:
         """Logits for a preprocessed (N, 3, H, W) batch."""
         return self.run_all(batch)[0]
 
-    def predictions(self, logits: np.ndarray, ood: np.ndarray | None = None) -> list[Prediction]:
+    def predictions(self, logits: np.ndarray, ood: np.ndarray | None = None,
+                    content: np.ndarray | None = None) -> list[Prediction]:
+        """needs_review = confidence < review threshold, or out of distribution, or a blank/near-uniform field."""
         probs = softmax(logits, self.temperature)
+        min_content = None if self.spec.quality is None else float(self.spec.quality["min_content"])
         out = []
         for i, p in enumerate(probs):
             k = int(p.argmax())
             conf = float(p[k])
             score = None if ood is None else float(ood[i])
             is_ood = score is not None and self.ood_threshold is not None and not score <= self.ood_threshold
+            c = None if content is None else float(content[i])
+            low = c is not None and min_content is not None and not c >= min_content
             out.append(Prediction(self.spec.class_names[k], k, conf,
                                   {n: float(v) for n, v in zip(self.spec.class_names, p)},
-                                  conf < self.review_threshold or is_ood, score, is_ood))
+                                  conf < self.review_threshold or is_ood or low, score, is_ood, c, low))
         return out
 
     def classify(self, batch: np.ndarray) -> list[Prediction]:
         """Predictions for a preprocessed (N, 3, H, W) batch."""
-        return self.predictions(*self.run_all(batch))
+        content = content_scores(batch) if self.spec.quality is not None else None
+        return self.predictions(*self.run_all(batch), content)
 
     def predict(self, image: ImageSource) -> Prediction:
         return self.classify(self.preprocess(image)[None])[0]
@@ -199,7 +210,7 @@ def _chunks(items: Iterable, n: int) -> Iterator[list]:
         yield chunk
 
 
-def verify_content(data: bytes, spec: ModelSpec, path: Path) -> None:
+def verify_content(data: bytes, spec: ModelSpec, raw_spec: dict, path: Path) -> None:
     """Refuse a model whose graph, weights or spec changed after export (or that was never stamped).
 
     This catches edits and mix-ups — a spec with swapped class names, a spec moved onto other weights, a
@@ -211,7 +222,7 @@ def verify_content(data: bytes, spec: ModelSpec, path: Path) -> None:
             f"{path}: the model spec has no content hash (exported by cadbcnn < 0.2, or its spec was replaced), so "
             "its graph and spec cannot be checked against each other. Re-export it with `cadbcnn-export`.")
     try:
-        got = content_digest(data, spec.without_content_hash().to_json())
+        got = content_digest(data, canonical_spec_json(raw_spec))
     except ValueError as exc:
         raise ModelLoadError(f"{path}: not a valid ONNX file ({exc}). Re-export it with cadbcnn-export.") from None
     if got != spec.content_sha256:

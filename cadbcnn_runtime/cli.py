@@ -35,6 +35,8 @@ def _table(rows: list[dict], class_names) -> str:
         review = ("yes" if r["needs_review"] else "no") if r["status"] == "ok" else ""
         if r.get("out_of_distribution") is True:
             review = "OOD"
+        if r.get("low_content") is True:
+            review = "blank"
         status = "ok" if r["status"] == "ok" else f"error: {r['error']}"
         path = _shown(r["path"]).replace("\r", "\\r").replace("\n", "\\n")
         lines.append(f"{path[-40:]:<40} {r['label']:<12} {conf:>6} {review:>6}  {_shown(status)}")
@@ -105,7 +107,7 @@ def _run(folder: Path, *, model, out, device, allow_fallback, batch, threads, wo
         _say(f"model {clf.path} ({clf.spec.name} {clf.spec.version}, {clf.spec.variant}) on {clf.device} "
              f"[{', '.join(clf.providers)}]")
         names = clf.spec.class_names
-        cols = columns(names, ood=clf.spec.ood is not None)
+        cols = columns(names, ood=clf.spec.ood is not None, quality=clf.spec.quality is not None)
         try:
             items = discover(folder, recursive=recursive)
         except OSError as exc:
@@ -154,7 +156,8 @@ def _run(folder: Path, *, model, out, device, allow_fallback, batch, threads, wo
         typer.echo(_table(collected, names))
     per_class = ", ".join(f"{n} {summary.per_class.get(n, 0)}" for n in names)
     _say(f"{len(items)} images: {summary.ok} classified ({per_class}); {summary.needs_review} need review"
-         + (f" ({summary.out_of_distribution} out of distribution)" if clf.spec.ood else "") + "; "
+         + (f" ({summary.out_of_distribution} out of distribution)" if clf.spec.ood else "")
+         + (f" ({summary.low_content} blank or near-uniform)" if clf.spec.quality else "") + "; "
          f"{summary.errors} errors; {summary.skipped_resume} already done (--resume); "
          f"{summary.images_per_s:.1f} images/s" + (f" → {where}" if where else ""))
     if summary.errors:

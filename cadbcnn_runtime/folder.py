@@ -91,8 +91,8 @@ def discover(folder: Path, *, recursive: bool = False) -> list[Item]:
     return items
 
 
-def columns(class_names, ood: bool = False) -> list[str]:
-    extra = ["ood_score", "out_of_distribution"] if ood else []
+def columns(class_names, ood: bool = False, quality: bool = False) -> list[str]:
+    extra = (["ood_score", "out_of_distribution"] if ood else []) + (["low_content"] if quality else [])
     return ["path", "label", "confidence", "needs_review", *[f"p_{c}" for c in class_names], *extra, "status",
             "error"]
 
@@ -102,13 +102,15 @@ def ok_row(rel: str, p: Prediction) -> dict:
     row.update({f"p_{k}": round(v, 6) for k, v in p.probabilities.items()})
     if p.ood_score is not None:
         row.update({"ood_score": round(p.ood_score, 6), "out_of_distribution": p.out_of_distribution})
+    if p.content_score is not None:
+        row["low_content"] = p.low_content
     row.update({"status": "ok", "error": ""})
     return row
 
 
 def error_row(rel: str, message: str, class_names) -> dict:
     row = {"path": rel, "label": "", "confidence": "", "needs_review": "", "ood_score": "",
-           "out_of_distribution": "", "status": "error", "error": message}
+           "out_of_distribution": "", "low_content": "", "status": "error", "error": message}
     row.update({f"p_{c}": "" for c in class_names})
     return row
 
@@ -121,6 +123,7 @@ class Summary:
     skipped_resume: int = 0
     needs_review: int = 0
     out_of_distribution: int = 0
+    low_content: int = 0
     per_class: Counter = field(default_factory=Counter)
     seconds: float = 0.0
 
@@ -189,6 +192,7 @@ def classify_items(clf: Classifier, items: list[Item], *, batch: int = 16, worke
                     s.per_class[p.label] += 1
                     s.needs_review += p.needs_review
                     s.out_of_distribution += p.out_of_distribution
+                    s.low_content += p.low_content
             on_rows(rows)
             done += len(group)
             if progress:

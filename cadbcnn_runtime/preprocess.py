@@ -9,7 +9,6 @@ interpolation → CHW uint8. Normalisation is inside the model graph.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Union
 
 import numpy as np
@@ -19,8 +18,8 @@ from .decode import cv2  # OpenCV, imported after its pixel limit is set
 from .errors import ImageError
 from .spec import ModelSpec
 
-__all__ = ["IMAGE_SUFFIXES", "MAX_FILE_BYTES", "MAX_IMAGE_PIXELS", "ImageSource", "decode_bytes", "load_and_preprocess",
-           "preprocess", "read_file", "read_image", "resize", "sniff_format", "to_rgb8"]
+__all__ = ["IMAGE_SUFFIXES", "MAX_FILE_BYTES", "MAX_IMAGE_PIXELS", "ImageSource", "decode_bytes",
+           "load_and_preprocess", "preprocess", "read_file", "read_image", "resize", "sniff_format", "to_rgb8"]
 
 _CV2_INTERP = {
     "nearest": cv2.INTER_NEAREST,

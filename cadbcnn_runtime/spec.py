@@ -62,6 +62,7 @@ class ModelSpec:
     variant: str = "fp32"              # fp32 | fp32-fp16weights | fp16 | int8 (how the graph computes)
     ood: Mapping[str, Any] | None = None   # second output: {"output", "method", "threshold", ...}
     calibration: Mapping[str, Any] | None = None  # {"method": "temperature", "temperature": T, ...}
+    quality: Mapping[str, Any] | None = None  # field-content check: {"measure", "min_content", ...}
     training: Mapping[str, Any] = field(default_factory=dict)
     metrics: Mapping[str, Any] | None = None
     software: Mapping[str, str] = field(default_factory=dict)
@@ -85,6 +86,8 @@ class ModelSpec:
             object.__setattr__(self, "ood", copy.deepcopy(dict(self.ood)))
         if self.calibration is not None:
             object.__setattr__(self, "calibration", copy.deepcopy(dict(self.calibration)))
+        if self.quality is not None:
+            object.__setattr__(self, "quality", copy.deepcopy(dict(self.quality)))
         self.validate()
 
     # -- validation ---------------------------------------------------------
@@ -127,6 +130,10 @@ class ModelSpec:
             need(self.calibration.get("method") == "temperature", "calibration.method must be 'temperature'")
             need(isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t > 0,
                  "calibration.temperature must be a finite number > 0")
+        if self.quality is not None:
+            m = self.quality.get("min_content")
+            need(isinstance(m, (int, float)) and not isinstance(m, bool) and math.isfinite(m) and m >= 0,
+                 "quality.min_content must be a finite number >= 0")
         need(self.variant in VARIANTS, f"variant must be one of {VARIANTS}")
         for key in ("weights_sha256", "content_sha256"):
             v = getattr(self, key)
@@ -205,6 +212,10 @@ class ModelSpec:
         return cls.from_metadata(read_metadata_props(path), source=str(path))
 
     # -- helpers ------------------------------------------------------------
+    def hashed_json(self) -> str:
+        """The spec text that ``content_sha256`` covers (see ``canonical_spec_json``)."""
+        return canonical_spec_json(self.to_dict())
+
     def without_content_hash(self) -> "ModelSpec":
         return self if self.content_sha256 is None else self.replace(content_sha256=None)
 
@@ -218,9 +229,16 @@ class ModelSpec:
         return ModelSpec.from_dict(d)
 
 
+def canonical_spec_json(raw: Mapping[str, Any]) -> str:
+    """The spec as hashed by ``content_sha256``: the stored JSON object with ``content_sha256`` set to null,
+    keys sorted. Built from the object as stored (not from this runtime's dataclass), so that a field added to
+    the schema later does not change the hash of a model written before it."""
+    return json.dumps({**raw, "content_sha256": None}, sort_keys=True, allow_nan=False)
+
+
 _SEQUENCES = {"class_names": str, "image_size": int, "mean": (int, float), "std": (int, float)}
-_MAPPINGS = ("training", "software", "metrics", "ood", "calibration")
-_NULLABLE = ("metrics", "ood", "calibration")
+_MAPPINGS = ("training", "software", "metrics", "ood", "calibration", "quality")
+_NULLABLE = ("metrics", "ood", "calibration", "quality")
 
 
 def _check_shapes(spec: ModelSpec) -> None:

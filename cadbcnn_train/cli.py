@@ -37,6 +37,9 @@ def fit(
     block_size: int = typer.Option(20, help="File-number block size for --split grouped."),
     max_per_class: Optional[int] = typer.Option(None, help="Cap images per class (smoke runs)."),
     no_augment: bool = typer.Option(False, "--no-augment"),
+    augment_parts: Optional[str] = typer.Option(None, help="Robust augmentation on top of the standard one: "
+                                                "'robust' (all parts) or a comma list of scalebar, scale, stain, "
+                                                "exposure, degrade."),
     no_class_weights: bool = typer.Option(False, "--no-class-weights"),
     precision: str = typer.Option("auto", help="auto (bf16 on CPUs with AVX512-BF16, AMP on CUDA) | fp32 | bf16 | fp16"),
     patience: int = typer.Option(10, help="Early stopping patience in epochs (val macro-F1)."),
@@ -47,10 +50,15 @@ def fit(
     no_cache: bool = typer.Option(False, "--no-cache", help="Decode images every epoch instead of caching in RAM."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from OUT/last.pt."),
     no_ood: bool = typer.Option(False, "--no-ood", help="Do not fit the out-of-distribution score at the end."),
+    no_calibrate: bool = typer.Option(False, "--no-calibrate", help="Do not fit the temperature and the review "
+                                      "threshold on the validation split at the end."),
+    review_target_risk: float = typer.Option(0.005, min=0.0, max=1.0, help="Review rule: the lowest confidence at "
+                                             "which at most this fraction of non-reviewed validation images is wrong."),
     bn_recal_images: int = typer.Option(512, help="Recompute BatchNorm statistics on N clean training images "
                                         "before each validation (precise BN; 0 = off)."),
 ) -> None:
     """Train a model. Runs unchanged under `torchrun --nproc_per_node=N` (DDP)."""
+    from .augment import parse_parts
     from .config import TrainConfig
     from .train import fit as run_fit
 
@@ -61,7 +69,9 @@ def fit(
                           block_size=block_size, max_per_class=max_per_class, augment=not no_augment,
                           class_weights=not no_class_weights, precision=precision, patience=patience,
                           workers=workers, threads=threads, pretrained=pretrained, max_steps=max_steps,
-                          cache=not no_cache, fit_ood=not no_ood, bn_recal_images=bn_recal_images)
+                          cache=not no_cache, fit_ood=not no_ood, bn_recal_images=bn_recal_images,
+                          calibrate=not no_calibrate, review_target_risk=review_target_risk,
+                          augment_parts=parse_parts(augment_parts))
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2)
@@ -127,6 +137,25 @@ def fit_ood_cmd(
 
 
 @app.command()
+def calibrate(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint written by `cadbcnn-train fit`."),
+    data: Path = typer.Option(..., help="The dataset root the checkpoint was trained on."),
+    split_file: Optional[Path] = typer.Option(None, help="Split CSV (default: split.csv next to the checkpoint)."),
+    out: Optional[Path] = typer.Option(None, help="Write the updated checkpoint here (default: in place)."),
+    target_risk: float = typer.Option(0.005, min=0.0, max=1.0, help="Review rule: the lowest confidence at which "
+                                      "at most this fraction of non-reviewed validation images is wrong."),
+) -> None:
+    """Fit the temperature (validation NLL) and the review threshold (validation risk–coverage) of a checkpoint."""
+    from .train import calibrate_checkpoint
+
+    try:
+        calibrate_checkpoint(checkpoint, data, split_file=split_file, out=out, target_risk=target_risk,
+                             log=typer.echo)
+    except CadbcnnError as exc:
+        _fail(exc)
+
+
+@app.command()
 def explain(
     checkpoint: Path = typer.Argument(..., help="A checkpoint written by `cadbcnn-train fit`."),
     data: Path = typer.Option(..., help="The dataset root."),
@@ -169,6 +198,33 @@ def ood_report_cmd(
     except CadbcnnError as exc:
         _fail(exc)
     typer.echo((out / "ood_report.md").read_text())
+
+
+@app.command("shift-report")
+def shift_report_cmd(
+    model: Path = typer.Argument(..., help="An exported ONNX model (run through the torch-free runtime, CPU)."),
+    data: Path = typer.Option(..., help="The dataset root the split file's paths are relative to."),
+    split_file: Path = typer.Option(..., help="split.csv of the model's training run."),
+    out: Path = typer.Option(..., help="Folder for shift_report.md / .json, reliability.png, risk_coverage.png."),
+    split: str = typer.Option("test", help="The split whose images are the clean set and the source of the "
+                                           "shifted sets (each shifted image keeps its class label)."),
+    external: Optional[list[str]] = typer.Option(
+        None, help="DIR or DIR:healthy (repeatable): another lab's images, for reporting only. Labelled when its "
+                   "sub-folders are the model's class folders; with :healthy any malignant label without review "
+                   "is a silent error."),
+    limit: Optional[int] = typer.Option(None, help="Use at most N images of the split (evenly strided)."),
+    seed: int = typer.Option(0, help="Seed of the random shifts (stain jitter, sensor noise)."),
+    threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads."),
+) -> None:
+    """Silent errors (wrong label, no review) on the clean split, shifted copies, blank fields and external folders."""
+    from .shift_report import shift_report
+
+    try:
+        shift_report(model, data, split_file, out, split=split, externals=external or (), limit=limit, seed=seed,
+                     threads=threads, log=typer.echo)
+    except CadbcnnError as exc:
+        _fail(exc)
+    typer.echo((out / "shift_report.md").read_text())
 
 
 def main() -> None:

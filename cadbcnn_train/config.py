@@ -27,6 +27,7 @@ class TrainConfig:
     ratios: tuple[float, float, float] = (0.70, 0.15, 0.15)
     max_per_class: int | None = None
     augment: bool = True
+    augment_parts: tuple[str, ...] = ()  # robust augmentation parts on top of the standard one (augment.PARTS)
     crop_scale: float | None = 0.80
     class_weights: bool = True
     precision: str = "auto"           # auto | fp32 | bf16 | fp16
@@ -38,6 +39,7 @@ class TrainConfig:
     max_steps: int | None = None       # stop each epoch after N steps (smoke tests)
     fit_ood: bool = True               # fit the OOD statistics at the end of training
     calibrate: bool = True             # fit a temperature and the review threshold on the validation split
+                                       # and the field-content (blank field) check on the training split
     review_target_risk: float = 0.005  # review rule: <= this error rate among non-reviewed validation images
     bn_recal_images: int = 512         # precise-BN before each validation (0 = off)
     model_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -45,6 +47,12 @@ class TrainConfig:
     def __post_init__(self):
         object.__setattr__(self, "ratios", tuple(float(r) for r in self.ratios))
         object.__setattr__(self, "model_kwargs", dict(self.model_kwargs))
+        object.__setattr__(self, "augment_parts", tuple(self.augment_parts))
+        from .augment import PARTS
+
+        unknown = sorted(set(self.augment_parts) - set(PARTS))
+        if unknown:
+            raise ValueError(f"unknown augmentation part(s) {unknown}; choose from {', '.join(PARTS)}")
         if self.split not in ("stratified", "grouped"):
             raise ValueError(f"split must be 'stratified' or 'grouped', got {self.split!r}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
@@ -57,6 +65,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["ratios"] = list(d["ratios"])
+        d["augment_parts"] = list(d["augment_parts"])
         return d
 
     @classmethod

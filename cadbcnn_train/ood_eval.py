@@ -29,30 +29,10 @@ from cadbcnn_runtime.errors import DatasetError, ModelSpecError, OODGateError
 from cadbcnn_runtime.preprocess import preprocess, read_image
 
 from . import data as D
+from .transforms import hsv_shift, jpeg, zoom
 
 
-def _hsv(img, dh=0, ds=1.0, dv=1.0):
-    hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV).astype(np.float32)
-    hsv[..., 0] = (hsv[..., 0] + dh) % 180
-    hsv[..., 1] = np.clip(hsv[..., 1] * ds, 0, 255)
-    hsv[..., 2] = np.clip(hsv[..., 2] * dv, 0, 255)
-    return cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB)
-
-
-def _jpeg(img, q):
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, q])
-    return cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-
-
-def _zoom(img, f):
-    h, w = img.shape[:2]
-    if f > 1:  # zoom in: centre crop, upscale
-        ch, cw = int(h / f), int(w / f)
-        y, x = (h - ch) // 2, (w - cw) // 2
-        return cv2.resize(img[y:y + ch, x:x + cw], (w, h), interpolation=cv2.INTER_LINEAR)
-    small = cv2.resize(img, (int(w * f), int(h * f)), interpolation=cv2.INTER_AREA)  # zoom out: tile
-    reps = (int(np.ceil(h / small.shape[0])), int(np.ceil(w / small.shape[1])), 1)
-    return np.tile(small, reps)[:h, :w]
+_hsv, _jpeg, _zoom = hsv_shift, jpeg, zoom  # the names the reports used before transforms.py
 
 
 def _central_cell_on_black(img):

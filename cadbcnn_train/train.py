@@ -32,10 +32,13 @@ from torch.utils.data.distributed import DistributedSampler
 
 import cadbcnn_runtime
 from cadbcnn_runtime.calibration import TARGET_RISK, fit_calibration
+from cadbcnn_runtime.preprocess import preprocess
+from cadbcnn_runtime.quality import content_scores, fit_quality
 from cadbcnn_runtime.errors import CadbcnnError, DatasetError
 from cadbcnn_runtime.spec import DATASET_CITATION, ModelSpec
 
 from . import data as D
+from .augment import RobustAugment
 from .checkpoint import load_checkpoint, resave_checkpoint, save_checkpoint, weights_sha256
 from .config import TrainConfig
 from .metrics import compute_metrics, write_metrics
@@ -189,9 +192,18 @@ def recalibrate_bn(model: nn.Module, loader: DataLoader, device: torch.device, p
     return seen
 
 
+def fit_content_check(samples, spec: ModelSpec, images: dict | None, *, what: str) -> dict:
+    """The spec's ``quality`` entry from clean (non-augmented) images, exactly as the runtime will see them."""
+    ds = D.ImageDataset(samples, spec, images=images)
+    scores = np.concatenate([content_scores(np.stack([preprocess(ds.image(i), spec)
+                                                      for i in range(j, min(j + 64, len(ds)))]))
+                             for j in range(0, len(ds), 64)])
+    return fit_quality(scores, fitted_on=f"{what} ({len(ds)} images)")
+
+
 def make_spec(cfg: TrainConfig, ds: D.LoadedDataset, split_counts: dict, *, metrics=None,
               weights: str | None = None, ood: dict | None = None, calibration: dict | None = None,
-              review_threshold: float | None = None) -> ModelSpec:
+              review_threshold: float | None = None, quality: dict | None = None) -> ModelSpec:
     extra = {} if review_threshold is None else {"review_threshold": review_threshold}
     return ModelSpec(
         name=cfg.model,
@@ -209,10 +221,12 @@ def make_spec(cfg: TrainConfig, ds: D.LoadedDataset, split_counts: dict, *, metr
             "epochs": cfg.epochs,
             "seed": cfg.seed,
             "pretrained": cfg.pretrained,
+            "augment_parts": list(cfg.augment_parts),
         },
         metrics=metrics,
         ood=spec_entry(ood) if ood else None,
         calibration=calibration,
+        quality=quality,
         software=software_versions(),
         git_commit=git_commit(),
         weights_sha256=weights,
@@ -266,7 +280,11 @@ def fit(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> FitRe
     say(f"data: {len(ds.samples)} images, {len(ds.skipped)} skipped as unreadable; split "
         + ", ".join(f"{k} {len(v)}" for k, v in parts.items()) + f"; device {device}, precision {precision}")
 
-    augment = D.Augment(crop_scale=cfg.crop_scale) if cfg.augment else None
+    augment = None
+    if cfg.augment:
+        augment = D.Augment(crop_scale=cfg.crop_scale)
+        if cfg.augment_parts:
+            augment = RobustAugment(parts=cfg.augment_parts, base=augment)
     train_set = D.ImageDataset(parts["train"], spec, images=ds.images, augment=augment)
     sampler = DistributedSampler(train_set, num_replicas=di.world, rank=di.rank, shuffle=True, seed=cfg.seed) \
         if di.world > 1 else None
@@ -413,8 +431,11 @@ def fit(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> FitRe
             ood = fit_ood(model, eval_loader(parts["train"]), eval_loader(parts["val"]), num_classes, device=device)
             say(f"OOD score fitted on the train split; threshold {ood['threshold']:.3f} flags "
                 f"{100 * ood['val_flagged']:.1f} % of the validation split")
-        calibration, review = None, None
+        calibration, review, quality = None, None, None
         if cfg.calibrate:
+            quality = fit_content_check(parts["train"], spec, ds.images, what="training split")
+            say(f"field-content check: images scoring below {quality['min_content']:.2f} ({quality['rule']}) "
+                "are routed to review")
             logits, labels = predict(model, eval_loader(parts["val"]), device, "fp32")
             calibration, review = fit_calibration(logits.numpy(), labels.numpy(), target_risk=cfg.review_target_risk,
                                                   fitted_on=f"validation split ({len(parts['val'])} images)")
@@ -424,7 +445,7 @@ def fit(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> FitRe
                 f"confidence {review:.4f}")
         final_spec = make_spec(cfg, ds, split_counts, metrics=_summary(test_metrics),
                                weights=weights_sha256(model.state_dict()), ood=ood, calibration=calibration,
-                               review_threshold=review)
+                               review_threshold=review, quality=quality)
         if best is not None:
             save_checkpoint(out / "best.pt", model=model, spec=final_spec, epoch=best.epoch,
                             metrics=test_metrics, ood=ood, **ckpt_common)
@@ -570,17 +591,22 @@ def calibrate_checkpoint(checkpoint: Path, data: Path, *, split_file: Path | Non
     model = ck.build_model()
     sf = Path(split_file) if split_file else Path(checkpoint).parent / "split.csv"
     root = Path(data)
-    wanted = {root / r["path"] for r in D.split_rows(sf) if r["split"] == "val"}
-    if not wanted:
-        raise DatasetError(f"{sf}: has no validation rows; calibration needs held-out labelled images")
-    ds = D.load(root, class_folders=ck.class_folders, only=wanted)
-    loader = DataLoader(D.ImageDataset(ds.samples, ck.spec, images=ds.images), batch_size=64)
+    rows = D.split_rows(sf)
+    which = {root / r["path"]: r["split"] for r in rows if r["split"] in ("train", "val")}
+    ds = D.load(root, class_folders=ck.class_folders, only=set(which))
+    parts = {k: [s for s in ds.samples if which.get(s.path) == k] for k in ("train", "val")}
+    if not parts["val"] or not parts["train"]:
+        raise DatasetError(f"{sf}: needs train and val rows that exist under {root} (calibration uses held-out "
+                           "labelled images; the field-content check uses the training images)")
+    loader = DataLoader(D.ImageDataset(parts["val"], ck.spec, images=ds.images), batch_size=64)
     logits, labels = predict(model.to(memory_format=torch.channels_last), loader, torch.device("cpu"))
     entry, review = fit_calibration(logits.numpy(), labels.numpy(), target_risk=target_risk,
-                                    fitted_on=f"validation split ({len(ds.samples)} images)")
+                                    fitted_on=f"validation split ({len(parts['val'])} images)")
+    quality = fit_content_check(parts["train"], ck.spec, ds.images, what="training split")
     dest = Path(out) if out else Path(checkpoint)
-    resave_checkpoint(ck, dest, model=model, spec=ck.spec.replace(calibration=entry, review_threshold=review))
-    log(f"temperature {entry['temperature']:.4f} fitted on {len(ds.samples)} validation images (NLL "
+    resave_checkpoint(ck, dest, model=model,
+                      spec=ck.spec.replace(calibration=entry, review_threshold=review, quality=quality))
+    log(f"temperature {entry['temperature']:.4f} fitted on {len(parts['val'])} validation images (NLL "
         f"{entry['before']['nll']:.4f} → {entry['after']['nll']:.4f}, ECE {entry['before']['ece_15']:.4f} → "
         f"{entry['after']['ece_15']:.4f}); review threshold {review:.4f} → {dest}")
     return entry

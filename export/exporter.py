@@ -24,6 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 from cadbcnn_runtime._onnxmeta import content_digest
 from cadbcnn_runtime.errors import CadbcnnError, ExportError
 from cadbcnn_runtime.preprocess import IMAGE_SUFFIXES, load_and_preprocess
+from cadbcnn_runtime.session import make_session
 from cadbcnn_runtime.spec import METADATA_KEY, ModelSpec
 from cadbcnn_train.checkpoint import Checkpoint, load_checkpoint, weights_sha256
 from cadbcnn_train.train import git_commit, software_versions
@@ -101,13 +102,8 @@ def torch_outputs(model: torch.nn.Module, x: np.ndarray, batch: int = 32) -> tup
 
 
 def ort_session(path_or_bytes, providers=("CPUExecutionProvider",), threads: int | None = None):
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path_or_bytes) if isinstance(path_or_bytes, Path) else path_or_bytes,
-                                sess_options=so, providers=list(providers))
+    """A session built by the runtime's own factory (the options users get)."""
+    return make_session(path_or_bytes, providers=providers, threads=threads)
 
 
 def ort_outputs(session: ort.InferenceSession, x: np.ndarray, batch: int = 32):
@@ -183,7 +179,7 @@ def set_spec(proto: onnx.ModelProto, spec: ModelSpec) -> onnx.ModelProto:
     """
     spec = spec.without_content_hash()
     _put_spec(proto, spec)
-    digest = content_digest(proto.SerializeToString(), spec.to_json())
+    digest = content_digest(proto.SerializeToString(), spec.hashed_json())
     return _put_spec(proto, spec.replace(content_sha256=digest))
 
 

@@ -58,21 +58,17 @@ def run(args) -> None:
 def arch_costs(model: str) -> dict:
     """Parameters, GFLOPs and ORT CPU batch-1 latency (2 threads, median of 15) at 224 px — weights do not matter."""
     import numpy as np
-    import onnxruntime as ort
     import torch
 
     from cadbcnn_bench.bench import flops_per_image
     from cadbcnn_export.exporter import torch_to_onnx
+    from cadbcnn_runtime.session import make_session
     from cadbcnn_train.model import count_parameters, create_model
 
     torch.manual_seed(0)
     m = create_model(model, num_classes=4).eval()
     proto = torch_to_onnx(m, (224, 224), 18)
-    so = ort.SessionOptions()  # the session options cadbcnn_runtime.Classifier uses
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.intra_op_num_threads = 2
-    s = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    s = make_session(proto.SerializeToString(), threads=2)  # what cadbcnn_runtime.Classifier runs
     x = np.zeros((1, 3, 224, 224), np.uint8)
     for _ in range(3):
         s.run(None, {"image": x})

@@ -71,6 +71,7 @@ def test_fit_calibrates_on_validation_and_precise_bn_drops_the_stale_calibration
     spec = load_checkpoint(tmp_path / "run" / "best.pt").spec
     assert spec.calibration["method"] == "temperature" and spec.calibration["temperature"] > 0
     assert "validation split" in spec.calibration["fitted_on"]
+    assert 0 < spec.quality["min_content"] < spec.quality["fitted_min"] and "training split" in spec.quality["rule"]
     assert spec.review_threshold == pytest.approx(spec.review_threshold) and 0 < spec.review_threshold <= 1
     recalibrate_checkpoint(tmp_path / "run" / "best.pt", data, out=tmp_path / "bn.pt", images=16, log=lambda *a: None)
     stale = load_checkpoint(tmp_path / "bn.pt").spec

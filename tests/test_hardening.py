@@ -247,7 +247,7 @@ def test_ctrl_c_stops_a_run_promptly_and_keeps_rows(tmp_path, onnx_model):
     rc = p.wait(timeout=30)
     stopped = time.time() - t0
     assert rc == 130, p.stderr.read()
-    assert stopped < 3, stopped  # ≈ one batch; generous for a loaded 2-core machine
+    assert stopped < 5, stopped  # ≈ one batch (measured ≈ 0.2 s); generous for a loaded 2-core CI machine
     kept = rows_of(partial)
     assert 8 <= len(kept) < 600 and len({r["path"] for r in kept}) == len(kept)
 

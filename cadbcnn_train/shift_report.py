@@ -1,0 +1,505 @@
+"""Silent errors under distribution shift: how often does the model give a wrong label without asking for review?
+
+Runs an exported ONNX model through the runtime's own ``Classifier`` (so
+``needs_review`` and ``out_of_distribution`` are exactly what users get) on:
+
+* the clean images of one split of the model's training run;
+* the same images under acquisition shifts — magnification, stain, exposure,
+  focus, compression, another camera's white balance, sensor noise. Every
+  shifted image keeps its class label, so accuracy and silent errors are known;
+* blank / near-uniform fields (no cell at all): any malignant label without
+  review is a silent error;
+* external folders (``PATH`` or ``PATH:healthy``): labelled when their
+  sub-folders are the model's class folders; with ``:healthy`` every image is
+  benign, so any malignant label without review is a silent error. External
+  images are for reporting only: nothing is fitted on them.
+
+A *silent error* is a wrong label with ``needs_review`` false; see
+``cadbcnn_runtime.reliability``. Outputs: ``shift_report.json``,
+``shift_report.md``, ``reliability.png`` and ``risk_coverage.png`` (clean split).
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import cv2
+import numpy as np
+
+from cadbcnn_runtime.classifier import Classifier
+from cadbcnn_runtime.errors import DatasetError, ImageError, ModelSpecError
+from cadbcnn_runtime.preprocess import IMAGE_SUFFIXES, read_image
+from cadbcnn_runtime.reliability import (
+    brier,
+    expected_calibration_error,
+    nll,
+    reliability_bins,
+    risk_coverage,
+    silent_error_stats,
+)
+from cadbcnn_runtime.spec import ModelSpec
+
+from . import data as D
+from .transforms import blur, brightness, gamma, hed_jitter, hue, saturation, sensor_noise, white_balance
+from .transforms import jpeg as _jpeg
+from .transforms import zoom as _zoom
+
+BATCH = 32
+BENIGN = "Benign"
+
+# ---------------------------------------------------------------------------
+# Image shifts (the transforms live in transforms.py, shared with the training augmentation)
+# ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Shift:
+    """A named acquisition shift. ``apply(img, rng)``; deterministic ones ignore ``rng``."""
+
+    name: str
+    kind: str       # magnification | stain | exposure | focus | compression | camera | noise
+    severity: str   # mild | strong
+    apply: Callable[[np.ndarray, np.random.Generator], np.ndarray]
+
+
+def _fixed(f: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray, np.random.Generator], np.ndarray]:
+    return lambda img, rng: f(img)
+
+
+SHIFTS: tuple[Shift, ...] = (
+    Shift("zoom ×0.5 (tiled)", "magnification", "strong", _fixed(lambda im: _zoom(im, 0.5))),
+    Shift("zoom ×0.7 (tiled)", "magnification", "strong", _fixed(lambda im: _zoom(im, 0.7))),
+    Shift("zoom ×1.3", "magnification", "mild", _fixed(lambda im: _zoom(im, 1.3))),
+    Shift("zoom ×1.5", "magnification", "strong", _fixed(lambda im: _zoom(im, 1.5))),
+    Shift("zoom ×2", "magnification", "strong", _fixed(lambda im: _zoom(im, 2.0))),
+    Shift("HED stain jitter (H, E ×U(0.7–1.3) +U(±0.15) OD)", "stain", "strong", hed_jitter),
+    Shift("hue +10°", "stain", "mild", _fixed(lambda im: hue(im, 10))),
+    Shift("hue −10°", "stain", "mild", _fixed(lambda im: hue(im, -10))),
+    Shift("hue +20°", "stain", "strong", _fixed(lambda im: hue(im, 20))),
+    Shift("hue −20°", "stain", "strong", _fixed(lambda im: hue(im, -20))),
+    Shift("saturation ×0.5", "stain", "strong", _fixed(lambda im: saturation(im, 0.5))),
+    Shift("saturation ×1.5", "stain", "strong", _fixed(lambda im: saturation(im, 1.5))),
+    Shift("brightness ×0.7", "exposure", "strong", _fixed(lambda im: brightness(im, 0.7))),
+    Shift("brightness ×1.3", "exposure", "strong", _fixed(lambda im: brightness(im, 1.3))),
+    Shift("gamma 0.7", "exposure", "strong", _fixed(lambda im: gamma(im, 0.7))),
+    Shift("gamma 1.5", "exposure", "strong", _fixed(lambda im: gamma(im, 1.5))),
+    Shift("gaussian blur σ=1.5", "focus", "mild", _fixed(lambda im: blur(im, 1.5))),
+    Shift("gaussian blur σ=3", "focus", "strong", _fixed(lambda im: blur(im, 3.0))),
+    Shift("JPEG quality 30", "compression", "mild", _fixed(lambda im: _jpeg(im, 30))),
+    Shift("JPEG quality 10", "compression", "strong", _fixed(lambda im: _jpeg(im, 10))),
+    Shift("white balance R×1.15 B×0.85 (warm camera)", "camera", "strong",
+          _fixed(lambda im: white_balance(im, (1.15, 1.0, 0.85)))),
+    Shift("white balance R×0.85 B×1.15 (cool camera)", "camera", "strong",
+          _fixed(lambda im: white_balance(im, (0.85, 1.0, 1.15)))),
+    Shift("sensor noise σ=10", "noise", "strong", sensor_noise),
+)
+
+
+def image_rng(seed: int, name: str, index: int) -> np.random.Generator:
+    """The generator for image ``index`` of set ``name``: independent of the other sets and of the order."""
+    return np.random.default_rng([seed, zlib.crc32(name.encode()), index])
+
+
+def shifted(shift: Shift, images: Sequence[np.ndarray], seed: int) -> Iterator[np.ndarray]:
+    for i, img in enumerate(images):
+        yield shift.apply(img, image_rng(seed, shift.name, i))
+
+
+# ---------------------------------------------------------------------------
+# Blank / near-uniform fields (no cell): healthy semantics
+# ---------------------------------------------------------------------------
+GREY_LEVELS = tuple(int(round(v)) for v in np.linspace(0, 255, 17))
+#: Tinted fields: 11 hues × 3 values at a low saturation (the colours of an empty smear background).
+TINTS = tuple((int(h), 60, v) for h in np.linspace(0, 180, 11, endpoint=False) for v in (110, 170, 230))
+
+
+def blank_fields(size: tuple[int, int], *, noise: bool, seed: int = 0) -> list[np.ndarray]:
+    """Uniform grey levels 0…255 and tinted uniform fields (50 images), optionally with sensor noise σ=10."""
+    h, w = size
+    fields = [np.full((h, w, 3), g, np.uint8) for g in GREY_LEVELS]
+    for hsv in TINTS:
+        colour = cv2.cvtColor(np.array([[hsv]], np.uint8), cv2.COLOR_HSV2RGB)[0, 0]
+        fields.append(np.full((h, w, 3), colour, np.uint8))
+    if noise:
+        fields = [sensor_noise(f, image_rng(seed, "blank fields + noise", i)) for i, f in enumerate(fields)]
+    return fields
+
+
+# ---------------------------------------------------------------------------
+# External folders
+# ---------------------------------------------------------------------------
+@dataclass
+class ExternalFolder:
+    """Images of one external folder; ``truth`` per image when labelled, else None."""
+
+    path: Path
+    healthy: bool
+    files: list[Path]
+    truth: list[int] | None
+    read: list[int] = field(default_factory=list)                    # indices of files decoded so far
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+    @property
+    def name(self) -> str:
+        tag = "healthy" if self.healthy else ("labelled" if self.truth is not None else "unlabelled")
+        return f"external: {self.path.name} ({tag})"
+
+
+def parse_external(arg: str) -> tuple[Path, bool]:
+    """``PATH`` or ``PATH:healthy`` → (path, healthy)."""
+    head, sep, tail = arg.rpartition(":")
+    if sep and tail == "healthy":
+        return Path(head), True
+    return Path(arg), False
+
+
+def require_external_dir(path: Path) -> None:
+    if not path.is_dir():
+        raise DatasetError(f"{path}: external folder not found. Pass --external DIR or DIR:healthy with an "
+                           "existing folder of images.")
+
+
+def _images_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def scan_external(path: Path, healthy: bool, class_folders: Sequence[str]) -> ExternalFolder:
+    """Find the images under ``path`` (recursively) and decide how the folder is labelled.
+
+    Labelled when not ``healthy`` and every image lies in a top-level sub-folder
+    named like one of the model's class folders; otherwise unlabelled.
+    """
+    require_external_dir(path)
+    files = _images_under(path)
+    if not files:
+        raise DatasetError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) found in this external folder "
+                           "or below it; point --external at a folder of images.")
+    top = [f.relative_to(path).parts[0] if len(f.relative_to(path).parts) > 1 else None for f in files]
+    truth = None
+    if not healthy and all(t in class_folders for t in top):
+        truth = [list(class_folders).index(t) for t in top]
+    return ExternalFolder(path, healthy, files, truth)
+
+
+def read_files(folder: ExternalFolder) -> Iterator[np.ndarray]:
+    """Decode the folder's files one at a time (streamed: a folder may not fit in memory). Records the index
+    of each decoded file in ``folder.read`` and each unreadable one in ``folder.unreadable``."""
+    for i, f in enumerate(folder.files):
+        try:
+            img = read_image(f)
+        except ImageError as exc:
+            folder.unreadable.append((str(f), str(exc)))
+            continue
+        folder.read.append(i)
+        yield img
+
+
+# ---------------------------------------------------------------------------
+# Running the model
+# ---------------------------------------------------------------------------
+@dataclass
+class Outputs:
+    """Per-image runtime results of one set."""
+
+    index: np.ndarray          # predicted class
+    confidence: np.ndarray
+    needs_review: np.ndarray
+    ood: np.ndarray | None     # out_of_distribution flags, None without an OOD output
+    probs: np.ndarray          # (N, K) in the spec's class order
+
+
+def _batches(images: Iterable[np.ndarray], n: int) -> Iterator[list[np.ndarray]]:
+    chunk: list[np.ndarray] = []
+    for img in images:
+        chunk.append(img)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def run_model(clf: Classifier, images: Iterable[np.ndarray], *, batch: int = BATCH) -> Outputs:
+    """The runtime's predictions (``Classifier.preprocess`` + ``classify``) for RGB uint8 images."""
+    preds = []
+    for chunk in _batches(images, batch):
+        preds += clf.classify(np.stack([clf.preprocess(im) for im in chunk]))
+    names = clf.spec.class_names
+    has_ood = clf.spec.ood is not None
+    return Outputs(np.array([p.index for p in preds], np.int64), np.array([p.confidence for p in preds]),
+                   np.array([p.needs_review for p in preds], bool),
+                   np.array([p.out_of_distribution for p in preds], bool) if has_ood else None,
+                   np.array([[p.probabilities[n] for n in names] for p in preds]).reshape(len(preds), len(names)))
+
+
+def set_result(out: Outputs, truth: np.ndarray | None, *, healthy: bool, benign_index: int,
+               kind: str, severity: str) -> dict[str, Any]:
+    """Silent-error statistics (and ECE for labelled sets) of one evaluated set."""
+    r = {"kind": kind, "severity": severity,
+         **silent_error_stats(out.index, truth, out.needs_review, healthy=healthy, benign_index=benign_index,
+                              out_of_distribution=out.ood)}
+    r["ece"] = (expected_calibration_error(out.confidence, out.index == truth)
+                if truth is not None and len(truth) else None)
+    return r
+
+
+# ---------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------
+def class_folders(spec: ModelSpec) -> tuple[str, ...]:
+    """The dataset folder of each output class (from the spec's training summary, else the known ALL names)."""
+    folders = (spec.training or {}).get("class_folders")
+    if folders:
+        return tuple(folders)
+    by_name = {v: k for k, v in D.KNOWN_CLASSES.items()}
+    return tuple(by_name.get(n, n) for n in spec.class_names)
+
+
+def benign_index(spec: ModelSpec, model: Path) -> int:
+    if BENIGN not in spec.class_names:
+        raise ModelSpecError(f"{model}: has no {BENIGN!r} class ({list(spec.class_names)}); shift-report needs it "
+                             "to count malignant labels on healthy and blank images. Use a cadbcnn ALL model.")
+    return spec.class_names.index(BENIGN)
+
+
+def subsample(rows: list[dict[str, str]], limit: int | None) -> list[dict[str, str]]:
+    """At most ``limit`` rows, evenly strided through the file (deterministic; covers every class)."""
+    if not limit or limit >= len(rows):
+        return rows
+    return rows[:: max(1, len(rows) // limit)][:limit]
+
+
+def load_split(data: Path, split_file: Path, split: str, folders: Sequence[str],
+               limit: int | None) -> tuple[list[np.ndarray], np.ndarray]:
+    """Decoded images and class indices of one split of ``split_file`` (paths relative to ``data``)."""
+    if not data.is_dir():
+        raise DatasetError(f"{data}: dataset folder not found. Pass --data DIR, the dataset root the split "
+                           "file's paths are relative to.")
+    rows = [r for r in D.split_rows(split_file) if r["split"] == split]
+    if not rows:
+        raise DatasetError(f"{split_file}: has no rows of split {split!r}; use one of {', '.join(D.SPLITS)}")
+    rows = subsample(rows, limit)
+    images, labels = [], []
+    for r in rows:
+        if r["label"] not in folders:
+            raise DatasetError(f"{split_file}: label {r['label']!r} of {r['path']} is not one of the model's class "
+                               f"folders {list(folders)}; pass the split file of this model's training run.")
+        try:
+            images.append(read_image(data / r["path"]))
+        except ImageError as exc:
+            raise DatasetError(f"{exc} — listed in {split_file}; pass the --data root this split was made "
+                               "from.") from None
+        labels.append(list(folders).index(r["label"]))
+    return images, np.array(labels, np.int64)
+
+
+# ---------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------
+def clean_metrics(out: Outputs, truth: np.ndarray, review_threshold: float) -> dict[str, Any]:
+    """Calibration of the clean split and the operating points on its risk–coverage curve."""
+    correct = out.index == truth
+    rc = risk_coverage(out.confidence, correct)
+    kept_conf = out.confidence >= review_threshold
+    kept = ~out.needs_review
+    return {
+        "nll": nll(out.probs, truth), "brier": brier(out.probs, truth),
+        "ece": expected_calibration_error(out.confidence, correct), "aurc": rc.aurc,
+        "reliability_bins": [b.__dict__ for b in reliability_bins(out.confidence, correct)],
+        "risk_coverage": {"thresholds": rc.thresholds.tolist(), "coverage": rc.coverage.tolist(),
+                          "risk": rc.risk.tolist()},
+        "at_review_threshold": {"coverage": float(kept_conf.mean()),
+                                "risk": float((~correct[kept_conf]).mean()) if kept_conf.any() else None},
+        "operating_point": {"coverage": float(kept.mean()),
+                            "risk": float((~correct[kept]).mean()) if kept.any() else None},
+    }
+
+
+def _severity_summary(sets: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Pooled silent-error rate and the worst set of each group of sets."""
+    out = {}
+    for sev in ("mild", "strong", "blank", "external"):
+        rows = {k: r for k, r in sets.items() if r["severity"] == sev and r["silent_errors"] is not None and r["n"]}
+        if rows:
+            n = sum(r["n"] for r in rows.values())
+            worst = max(rows, key=lambda k: rows[k]["silent_error_rate"])
+            out[sev] = {"sets": len(rows), "n": n,
+                        "silent_error_rate": sum(r["silent_errors"] for r in rows.values()) / n,
+                        "review_rate": sum(r["review_rate"] * r["n"] for r in rows.values()) / n,
+                        "worst_set": worst, "worst_silent_error_rate": rows[worst]["silent_error_rate"]}
+    return out
+
+
+def shift_report(model: Path, data: Path, split_file: Path, out: Path, *, split: str = "test",
+                 externals: Sequence[str] = (), limit: int | None = None, seed: int = 0,
+                 threads: int | None = None, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """Build every set, run the model, write the report files into ``out``; return the JSON dict."""
+    model, data, out = Path(model), Path(data), Path(out)
+    folders_of_externals = [parse_external(e) for e in externals]
+    for path, _ in folders_of_externals:  # fail before the slow part
+        require_external_dir(path)
+    clf = Classifier.from_file(model, device="cpu", threads=threads)
+    spec = clf.spec
+    folders = class_folders(spec)
+    benign = benign_index(spec, model)
+    images, truth = load_split(data, split_file, split, folders, limit)
+    ext = [scan_external(p, h, folders) for p, h in folders_of_externals]
+    log(f"{split} split: {len(images)} images; {len(SHIFTS)} shifts, 2 blank-field sets, {len(ext)} external folders")
+
+    sets: dict[str, dict[str, Any]] = {}
+    clean = run_model(clf, images)
+    sets[f"clean {split} split"] = set_result(clean, truth, healthy=False, benign_index=benign,
+                                              kind="clean", severity="clean")
+    for s in SHIFTS:
+        log(f"  {s.name}")
+        sets[s.name] = set_result(run_model(clf, shifted(s, images, seed)), truth, healthy=False,
+                                  benign_index=benign, kind=s.kind, severity=s.severity)
+    for noise in (False, True):
+        name = "blank / uniform fields" + (" + sensor noise σ=10" if noise else "")
+        sets[name] = set_result(run_model(clf, blank_fields(spec.image_size, noise=noise, seed=seed)), None,
+                                healthy=True, benign_index=benign, kind="blank", severity="blank")
+    for e in ext:
+        log(f"  {e.name}")
+        res = run_model(clf, read_files(e))
+        t = None if e.truth is None else np.array([e.truth[i] for i in e.read], np.int64)
+        sets[e.name] = set_result(res, t, healthy=e.healthy, benign_index=benign, kind="external",
+                                  severity="external")
+        sets[e.name].update(path=str(e.path), files=len(e.files), unreadable=len(e.unreadable),
+                            unreadable_files=[{"path": p, "error": m} for p, m in e.unreadable])
+
+    result = {
+        "model": str(model), "split": split, "split_file": str(split_file), "data": str(data), "limit": limit,
+        "seed": seed, "class_names": list(spec.class_names), "benign_class": BENIGN,
+        "review_threshold": clf.review_threshold, "ood_threshold": clf.ood_threshold,
+        "temperature": clf.temperature, "calibration": spec.calibration,
+        "silent_error": "wrong label with needs_review false; on healthy and blank sets any label other than "
+                        f"{BENIGN!r} with needs_review false",
+        "sets": sets, "summary": _severity_summary(sets),
+        "clean": clean_metrics(clean, truth, clf.review_threshold),
+    }
+    write_report(result, out)
+    return result
+
+
+def write_report(result: dict[str, Any], out: Path) -> None:
+    """Write the JSON, the markdown table and both plots — all rendered from ``result`` alone."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "shift_report.json").write_text(json.dumps(result, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    (out / "shift_report.md").write_text(report_markdown(result), encoding="utf-8")
+    title = f"{Path(result['model']).name} — clean {result['split']} split"
+    plot_reliability(result["clean"], out / "reliability.png", title)
+    plot_risk_coverage(result["clean"], result["review_threshold"], out / "risk_coverage.png", title)
+
+
+# ---------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------
+def _pct(v: float | None, digits: int = 1) -> str:
+    return "—" if v is None else f"{100 * v:.{digits}f}"
+
+
+def _silent(r: dict[str, Any]) -> str:
+    if r["silent_errors"] is None:
+        return "—"
+    return f"**{r['silent_errors']}** ({_pct(r['silent_error_rate'])} %)"
+
+
+def _kept(r: dict[str, Any]) -> str:
+    return "—" if r["accuracy_non_reviewed"] is None else f"{_pct(r['accuracy_non_reviewed'])} ({r['n_non_reviewed']})"
+
+
+def report_markdown(result: dict[str, Any]) -> str:
+    """The header (what silent error means, the model's thresholds) and one table of every set."""
+    thr, ood, t = result["review_threshold"], result["ood_threshold"], result["temperature"]
+    malignant = ", ".join(n for n in result["class_names"] if n != result["benign_class"])
+    c = result["clean"]
+    lines = [
+        f"# Shift report — `{Path(result['model']).name}`", "",
+        "**Silent error** = a wrong label with `needs_review` false. For images of a known class: label ≠ truth. "
+        f"For healthy external images and blank fields: any malignant label ({malignant}) without review. "
+        "Rates are fractions of all images of the set; *review %* is the price paid for them.", "",
+        f"The model reviews an image when its confidence < **{thr:.2f}**"
+        + (f" or its OOD score > **{ood:.4f}**" if ood is not None else "") + "; "
+        + (f"softmax temperature **{t:.3f}** ({result['calibration'].get('fitted_on', 'fitted')})."
+           if result.get("calibration") else "softmax of the raw logits (the spec has no calibration: T = 1).")
+        + f" Shifted sets are the {result['split']} split's images, each keeping its class label"
+        + (f" (limited to {result['limit']})" if result["limit"] else "") + f"; seed {result['seed']}.", "",
+        f"Clean {result['split']} split: NLL {c['nll']:.4f}, Brier {c['brier']:.4f}, ECE {c['ece']:.4f}, "
+        f"AURC {c['aurc']:.5f}.", "",
+        "| set | kind | severity | n | accuracy % | review % | OOD % | malignant % | silent errors (%) "
+        "| accuracy non-reviewed % (n) | ECE |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in result["sets"].items():
+        extra = f" — {r['unreadable']} unreadable" if r.get("unreadable") else ""
+        ece = "—" if r["ece"] is None else f"{r['ece']:.3f}"
+        lines.append(f"| {name}{extra} | {r['kind']} | {r['severity']} | {r['n']} | {_pct(r['accuracy'])} | "
+                     f"{_pct(r['review_rate'])} | {_pct(r['ood_rate'])} | {_pct(r['malignant_rate'])} | {_silent(r)} | "
+                     f"{_kept(r)} | {ece} |")
+    lines += ["", "Pooled over each group of sets:", "", "| group | sets | images | review % | silent errors % | worst set |",
+              "|---|---:|---:|---:|---:|---|"]
+    for sev, s in result["summary"].items():
+        lines.append(f"| {sev} | {s['sets']} | {s['n']} | {_pct(s['review_rate'])} | {_pct(s['silent_error_rate'], 2)} | "
+                     f"{s['worst_set']} ({_pct(s['worst_silent_error_rate'])} %) |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_reliability(clean: dict[str, Any], path: Path, title: str) -> None:
+    """Reliability diagram: accuracy per confidence bin against the diagonal, with each bin's image count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .explain import save_png
+
+    bins = [b for b in clean["reliability_bins"] if b["count"]]
+    fig, ax = plt.subplots(figsize=(4.8, 4.2), dpi=100)
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")
+    ax.bar([b["lo"] for b in bins], [b["acc"] for b in bins], width=[b["hi"] - b["lo"] for b in bins],
+           align="edge", color="tab:blue", edgecolor="white", alpha=0.8, label="accuracy")
+    ax.plot([b["mean_conf"] for b in bins], [b["acc"] for b in bins], "o", color="tab:red", ms=4,
+            label="(mean confidence, accuracy)")
+    for b in bins:
+        ax.text((b["lo"] + b["hi"]) / 2, min(b["acc"], 0.93) + 0.02, str(b["count"]), ha="center", fontsize=7)
+    ax.set(xlim=(0, 1), ylim=(0, 1.05), xlabel="confidence (top-class probability)", ylabel="accuracy",
+           title=f"{title}\nECE {clean['ece']:.4f} (15 bins; numbers: images per bin)")
+    ax.title.set_fontsize(9)
+    ax.legend(loc="center left", fontsize=7)  # below 1/K confidence is impossible: usually empty
+    fig.tight_layout()
+    save_png(fig, path)
+    plt.close(fig)
+
+
+def plot_risk_coverage(clean: dict[str, Any], review_threshold: float, path: Path, title: str) -> None:
+    """Risk (error rate among kept images) against coverage, with the model's review threshold marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .explain import save_png
+
+    rc = clean["risk_coverage"]
+    fig, ax = plt.subplots(figsize=(4.8, 4.2), dpi=100)
+    ax.step(rc["coverage"], [100 * r for r in rc["risk"]], where="post", color="tab:blue",
+            label=f"keep most confident first (AURC {clean['aurc']:.5f})")
+    at, op = clean["at_review_threshold"], clean["operating_point"]
+    if at["risk"] is not None:
+        ax.plot(at["coverage"], 100 * at["risk"], "o", color="tab:red", ms=7,
+                label=f"confidence ≥ {review_threshold:.2f}: coverage {100 * at['coverage']:.1f} %, "
+                      f"risk {100 * at['risk']:.2f} %")
+    if op["risk"] is not None:
+        ax.plot(op["coverage"], 100 * op["risk"], "x", color="black", ms=8, mew=2,
+                label=f"needs_review false (+ OOD flag): coverage {100 * op['coverage']:.1f} %, "
+                      f"risk {100 * op['risk']:.2f} %")
+    ax.set(xlim=(0, 1.02), xlabel="coverage (fraction not sent to review)", ylabel="risk: error rate among kept (%)",
+           title=title)
+    ax.set_ylim(0, 115 * max(max(rc["risk"]), 1e-3))
+    ax.title.set_fontsize(9)
+    ax.legend(loc="center left", fontsize=7)
+    fig.tight_layout()
+    save_png(fig, path)
+    plt.close(fig)

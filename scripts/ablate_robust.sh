@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Robust-augmentation ablation under the reduced protocol (112 px, 8 epochs, bf16; one split for every row),
+# each variant trained, exported and run through the shift report (test split + other labs' healthy images).
+#
+#   scripts/ablate_robust.sh SPLIT_CSV VARIANT...      VARIANT = std | robust | a comma list of augment parts
+#
+# Writes runs/ablate/<variant>/ (checkpoint, model.onnx, shift/shift_report.{md,json}).
+set -euo pipefail
+DATA=${DATA:-../shared/data/all-leukemia}
+EXT=${EXT:-../shared/data/external}
+B=.venv/bin
+split=$1; shift
+for v in "$@"; do
+  run=runs/ablate/${v//,/+}
+  parts=()
+  [[ "$v" != std ]] && parts=(--augment-parts "$v")
+  $B/cadbcnn-train fit --data "$DATA" --out "$run" --split-file "$split" --seed 0 --image-size 112 --epochs 8 \
+      --batch-size 32 --patience 8 "${parts[@]}"
+  $B/cadbcnn-export "$run/best.pt" -o "$run/model.onnx" --report "$run/export-report.json"
+  $B/cadbcnn-train shift-report "$run/model.onnx" --data "$DATA" --split-file "$split" --split test \
+      --external "$EXT/bccd-fields:healthy" --external "$EXT/pbc-cells:healthy" --out "$run/shift"
+done

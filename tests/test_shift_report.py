@@ -1,0 +1,169 @@
+"""`cadbcnn-train shift-report`: silent errors on shifted, blank and external image sets."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cadbcnn_runtime import Classifier
+from cadbcnn_train import data as D
+from cadbcnn_train import shift_report as S
+from cadbcnn_train.cli import app as train_app
+from conftest import make_dataset
+
+MILD = {"gaussian blur σ=1.5", "JPEG quality 30", "zoom ×1.3", "hue +10°", "hue −10°"}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A synthetic dataset with a seed-0 stratified split, a healthy and a labelled external folder."""
+    d = tmp_path_factory.mktemp("shift")
+    data = make_dataset(d / "data", per_class=12, size=48)
+    ds = D.load(data, cache=False)
+    D.write_split_csv(d / "split.csv", ds.root, ds.samples, D.make_split(ds.samples, seed=0), ds.class_folders)
+    healthy = d / "healthy"
+    for i, src in enumerate(sorted(make_dataset(d / "h", per_class=3, seed=1).rglob("*.png"))):
+        dest = healthy / ("fields" if i % 2 else "cells/deeper") / src.name  # searched recursively
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, dest)
+    (healthy / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    labelled = make_dataset(d / "labelled", per_class=2, seed=2)
+    (labelled / "Early" / "Early-000.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")  # sorts first in its class
+    return data, d / "split.csv", healthy, labelled
+
+
+@pytest.fixture(scope="module")
+def report(run, onnx_model, tmp_path_factory):
+    """One CLI run over every kind of set, with the review threshold forced to 0 (the test model has no OOD
+    output, so nothing is reviewed and every wrong or malignant label is silent). Records the labels each set
+    was scored against."""
+    data, split_file, healthy, labelled = run
+    out = tmp_path_factory.mktemp("report") / "rep"
+    truths, real = [], S.set_result
+
+    def spy(outputs, truth, **kwargs):
+        truths.append(truth)
+        return real(outputs, truth, **kwargs)
+
+    original = Classifier.from_file.__func__
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Classifier, "from_file",
+                   classmethod(lambda cls, *a, **k: original(cls, *a, **{**k, "review_threshold": 0.0})))
+        mp.setattr(S, "set_result", spy)
+        r = CliRunner().invoke(train_app, ["shift-report", str(onnx_model), "--data", str(data), "--split-file",
+                                           str(split_file), "--external", f"{healthy}:healthy",
+                                           "--external", str(labelled), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    return json.loads((out / "shift_report.json").read_text()), out, r.output, truths
+
+
+def test_every_shift_keeps_uint8_rgb_and_is_deterministic():
+    img = np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    for s in S.SHIFTS:
+        a = s.apply(img, S.image_rng(7, s.name, 3))
+        b = s.apply(img, S.image_rng(7, s.name, 3))
+        assert a.shape == img.shape and a.dtype == np.uint8, s.name
+        np.testing.assert_array_equal(a, b, err_msg=s.name)
+    for f in (S.hed_jitter, S.sensor_noise):  # the random ones change with the seed
+        assert not np.array_equal(f(img, S.image_rng(0, "x", 0)), f(img, S.image_rng(1, "x", 0)))
+
+
+def test_severity_groups():
+    assert {s.name for s in S.SHIFTS if s.severity == "mild"} == MILD
+    assert {s.severity for s in S.SHIFTS} == {"mild", "strong"} and len({s.name for s in S.SHIFTS}) == len(S.SHIFTS)
+
+
+def test_blank_fields_are_uniform_and_deterministic():
+    plain = S.blank_fields((24, 32), noise=False)
+    noisy = S.blank_fields((24, 32), noise=True, seed=3)
+    assert len(plain) + len(noisy) == 100
+    assert all(f.shape == (24, 32, 3) and f.dtype == np.uint8 and (f == f[0, 0]).all() for f in plain)
+    assert {int(f[0, 0, 0]) for f in plain[:len(S.GREY_LEVELS)]} >= {0, 255}
+    assert all(np.array_equal(a, b) for a, b in zip(noisy, S.blank_fields((24, 32), noise=True, seed=3)))
+    assert np.abs(noisy[5].astype(int) - plain[5]).std() > 5
+
+
+def test_external_folder_parsing(run, tmp_path):
+    _, _, healthy, labelled = run
+    assert S.parse_external(f"{healthy}:healthy") == (healthy, True) and S.parse_external(str(healthy)) == (healthy, False)
+    folders = ("Benign", "Early", "Pre", "Pro")
+    lab = S.scan_external(labelled, False, folders)
+    assert lab.truth is not None and sorted(set(lab.truth)) == [0, 1, 2, 3]
+    assert S.scan_external(labelled, True, folders).truth is None  # :healthy wins over sub-folder names
+    assert S.scan_external(healthy, False, folders).truth is None  # sub-folders are not class folders
+    assert len(S.scan_external(healthy, True, folders).files) == 13  # 12 images + broken.jpg, recursively
+
+
+def test_limit_is_deterministic():
+    rows = [{"path": str(i)} for i in range(100)]
+    assert S.subsample(rows, 7) == S.subsample(rows, 7) and len(S.subsample(rows, 7)) == 7
+    assert S.subsample(rows, None) == rows and S.subsample(rows, 500) == rows
+
+
+def test_report_files_and_fields(run, report):
+    _, split_file, _, _ = run
+    rep, out, output, truths = report
+    assert {p.name for p in out.iterdir()} == {"shift_report.json", "shift_report.md", "reliability.png",
+                                               "risk_coverage.png"}
+    assert all((out / f).stat().st_size > 5000 for f in ("reliability.png", "risk_coverage.png"))
+    n_test = sum(1 for row in D.split_rows(split_file) if row["split"] == "test")
+    clean = rep["sets"]["clean test split"]
+    assert clean["n"] == n_test and rep["review_threshold"] == 0.0 and rep["ood_threshold"] is None
+    assert clean["silent_errors"] == round(n_test * (1 - clean["accuracy"]))  # nothing reviewed: every error
+    for s in S.SHIFTS:
+        got = rep["sets"][s.name]
+        assert got["n"] == n_test and got["severity"] == s.severity and got["labelled"] and got["ece"] is not None
+        assert {"accuracy", "review_rate", "ood_rate", "silent_error_rate", "accuracy_non_reviewed"} <= set(got)
+    # the clean split and every shifted set were scored against the same labels
+    labelled_truths = [t for t in truths if t is not None]
+    assert len(labelled_truths) == 1 + len(S.SHIFTS) + 1  # clean, shifts, the labelled external folder
+    for t in labelled_truths[1:-1]:
+        np.testing.assert_array_equal(t, labelled_truths[0])
+    for key in ("nll", "brier", "ece", "aurc", "reliability_bins", "risk_coverage", "operating_point"):
+        assert key in rep["clean"]
+    blank = rep["sets"]["blank / uniform fields"]
+    assert blank["healthy"] and blank["n"] == 50 and rep["sets"]["blank / uniform fields + sensor noise σ=10"]["n"] == 50
+    lab = rep["sets"]["external: labelled (labelled)"]
+    assert lab["labelled"] and lab["n"] == 8 and lab["unreadable"] == 1
+    assert set(rep["summary"]) == {"mild", "strong", "blank", "external"}
+    md = (out / "shift_report.md").read_text()
+    assert "Silent error" in md and "zoom ×1.3" in md and "1 unreadable" in md and md in output
+    assert rep["temperature"] == 1.0 and rep["calibration"] is None and "T = 1" in md
+
+
+def test_healthy_external_counts_malignant_labels_as_silent_errors(run, report, onnx_model):
+    _, _, healthy, _ = run
+    h = report[0]["sets"]["external: healthy (healthy)"]
+    assert h["n"] == 12 and h["unreadable"] == 1 and h["unreadable_files"][0]["path"].endswith("broken.jpg")
+    preds = Classifier.from_file(onnx_model, device="cpu").predict_batch(sorted(healthy.rglob("*.png")))
+    malignant = sum(p.label != "Benign" for p in preds)
+    assert malignant > 0 and h["review_rate"] == 0  # nothing reviewed: every malignant label is silent
+    assert h["silent_errors"] == malignant and h["malignant_rate"] == pytest.approx(malignant / 12)
+    assert h["silent_error_rate"] == pytest.approx(malignant / 12) and h["accuracy"] is None
+
+
+def test_labelled_external_is_scored_against_its_folders(run, report, onnx_model):
+    """Labels come from the class sub-folders and stay aligned past an unreadable file."""
+    _, _, _, labelled = run
+    files = sorted(p for p in labelled.rglob("*.png") if p.name != "Early-000.png")
+    preds = Classifier.from_file(onnx_model, device="cpu").predict_batch(files)
+    folder_of = dict(zip(("Benign", "Early Pre-B", "Pre-B", "Pro-B"), ("Benign", "Early", "Pre", "Pro")))
+    correct = sum(folder_of[p.label] == f.parent.name for p, f in zip(preds, files))
+    assert report[0]["sets"]["external: labelled (labelled)"]["accuracy"] == pytest.approx(correct / len(files))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "{tmp}/missing"], "dataset folder not found"),
+    (["--external", "{tmp}/nowhere:healthy"], "external folder not found"),
+    (["--split", "holdout"], "has no rows of split 'holdout'"),
+])
+def test_cli_exit_code_2_on_bad_input(run, onnx_model, tmp_path, args, message):
+    data, split_file, _, _ = run
+    base = {"--data": str(data), "--split-file": str(split_file), "--out": str(tmp_path / "o")}
+    for i in range(0, len(args), 2):
+        base[args[i]] = args[i + 1].format(tmp=tmp_path)
+    r = CliRunner().invoke(train_app, ["shift-report", str(onnx_model), *[x for kv in base.items() for x in kv]])
+    assert r.exit_code == 2 and message in r.output, r.output
+    assert not (tmp_path / "o" / "shift_report.json").exists()
