@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from cadbcnn_runtime.errors import DatasetError
 from cadbcnn_runtime.spec import ModelSpec
 
 FORMAT_ORDER = ("torch-fp32", "torch-bf16", "ort-fp32", "ort-int8", "ort-cuda-fp32", "ort-cuda-fp16")
@@ -210,7 +211,7 @@ def labelled_set(folder: Path, spec: ModelSpec, class_folders, limit: int | None
 
     s = load_image_set(folder, spec, class_folders, limit=limit)
     if not s.labelled:
-        raise ValueError(f"{folder}: --data must hold one sub-folder per class ({', '.join(class_folders)})")
+        raise DatasetError(f"{folder}: --data must hold one sub-folder per class ({', '.join(class_folders)})")
     return s
 
 
@@ -352,6 +353,9 @@ def run_benchmark(opts: BenchOptions, log=print) -> dict[str, Any]:
 
     from cadbcnn_train.train import cpu_has_bf16
 
+    for flag, folder in (("--data", opts.data), ("--images", opts.images)):  # before any work
+        if folder is not None and not Path(folder).is_dir():
+            raise DatasetError(f"{flag} {folder}: folder not found")
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     ck, spec, class_folders, files, work = prepare(opts, log)

@@ -49,6 +49,10 @@ class TrainConfig:
         object.__setattr__(self, "model_kwargs", dict(self.model_kwargs))
         object.__setattr__(self, "augment_parts", tuple(self.augment_parts))
         from .augment import PARTS
+        from .model import MODELS
+
+        if self.model not in MODELS:
+            raise ValueError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
 
         unknown = sorted(set(self.augment_parts) - set(PARTS))
         if unknown:

@@ -22,7 +22,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from cadbcnn_runtime._onnxmeta import content_digest
-from cadbcnn_runtime.errors import CadbcnnError, ExportError
+from cadbcnn_runtime.errors import ArgumentError, CadbcnnError, DatasetError, ExportError
 from cadbcnn_runtime.preprocess import IMAGE_SUFFIXES, load_and_preprocess
 from cadbcnn_runtime.session import make_session
 from cadbcnn_runtime.spec import METADATA_KEY, ModelSpec
@@ -32,6 +32,7 @@ from cadbcnn_train.train import git_commit, software_versions
 from .formats import FORMATS, Format
 
 DEFAULT_OPSET = 18
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 
 
@@ -56,10 +57,10 @@ def load_image_set(folder: Path, spec: ModelSpec, class_folders: Sequence[str], 
     """Images from DIR (recursively). Sub-folders named like the model's class folders give labels."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise ExportError(f"{folder}: image folder not found")
+        raise DatasetError(f"{folder}: image folder not found")
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise ExportError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+        raise DatasetError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
     if limit is not None and len(files) > limit:
         rng = np.random.default_rng(seed)
         files = sorted(files[i] for i in rng.choice(len(files), limit, replace=False))
@@ -74,7 +75,7 @@ def load_image_set(folder: Path, spec: ModelSpec, class_folders: Sequence[str], 
         labels.append(index.get(rel[0], -1) if len(rel) > 1 else -1)
         paths.append(str(f))
     if not xs:
-        raise ExportError(f"{folder}: none of the images could be decoded")
+        raise DatasetError(f"{folder}: none of the images could be decoded")
     return ImageSet(np.stack(xs), np.asarray(labels), paths)
 
 
@@ -361,6 +362,26 @@ class ExportOptions:
     no_gate: bool = False                 # write INT8/FP16 even when their gates fail (loudly)
     seed: int = 0
 
+    def validate(self, out: Path) -> None:
+        """Refuse bad arguments before any work (exit 2), never after a model was written."""
+        problems = []
+        if Path(out).suffix != ".onnx":
+            problems.append(f"{out}: the output file must end in .onnx")
+        if self.opset < 17:
+            problems.append(f"--opset {self.opset} is too old: LayerNormalization needs opset >= 17")
+        if self.int8 and self.calibration_data is None:
+            problems.append("--int8 needs --calibration-data DIR (a few hundred representative images)")
+        if self.calibration_method not in CALIBRATION_METHODS:
+            problems.append(f"--calibration-method {self.calibration_method!r} is not one of "
+                            f"{', '.join(CALIBRATION_METHODS)}")
+        for flag, folder in (("--calibration-data", self.calibration_data), ("--parity-data", self.parity_data)):
+            if folder is not None and not Path(folder).is_dir():
+                problems.append(f"{flag} {folder}: folder not found")
+        if self.calibration_size < 1 or (self.parity_limit is not None and self.parity_limit < 1):
+            problems.append("--calibration-size and --parity-limit must be >= 1")
+        if problems:
+            raise ArgumentError("; ".join(problems))
+
 
 def _atomic_write(proto: onnx.ModelProto, dest: Path) -> None:
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
@@ -404,8 +425,7 @@ def export_checkpoint(checkpoint: Path, out: Path, opts: ExportOptions | None = 
     opts = opts or ExportOptions()
     t0 = time.time()
     out = Path(out)
-    if out.suffix != ".onnx":
-        raise ExportError(f"{out}: the output file must end in .onnx")
+    opts.validate(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     ck = load_checkpoint(checkpoint)
     model = ck.build_model()
@@ -500,8 +520,6 @@ def export_checkpoint(checkpoint: Path, out: Path, opts: ExportOptions | None = 
 
     # -- INT8 ------------------------------------------------------------------
     if opts.int8:
-        if opts.calibration_data is None:
-            raise ExportError("--int8 needs --calibration-data DIR (a few hundred representative images)")
         fmt = FORMATS["int8"]
         art = Artifact("int8", variant_path(out, fmt))
         calib = load_image_set(opts.calibration_data, spec, ck.class_folders, limit=opts.calibration_size,

@@ -168,4 +168,5 @@ def test_variant_gate_failure_blocks_the_file_unless_no_gate(small, tmp_path, mo
 def test_int8_needs_calibration_data(small, tmp_path):
     ck, _, _ = small
     r = runner.invoke(app, [str(ck), "-o", str(tmp_path / "m.onnx"), "--int8"])
-    assert r.exit_code == 3 and "--calibration-data" in r.output
+    assert r.exit_code == 2 and "--calibration-data" in r.output  # a usage error, refused before any work
+    assert not (tmp_path / "m.onnx").exists()
