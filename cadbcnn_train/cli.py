@@ -138,19 +138,24 @@ def fit_ood_cmd(
 
 @app.command()
 def calibrate(
-    checkpoint: Path = typer.Argument(..., help="A checkpoint written by `cadbcnn-train fit`."),
+    checkpoint: Path = typer.Argument(..., help="A checkpoint written by `cadbcnn-train fit`, or an exported .onnx "
+                                      "model (then --split-file and --out are required; torch is not used)."),
     data: Path = typer.Option(..., help="The dataset root the checkpoint was trained on."),
     split_file: Optional[Path] = typer.Option(None, help="Split CSV (default: split.csv next to the checkpoint)."),
-    out: Optional[Path] = typer.Option(None, help="Write the updated checkpoint here (default: in place)."),
+    out: Optional[Path] = typer.Option(None, help="Write the updated checkpoint / model here (default: in place)."),
     target_risk: float = typer.Option(0.005, min=0.0, max=1.0, help="Review rule: the lowest confidence at which "
                                       "at most this fraction of non-reviewed validation images is wrong."),
 ) -> None:
-    """Fit the temperature (validation NLL) and the review threshold (validation risk–coverage) of a checkpoint."""
-    from .train import calibrate_checkpoint
+    """Fit the temperature (validation NLL), the review threshold (validation risk–coverage) and the
+    field-content check (training split) of a checkpoint or of an exported ONNX model."""
+    from .train import calibrate_checkpoint, calibrate_onnx
 
     try:
-        calibrate_checkpoint(checkpoint, data, split_file=split_file, out=out, target_risk=target_risk,
-                             log=typer.echo)
+        if checkpoint.suffix == ".onnx":
+            calibrate_onnx(checkpoint, data, split_file=split_file, out=out, target_risk=target_risk, log=typer.echo)
+        else:
+            calibrate_checkpoint(checkpoint, data, split_file=split_file, out=out, target_risk=target_risk,
+                                 log=typer.echo)
     except CadbcnnError as exc:
         _fail(exc)
 

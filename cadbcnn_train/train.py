@@ -610,3 +610,26 @@ def calibrate_checkpoint(checkpoint: Path, data: Path, *, split_file: Path | Non
         f"{entry['before']['nll']:.4f} → {entry['after']['nll']:.4f}, ECE {entry['before']['ece_15']:.4f} → "
         f"{entry['after']['ece_15']:.4f}); review threshold {review:.4f} → {dest}")
     return entry
+
+
+def calibrate_onnx(model: Path, data: Path, *, split_file: Path | None, out: Path | None = None,
+                   target_risk: float = TARGET_RISK, log=print) -> ModelSpec:
+    """``calibrate`` for a model that exists only as ONNX (torch-free path: ``cadbcnn_runtime.respec``)."""
+    from cadbcnn_runtime.respec import calibrate_model
+    from cadbcnn_runtime.spec import ModelSpec as Spec
+
+    if split_file is None:
+        raise DatasetError(f"{model}: an ONNX model has no split.csv beside it; pass --split-file (the training "
+                           "run's split)")
+    folders = Spec.from_onnx(model).training.get("class_folders")
+    if not folders:
+        raise DatasetError(f"{model}: its spec does not record the training class folders; use the checkpoint")
+    root = Path(data)
+    rows = D.split_rows(Path(split_file))
+    val = [(root / r["path"], folders.index(r["label"])) for r in rows if r["split"] == "val"]
+    train = [root / r["path"] for r in rows if r["split"] == "train"]
+    missing = [p for p, _ in val[:1]] + train[:1]
+    if not val or not train or not all(p.is_file() for p in missing):
+        raise DatasetError(f"{split_file}: needs train and val rows whose images exist under {root}")
+    return calibrate_model(model, Path(out) if out else Path(model), val=val, train=train, target_risk=target_risk,
+                           log=log)

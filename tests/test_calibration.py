@@ -97,3 +97,17 @@ def test_cli_calibrate(tmp_path):
     assert spec.calibration["review_target_risk"] == 0.01
     r = CliRunner().invoke(app, ["calibrate", str(tmp_path / "run" / "best.pt"), "--data", str(tmp_path / "nope")])
     assert r.exit_code == 2 and "nope" in r.output
+
+
+def test_cli_calibrate_onnx_needs_a_split_and_class_folders(tmp_path, onnx_model):
+    from typer.testing import CliRunner
+
+    from cadbcnn_train.cli import app
+
+    data = make_dataset(tmp_path / "d", per_class=4, size=32)
+    r = CliRunner().invoke(app, ["calibrate", str(onnx_model), "--data", str(data), "--out", str(tmp_path / "o.onnx")])
+    assert r.exit_code == 2 and "--split-file" in r.output
+    (tmp_path / "split.csv").write_text("path,label,split\nBenign/Benign-001.png,Benign,val\n")
+    r = CliRunner().invoke(app, ["calibrate", str(onnx_model), "--data", str(data), "--split-file",
+                                 str(tmp_path / "split.csv"), "--out", str(tmp_path / "o.onnx")])
+    assert r.exit_code == 2 and "class folders" in r.output and not (tmp_path / "o.onnx").exists()

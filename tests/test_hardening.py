@@ -23,7 +23,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cadbcnn_runtime import ArgumentError, Classifier, ImageError, ModelSpec, read_image
-from cadbcnn_runtime._onnxmeta import _fields, _varint
+from cadbcnn_runtime.respec import _with_metadata
 from cadbcnn_runtime.cli import app
 from cadbcnn_runtime.errors import ModelSpecError
 from cadbcnn_runtime.results import OutputLock, escape_cell, unescape_cell
@@ -340,37 +340,8 @@ def test_resume_reads_the_newest_state_and_rewrites_the_partial_atomically(tmp_p
 
 # -- model files ----------------------------------------------------------------------------------------------------
 def _replace_spec(data: bytes, value: bytes) -> bytes:
-    """The ONNX bytes with the cadbcnn.spec metadata value replaced by VALUE (raw protobuf surgery, no onnx)."""
-    def varint(n: int) -> bytes:
-        out = bytearray()
-        while True:
-            b = n & 0x7F
-            n >>= 7
-            out.append(b | (0x80 if n else 0))
-            if not n:
-                return bytes(out)
-
-    def ld(field: int, payload: bytes) -> bytes:
-        return varint(field << 3 | 2) + varint(len(payload)) + payload
-
-    buf, pos, out = memoryview(data), 0, bytearray()
-    while pos < len(buf):
-        start = pos
-        key, pos = _varint(buf, pos)
-        wire, payload = key & 7, None
-        if wire == 0:
-            _, pos = _varint(buf, pos)
-        elif wire == 2:
-            length, pos = _varint(buf, pos)
-            payload, pos = buf[pos:pos + length], pos + length
-        else:
-            pos += 8 if wire == 1 else 4
-        record = bytes(buf[start:pos])
-        if key >> 3 == 14 and payload is not None and any(
-                w == 2 and n == 1 and bytes(v) == METADATA_KEY.encode() for n, w, v in _fields(payload)):
-            record = ld(14, ld(1, METADATA_KEY.encode()) + ld(2, value))
-        out += record
-    return bytes(out)
+    """The ONNX bytes with the cadbcnn.spec metadata value replaced by VALUE as is (no re-stamping)."""
+    return _with_metadata(data, value)
 
 
 def test_edited_specs_and_weights_are_refused(tmp_path, onnx_model):

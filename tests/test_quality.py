@@ -7,10 +7,10 @@ import pytest
 from typer.testing import CliRunner
 
 from cadbcnn_runtime import Classifier, ModelSpec
-from cadbcnn_runtime._onnxmeta import content_digest
 from cadbcnn_runtime.cli import app
 from cadbcnn_runtime.quality import content_scores, fit_quality
-from test_hardening import _replace_spec, png
+from cadbcnn_runtime.respec import replace_spec
+from test_hardening import png
 
 pytestmark = pytest.mark.runtime
 
@@ -55,11 +55,8 @@ def test_fit_quality_rule():
 
 
 def _with_quality(onnx_model, dst, min_content=5.0):
-    data = onnx_model.read_bytes()
-    spec = ModelSpec.from_onnx(onnx_model).replace(
-        quality={"measure": "test", "min_content": min_content}, content_sha256=None)
-    spec = spec.replace(content_sha256=content_digest(data, spec.hashed_json()))  # what the exporter does
-    dst.write_bytes(_replace_spec(data, spec.to_json().encode()))
+    spec = ModelSpec.from_onnx(onnx_model).replace(quality={"measure": "test", "min_content": min_content})
+    dst.write_bytes(replace_spec(onnx_model.read_bytes(), spec))  # re-stamped, as the exporter would
     return dst
 
 
@@ -78,3 +75,32 @@ def test_blank_fields_always_need_review(onnx_model, tmp_path):
     rows = {row["path"]: row for row in csv.DictReader((tmp_path / "r.csv").open())}
     assert rows["blank.png"]["low_content"] == "True" and rows["blank.png"]["needs_review"] == "True"
     assert rows["noise.png"]["low_content"] == "False"
+
+
+def test_replace_spec_keeps_the_graph_and_restamps(onnx_model, tmp_path):
+    from cadbcnn_runtime._onnxmeta import content_digest
+
+    data = onnx_model.read_bytes()
+    spec = ModelSpec.from_onnx(onnx_model)
+    new = replace_spec(data, spec.replace(review_threshold=0.42))
+    assert content_digest(new, "x") == content_digest(data, "x")  # every non-metadata byte unchanged
+    (tmp_path / "n.onnx").write_bytes(new)
+    with Classifier.from_file(tmp_path / "n.onnx", device="cpu") as a, Classifier.from_file(onnx_model) as b:
+        x = np.stack([structured(seed=s).transpose(2, 0, 1) for s in range(3)])
+        assert a.spec.review_threshold == 0.42 and np.array_equal(a.run(x), b.run(x))
+
+
+def test_calibrate_model_torch_free(onnx_model, tmp_path):
+    from cadbcnn_runtime.respec import calibrate_model
+
+    d = tmp_path / "imgs"
+    val, train = [], []
+    for i in range(24):
+        val.append((png(d / f"v{i}.png", seed=i, size=64), i % 4))
+        train.append(png(d / f"t{i}.png", seed=100 + i, size=64))
+    spec = calibrate_model(onnx_model, tmp_path / "cal.onnx", val=val, train=train, log=lambda *a: None)
+    loaded = ModelSpec.from_onnx(tmp_path / "cal.onnx")
+    assert loaded.calibration["temperature"] == spec.calibration["temperature"] > 0
+    assert loaded.quality["min_content"] > 0 and 0 < loaded.review_threshold <= 1
+    with Classifier.from_file(tmp_path / "cal.onnx", device="cpu") as clf:
+        assert clf.temperature == spec.calibration["temperature"]

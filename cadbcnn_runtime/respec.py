@@ -1,0 +1,121 @@
+"""Change an exported model's spec without touching its graph — torch-free.
+
+``replace_spec`` rewrites the ``cadbcnn.spec`` metadata entry of the ONNX bytes (protobuf surgery with the
+runtime's own reader; no onnx package) and re-stamps ``content_sha256`` exactly as the exporter does, so the
+result loads in the runtime and its graph bytes are identical to the source's. ``calibrate_model`` uses it to
+fit a temperature, a review threshold and the field-content check on labelled held-out images and training
+images of a model that exists only as ONNX (e.g. the released one).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ._onnxmeta import _fields, _varint, content_digest, read_model_bytes
+from .calibration import TARGET_RISK, fit_calibration
+from .errors import ArgumentError, ExportError
+from .quality import content_scores, fit_quality
+from .spec import METADATA_KEY, ModelSpec
+
+_METADATA_PROPS = 14
+
+
+def _varint_bytes(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    return _varint_bytes(number << 3 | 2) + _varint_bytes(len(payload)) + payload
+
+
+def _with_metadata(data: bytes, value: bytes) -> bytes:
+    """DATA with its cadbcnn.spec metadata entry's value replaced by VALUE (appended when absent)."""
+    buf, pos, out, replaced = memoryview(data), 0, bytearray(), False
+    entry = _field(_METADATA_PROPS, _field(1, METADATA_KEY.encode()) + _field(2, value))
+    while pos < len(buf):
+        start = pos
+        key, pos = _varint(buf, pos)
+        wire, payload = key & 7, None
+        if wire == 0:
+            _, pos = _varint(buf, pos)
+        elif wire == 2:
+            length, pos = _varint(buf, pos)
+            payload, pos = buf[pos:pos + length], pos + length
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+        if key >> 3 == _METADATA_PROPS and payload is not None and any(
+                w == 2 and n == 1 and bytes(v) == METADATA_KEY.encode() for n, w, v in _fields(payload)):
+            out += entry
+            replaced = True
+        else:
+            out += buf[start:pos]
+    if not replaced:
+        out += entry
+    return bytes(out)
+
+
+def replace_spec(data: bytes, spec: ModelSpec) -> bytes:
+    """The model bytes with SPEC embedded and stamped (graph, weights and every other field unchanged)."""
+    spec = spec.without_content_hash()
+    stamped = spec.replace(content_sha256=content_digest(data, spec.hashed_json()))
+    return _with_metadata(data, stamped.to_json().encode("utf-8"))
+
+
+def _atomic_write(data: bytes, dest: Path) -> None:
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def calibrate_model(model: Path, out: Path, *, val: Sequence[tuple[Path, int]], train: Sequence[Path],
+                    target_risk: float = TARGET_RISK, log: Callable[[str], None] = print) -> ModelSpec:
+    """Fit temperature + review threshold (VAL: labelled held-out images) and the field-content check (TRAIN
+    images) of an ONNX model, and write it to OUT with the new spec. The graph is not touched: a check reruns
+    both files on some validation images and requires identical logits."""
+    from .classifier import Classifier
+
+    if not val or not train:
+        raise ArgumentError("calibration needs labelled validation images and training images")
+    if Path(out).suffix != ".onnx":
+        raise ArgumentError(f"{out}: the output file must end in .onnx")
+    clf = Classifier.from_file(model, device="cpu")
+
+    def inputs(paths: Sequence[Path]):
+        for i in range(0, len(paths), 32):
+            yield np.stack([clf.preprocess(p) for p in paths[i:i + 32]])
+
+    logits = np.concatenate([clf.run(x) for x in inputs([p for p, _ in val])])
+    labels = np.array([k for _, k in val])
+    entry, review = fit_calibration(logits, labels, target_risk=target_risk,
+                                    fitted_on=f"validation split ({len(val)} images)")
+    quality = fit_quality(np.concatenate([content_scores(x) for x in inputs(list(train))]),
+                          fitted_on=f"training split ({len(train)} images)")
+    spec = clf.spec.replace(calibration=entry, review_threshold=review, quality=quality)
+    _atomic_write(replace_spec(read_model_bytes(model), spec), Path(out))
+    with Classifier.from_file(out, device="cpu") as new:
+        x = next(inputs([p for p, _ in val[:16]]))
+        if not np.array_equal(new.run(x), clf.run(x)) or new.spec != spec.replace(content_sha256=new.spec.content_sha256):
+            Path(out).unlink(missing_ok=True)
+            raise ExportError(f"{out}: the re-specced model does not reproduce the source's logits; nothing written")
+    log(f"temperature {entry['temperature']:.4f} (validation NLL {entry['before']['nll']:.4f} → "
+        f"{entry['after']['nll']:.4f}, ECE {entry['before']['ece_15']:.4f} → {entry['after']['ece_15']:.4f}); review "
+        f"below {review:.4f}; field-content minimum {quality['min_content']:.2f} → {out}")
+    return spec
