@@ -7,7 +7,6 @@ after all of its gates passed.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import tempfile
 import time
@@ -24,10 +23,11 @@ from onnx import TensorProto, helper, numpy_helper
 from cadbcnn_runtime._onnxmeta import content_digest
 from cadbcnn_runtime.errors import ArgumentError, CadbcnnError, DatasetError, ExportError
 from cadbcnn_runtime.preprocess import IMAGE_SUFFIXES, load_and_preprocess
+from cadbcnn_runtime.reliability import softmax
 from cadbcnn_runtime.session import make_session
 from cadbcnn_runtime.spec import METADATA_KEY, ModelSpec
 from cadbcnn_train.checkpoint import Checkpoint, load_checkpoint, weights_sha256
-from cadbcnn_train.train import git_commit, software_versions
+from cadbcnn_train.train import git_commit
 
 from .formats import FORMATS, Format
 
@@ -112,12 +112,6 @@ def ort_outputs(session: ort.InferenceSession, x: np.ndarray, batch: int = 32):
     outs = [session.run(names, {INPUT_NAME: x[i:i + batch]}) for i in range(0, len(x), batch)]
     logits = np.concatenate([o[0] for o in outs])
     return logits, (np.concatenate([o[1] for o in outs]) if len(names) > 1 else None)
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(1, keepdims=True)
 
 
 def compare(ref, got, labels: np.ndarray | None = None, class_names: Sequence[str] = (),
@@ -558,7 +552,6 @@ def _gate_runtime_probabilities(art: Artifact, proto: onnx.ModelProto, out: Path
     temperature) and compare its probabilities with PyTorch's softmax(logits / T)."""
     from cadbcnn_runtime.calibration import temperature_of
     from cadbcnn_runtime.classifier import Classifier
-    from cadbcnn_runtime.reliability import softmax as calibrated_softmax
 
     tmp = out.with_name(f".{out.name}.{os.getpid()}.runtime-check.onnx")
     try:
@@ -569,7 +562,7 @@ def _gate_runtime_probabilities(art: Artifact, proto: onnx.ModelProto, out: Path
         raise ExportError(f"the exported model is refused by cadbcnn_runtime: {exc}") from exc
     finally:
         tmp.unlink(missing_ok=True)
-    diff = float(np.abs(got - calibrated_softmax(ref_logits, temperature_of(spec.calibration))).max())
+    diff = float(np.abs(got - softmax(ref_logits, temperature_of(spec.calibration))).max())
     art.parity["runtime_probabilities"] = {"n": int(len(x)), "temperature": temperature_of(spec.calibration),
                                            "max_abs_prob": diff}
     art.gates.append(Gate("cadbcnn_runtime calibrated probabilities (random_b8) max |Δp|", diff <= tol, diff, tol,
