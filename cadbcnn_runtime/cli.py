@@ -74,6 +74,10 @@ def infer(
     except CadbcnnError as exc:
         _say(f"error: {exc}")
         raise typer.Exit(exc.exit_code if exc.exit_code != 1 else 2)
+    except OSError as exc:  # the output itself (disk full, read-only folder): a failure of the run, not of a file
+        _say(f"error: cannot write the results ({exc.strerror or exc}: {exc.filename or out}); finished rows, if "
+             "any, are in the .partial file — free space or choose another --out, then rerun with --resume")
+        raise typer.Exit(2)
     raise typer.Exit(code)
 
 
