@@ -292,6 +292,14 @@ def test_released_model_is_the_default_and_classifies_the_samples():
 
 
 @pytest.mark.skipif(not RELEASED.is_file(), reason="no released model in models/ yet")
+def test_released_model_never_calls_a_blank_field_silently():
+    with Classifier.from_file(device="cpu") as c:
+        assert c.spec.quality and c.spec.calibration
+        for p in c.predict_batch([np.full((224, 224, 3), v, np.uint8) for v in range(0, 256, 20)]):
+            assert p.needs_review and p.low_content
+
+
+@pytest.mark.skipif(not RELEASED.is_file(), reason="no released model in models/ yet")
 def test_model_card_lists_the_sha256_of_every_released_file():
     """Replacing a released file without updating models/MODEL_CARD.md fails here."""
     import hashlib
