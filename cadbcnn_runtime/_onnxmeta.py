@@ -35,26 +35,32 @@ def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
             raise ValueError("varint too long")
 
 
-def _fields(buf: memoryview):
+def _records(buf: memoryview):
+    """Every top-level record: (field number, wire type, value, start, end) — value is the varint for wire
+    type 0, the payload for 2, None otherwise; ``buf[start:end]`` is the record as stored."""
     pos = 0
     while pos < len(buf):
+        start = pos
         key, pos = _varint(buf, pos)
-        number, wire = key >> 3, key & 7
+        number, wire, value = key >> 3, key & 7, None
         if wire == 0:
             value, pos = _varint(buf, pos)
-            yield number, wire, value
-        elif wire == 1:
-            pos += 8
         elif wire == 2:
             length, pos = _varint(buf, pos)
-            if pos + length > len(buf):
-                raise ValueError("truncated field")
-            yield number, wire, buf[pos:pos + length]
-            pos += length
-        elif wire == 5:
-            pos += 4
+            value, pos = buf[pos:pos + length], pos + length
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
         else:
             raise ValueError(f"unsupported wire type {wire}")
+        if pos > len(buf):
+            raise ValueError("truncated field")
+        yield number, wire, value, start, pos
+
+
+def _fields(buf: memoryview):
+    for number, wire, value, _, _ in _records(buf):
+        if wire in (0, 2):
+            yield number, wire, value
 
 
 def parse_metadata_props(data: bytes) -> dict[str, str]:
@@ -84,26 +90,9 @@ def content_digest(data: bytes, spec_json: str) -> str:
     """
     h = hashlib.sha256(b"cadbcnn-content-v1\0")
     buf = memoryview(data)
-    pos = 0
-    while pos < len(buf):
-        start = pos
-        key, pos = _varint(buf, pos)
-        wire = key & 7
-        if wire == 0:
-            _, pos = _varint(buf, pos)
-        elif wire == 1:
-            pos += 8
-        elif wire == 2:
-            length, pos = _varint(buf, pos)
-            pos += length
-        elif wire == 5:
-            pos += 4
-        else:
-            raise ValueError(f"unsupported wire type {wire}")
-        if pos > len(buf):
-            raise ValueError("truncated field")
-        if key >> 3 != _METADATA_PROPS:
-            h.update(buf[start:pos])
+    for number, _, _, start, end in _records(buf):
+        if number != _METADATA_PROPS:
+            h.update(buf[start:end])
     h.update(b"\0")
     h.update(spec_json.encode("utf-8"))
     return h.hexdigest()

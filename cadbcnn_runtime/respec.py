@@ -15,13 +15,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ._onnxmeta import _fields, _varint, content_digest, read_model_bytes
+from ._onnxmeta import _METADATA_PROPS, _fields, _records, content_digest, read_model_bytes
 from .calibration import TARGET_RISK, fit_calibration
 from .errors import ArgumentError, ExportError
 from .quality import content_scores, fit_quality
 from .spec import METADATA_KEY, ModelSpec
 
-_METADATA_PROPS = 14
 
 
 def _varint_bytes(n: int) -> bytes:
@@ -40,27 +39,15 @@ def _field(number: int, payload: bytes) -> bytes:
 
 def _with_metadata(data: bytes, value: bytes) -> bytes:
     """DATA with its cadbcnn.spec metadata entry's value replaced by VALUE (appended when absent)."""
-    buf, pos, out, replaced = memoryview(data), 0, bytearray(), False
+    buf, out, replaced = memoryview(data), bytearray(), False
     entry = _field(_METADATA_PROPS, _field(1, METADATA_KEY.encode()) + _field(2, value))
-    while pos < len(buf):
-        start = pos
-        key, pos = _varint(buf, pos)
-        wire, payload = key & 7, None
-        if wire == 0:
-            _, pos = _varint(buf, pos)
-        elif wire == 2:
-            length, pos = _varint(buf, pos)
-            payload, pos = buf[pos:pos + length], pos + length
-        elif wire in (1, 5):
-            pos += 8 if wire == 1 else 4
-        else:
-            raise ValueError(f"unsupported wire type {wire}")
-        if key >> 3 == _METADATA_PROPS and payload is not None and any(
+    for number, wire, payload, start, end in _records(buf):
+        if number == _METADATA_PROPS and wire == 2 and any(
                 w == 2 and n == 1 and bytes(v) == METADATA_KEY.encode() for n, w, v in _fields(payload)):
             out += entry
             replaced = True
         else:
-            out += buf[start:pos]
+            out += buf[start:end]
     if not replaced:
         out += entry
     return bytes(out)
