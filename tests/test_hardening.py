@@ -225,10 +225,16 @@ def test_deep_trees_do_not_recurse(tmp_path, onnx_model):
         p.mkdir()
     png(p / "bottom.png")
     png(d / "top.png")
-    r = runner.invoke(app, [str(d), "--model", str(onnx_model), "--out", str(tmp_path / "r.csv"), "-q", "-r"])
-    assert r.exit_code == 0, r.output
-    paths = [row["path"] for row in rows_of(tmp_path / "r.csv")]
-    assert len(paths) == 2 and any(x.endswith("/d/bottom.png") and x.count("/") == 1100 for x in paths)
+    try:
+        r = runner.invoke(app, [str(d), "--model", str(onnx_model), "--out", str(tmp_path / "r.csv"), "-q", "-r"])
+        assert r.exit_code == 0, r.output
+        paths = [row["path"] for row in rows_of(tmp_path / "r.csv")]
+        assert len(paths) == 2 and any(x.endswith("/d/bottom.png") and x.count("/") == 1100 for x in paths)
+    finally:  # remove it bottom-up: pytest's own tmp clean-up (shutil.rmtree) would recurse too deeply
+        (p / "bottom.png").unlink(missing_ok=True)
+        while p != d:
+            p.rmdir()
+            p = p.parent
 
 
 def test_ctrl_c_stops_a_run_promptly_and_keeps_rows(tmp_path, onnx_model):
