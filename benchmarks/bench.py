@@ -90,13 +90,9 @@ class PeakRSS:
 def conditions(threads: list[int], providers_used: dict[str, list[str]]) -> dict[str, Any]:
     import onnxruntime as ort
 
-    cpu, flags = platform.processor(), set()
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        cpu = next(l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name"))
-        flags = set(next(l.split(":", 1)[1].split() for l in info.splitlines() if l.startswith("flags")))
-    except (OSError, StopIteration):
-        pass
+    from cadbcnn_runtime.machine import cpu_info
+
+    cpu, flags = cpu_info().name, set(cpu_info().flags)
     gpu = None
     try:
         gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,

@@ -60,6 +60,11 @@ def default_model_path() -> Path:
         "Pass a model exported with `cadbcnn-export` (--model PATH / Classifier.from_file(path)).")
 
 
+def _check_device(device: str) -> None:
+    if device not in ("auto", "cpu", "cuda"):
+        raise DeviceError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+
+
 def _cuda_available(ort) -> bool:
     return CUDA_EP in ort.get_available_providers()
 
@@ -92,14 +97,28 @@ class Classifier:
         ``device``: ``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA when its EP is available). Asking for
         ``"cuda"`` where it is not available raises ``DeviceError`` unless ``allow_fallback``.
         """
-        import onnxruntime as ort
-
         path = Path(path) if path is not None else default_model_path()
-        if device not in ("auto", "cpu", "cuda"):
-            raise DeviceError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+        _check_device(device)
         if not path.is_file():
             raise ModelLoadError(f"{path}: model file not found. Check the path, or export one with "
                                  "`cadbcnn-export CHECKPOINT -o MODEL.onnx`.")
+        return cls.from_bytes(read_model_bytes(path), name=path, device=device, threads=threads,
+                              allow_fallback=allow_fallback, review_threshold=review_threshold,
+                              ood_threshold=ood_threshold)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, name: str | os.PathLike = "<bytes>", device: str = "auto",
+                   threads: int | None = None, allow_fallback: bool = False, review_threshold: float | None = None,
+                   ood_threshold: float | None = None) -> "Classifier":
+        """Load and validate a model held in memory (e.g. shipped to a worker on another machine).
+
+        The same checks as ``from_file``: spec, content hash, graph inputs/outputs, device. ``name`` is the
+        model's origin, used in messages and as ``Classifier.path``.
+        """
+        import onnxruntime as ort
+
+        path = Path(name)
+        _check_device(device)
         want_cuda = device == "cuda" or (device == "auto" and _cuda_available(ort))
         if device == "cuda" and not _cuda_available(ort) and not allow_fallback:
             raise DeviceError(
@@ -109,7 +128,6 @@ class Classifier:
                 "libraries, or use --device cpu / --allow-fallback.")
         providers = [CUDA_EP, CPU_EP] if want_cuda and _cuda_available(ort) else [CPU_EP]
 
-        data = read_model_bytes(path)
         meta = metadata_of(data, path)
         spec = ModelSpec.from_metadata(meta, source=str(path))
         verify_content(data, spec, json.loads(meta[METADATA_KEY]), path)

@@ -131,13 +131,26 @@ class Summary:
     def images_per_s(self) -> float:
         return self.ok / self.seconds if self.seconds > 0 else 0.0
 
+    def add(self, row: dict) -> None:
+        """Count one result row (``ok_row`` or ``error_row``)."""
+        if row["status"] != "ok":
+            self.errors += 1
+            return
+        self.ok += 1
+        self.per_class[row["label"]] += 1
+        self.needs_review += bool(row["needs_review"])
+        self.out_of_distribution += row.get("out_of_distribution") is True
+        self.low_content += row.get("low_content") is True
 
-def _decode(clf: Classifier, item: Item):
+
+def _decode(clf: Classifier, item: Item, read: Callable[[Item], bytes] | None = None):
     """(item, input or None, error or None) — never raises for a file's sake."""
     if item.error:
         return item, None, item.error
     try:
-        return item, clf.preprocess(item.path), None
+        if read is None:
+            return item, clf.preprocess(item.path), None
+        return item, clf.preprocess(read(item), name=str(item.path)), None
     except ImageError as exc:
         return item, None, str(exc)
     except MemoryError:
@@ -148,8 +161,11 @@ def _decode(clf: Classifier, item: Item):
 
 def classify_items(clf: Classifier, items: list[Item], *, batch: int = 16, workers: int = 2,
                    on_rows: Callable[[list[dict]], None], progress: Callable[[int], None] | None = None,
-                   summary: Summary | None = None) -> Summary:
+                   summary: Summary | None = None, read: Callable[[Item], bytes] | None = None) -> Summary:
     """Decode (thread pool, bounded read-ahead) → batch → infer → rows. Never stops on a bad file.
+
+    ``read(item) -> bytes`` replaces the local file read (e.g. for object-storage URIs); a failure of it is
+    that item's error row, like any decoding failure.
 
     On any exception of the run itself (Ctrl-C, a model error) queued decodes are cancelled and the pool is
     not waited for, so an interrupt stops the run at once; rows already handed to ``on_rows`` are kept.
@@ -169,7 +185,7 @@ def classify_items(clf: Classifier, items: list[Item], *, batch: int = 16, worke
                 nxt = next(it, None)
                 if nxt is None:
                     return
-                pending.append(pool.submit(_decode, clf, nxt))
+                pending.append(pool.submit(_decode, clf, nxt, read))
 
         fill()
         while pending:
@@ -180,19 +196,10 @@ def classify_items(clf: Classifier, items: list[Item], *, batch: int = 16, worke
             good = [(item, x) for item, x, err in group if err is None]
             preds: list[Prediction] = clf.classify(np.stack([x for _, x in good])) if good else []
             by_item = {id(item): p for (item, _), p in zip(good, preds)}
-            rows = []
-            for item, _, err in group:
-                if err is not None:
-                    rows.append(error_row(item.rel, err, names))
-                    s.errors += 1
-                else:
-                    p = by_item[id(item)]
-                    rows.append(ok_row(item.rel, p))
-                    s.ok += 1
-                    s.per_class[p.label] += 1
-                    s.needs_review += p.needs_review
-                    s.out_of_distribution += p.out_of_distribution
-                    s.low_content += p.low_content
+            rows = [error_row(item.rel, err, names) if err is not None else ok_row(item.rel, by_item[id(item)])
+                    for item, _, err in group]
+            for row in rows:
+                s.add(row)
             on_rows(rows)
             done += len(group)
             if progress:

@@ -15,6 +15,10 @@
   carriage return or ``'`` is written with one extra leading ``'`` so that a spreadsheet shows it as text and
   never runs it as a formula; strip one leading ``'`` to get the value back (``unescape_cell``). JSON and
   JSON-lines are never altered.
+* **Parquet** (``OUT.parquet``; needs ``pyarrow``, e.g. ``pip install 'cadbcnn[distributed]'``): rows stream to
+  ``OUT.parquet.partial`` as JSON lines and are converted at the end into one typed Parquet file (strings,
+  float64 probabilities, booleans; empty cells of error rows are nulls). Parquet strings are UTF-8, so a file
+  name that is not valid UTF-8 is stored with ``\\xNN`` escapes there (``row_key``); resume matches on that key.
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ from pathlib import Path
 from .errors import OutputError
 
 ENCODING, ERRORS = "utf-8", "surrogateescape"
-KINDS = {".csv": "csv", ".jsonl": "jsonl", ".json": "json"}
+KINDS = {".csv": "csv", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
+BOOL_COLUMNS = ("needs_review", "out_of_distribution", "low_content")
+PYARROW_HINT = "pip install 'cadbcnn[distributed]' (or pip install pyarrow)"
 TEXT_COLUMNS = ("path", "label", "error")
 _DANGEROUS = ("=", "+", "-", "@", "\t", "\r", "'")
 _SIGNATURE = ("path", "label", "confidence", "needs_review")
@@ -40,6 +46,21 @@ def escape_cell(value: str) -> str:
 
 def unescape_cell(value: str) -> str:
     return value[1:] if value.startswith("'") and value[1:].startswith(_DANGEROUS) else value
+
+
+def row_key(path: str) -> str:
+    """A row's identity for resume: its path, with bytes that are not UTF-8 as ``\\xNN`` (as Parquet stores it)."""
+    return path.encode(ENCODING, ERRORS).decode(ENCODING, "backslashreplace")
+
+
+def _pyarrow(what: str):
+    try:
+        import pyarrow
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        raise OutputError(f"{what}: Parquet needs pyarrow, which is not installed; {PYARROW_HINT}, or choose a "
+                          ".csv/.jsonl/.json --out") from None
+    return pyarrow
 
 
 def partial_path(out: Path) -> Path:
@@ -55,7 +76,8 @@ def output_kind(out: Path) -> str:
 
 def check_output_path(out: Path) -> None:
     """Refuse, before any work, an output that is a directory, has no parent folder or an unknown type."""
-    output_kind(out)
+    if output_kind(out) == "parquet":
+        _pyarrow(str(out))
     if out.is_dir():
         raise OutputError(f"{out}: is a directory; pass a file name such as {out / 'results.csv'}")
     if not out.parent.is_dir():
@@ -129,6 +151,14 @@ def written_by_cadbcnn(path: Path) -> bool:
     except OSError:
         return False
     kind = KINDS.get(path.suffix.lower()) or KINDS.get(Path(path.stem).suffix.lower())  # OUT.csv.partial
+    if kind == "parquet" and path.suffix.lower() == ".parquet":
+        try:
+            names = _pyarrow(str(path)).parquet.read_schema(path).names
+        except OutputError:
+            raise
+        except Exception:  # noqa: BLE001 — not a Parquet file at all
+            return False
+        return tuple(names[:4]) == _SIGNATURE and names[-2:] == ["status", "error"]
     if kind == "csv":
         header = next(csv.reader(io.StringIO(text, newline="")), [])
         return tuple(header[:4]) == _SIGNATURE and header[-2:] == ["status", "error"]
@@ -144,6 +174,15 @@ def check_not_foreign(out: Path, *, force: bool) -> None:
 
 
 def _rows_of(path: Path, kind: str) -> tuple[list[str] | None, list[dict]]:
+    if kind == "parquet" and path.suffix.lower() == ".parquet":
+        try:
+            table = _pyarrow(str(path)).parquet.read_table(path)
+        except OutputError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise OutputError(f"{path}: cannot be read as Parquet ({exc}); start without --resume or choose another "
+                              "--out") from None
+        return table.schema.names, table.to_pylist()
     with open(path, encoding=ENCODING, errors=ERRORS, newline="") as f:
         text = f.read()
     if kind == "csv":
@@ -196,13 +235,14 @@ def read_previous(out: Path, cols: list[str], class_names) -> list[dict]:
         kept = {}
         for r in rows:
             if _complete_ok(r, cols, class_names):
-                kept[r["path"]] = r  # last one wins
+                kept[row_key(r["path"])] = r  # last one wins
         return list(kept.values())
     return []
 
 
 class ResultsWriter:
-    """CSV / JSONL / JSON writer: rows go to ``OUT.partial`` (flushed per batch), renamed to OUT by ``close``."""
+    """CSV / JSONL / JSON / Parquet writer: rows go to ``OUT.partial`` (flushed per batch); ``close`` renames it
+    to OUT (CSV, JSONL) or converts it (JSON, Parquet)."""
 
     def __init__(self, out: Path, cols: list[str], previous: list[dict]):
         self.out, self.cols = Path(out), cols
@@ -243,6 +283,15 @@ class ResultsWriter:
         self.f.close()
         if not finished:
             return self.partial
+        if self.kind == "parquet":
+            tmp = self.partial.with_name(f".{self.partial.name}.{os.getpid()}.parquet.tmp")
+            try:
+                _write_parquet(self.partial, tmp, self.cols)
+                os.replace(tmp, self.out)
+            finally:
+                tmp.unlink(missing_ok=True)
+            self.partial.unlink(missing_ok=True)
+            return self.out
         if self.kind == "json":
             tmp = self.partial.with_name(f".{self.partial.name}.{os.getpid()}.json.tmp")
             with open(tmp, "w", encoding=ENCODING, errors=ERRORS) as f:
@@ -254,3 +303,37 @@ class ResultsWriter:
             return self.out
         self.partial.replace(self.out)
         return self.out
+
+
+def parquet_schema(cols: list[str]):
+    pa = _pyarrow("parquet")
+    return pa.schema([(c, pa.string() if c in TEXT_COLUMNS or c == "status" else
+                       pa.bool_() if c in BOOL_COLUMNS else pa.float64()) for c in cols])
+
+
+def _write_parquet(jsonl: Path, out: Path, cols: list[str], rows_per_group: int = 65536) -> None:
+    """Convert the JSON-lines partial file to one typed Parquet file, a row group at a time (bounded memory)."""
+    pa = _pyarrow(str(out))
+    schema = parquet_schema(cols)
+    text_cols = {c for c in cols if c in TEXT_COLUMNS or c == "status"}
+
+    def cell(c, v):
+        if v == "" and c not in text_cols or v is None:
+            return None
+        return row_key(v) if c in text_cols else v
+
+    with pa.parquet.ParquetWriter(out, schema) as writer, open(jsonl, encoding=ENCODING, errors=ERRORS) as f:
+        group: list[dict] = []
+        for line in f:
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # cannot happen for a finished run; a cut line is never a whole row
+            group.append({c: cell(c, r.get(c, "")) for c in cols})
+            if len(group) == rows_per_group:
+                writer.write_table(pa.Table.from_pylist(group, schema=schema))
+                group = []
+        if group:
+            writer.write_table(pa.Table.from_pylist(group, schema=schema))
+    with open(out, "rb") as f:
+        os.fsync(f.fileno())

@@ -44,6 +44,7 @@ from .config import TrainConfig
 from .metrics import compute_metrics, write_metrics
 from .model import PRETRAINED_SOURCES, TRUNK_LAYERS, create_model
 from .ood import fit_ood, spec_entry
+from cadbcnn_runtime.machine import cpu_info
 from cadbcnn_runtime.progress import Progress
 
 log = logging.getLogger("cadbcnn_train")
@@ -53,11 +54,7 @@ log = logging.getLogger("cadbcnn_train")
 # Environment helpers
 # ---------------------------------------------------------------------------
 def cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return cpu_info().has_bf16
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

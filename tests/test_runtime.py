@@ -237,9 +237,11 @@ def test_runtime_never_imports_torch(onnx_model):
         "import sys, numpy as np\n"
         "import cadbcnn_runtime\n"
         "from cadbcnn_runtime import Classifier\n"
+        "import cadbcnn_runtime.cli, cadbcnn_runtime.job\n"
         f"c = Classifier.from_file({str(onnx_model)!r}, device='cpu')\n"
         "c.predict(np.zeros((50, 50, 3), np.uint8))\n"
-        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'cadbcnn_train', 'cadbcnn_export')]\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'cadbcnn_train', 'cadbcnn_export',\n"
+        "                                                    'ray', 'pyarrow')]\n"
         "assert not bad, bad\n"
         "print('torch-free')\n"
     )
