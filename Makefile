@@ -7,7 +7,13 @@ TORCH_PIN  = torch==2.14.1 torchvision==0.29.1
 TEST_MODEL = build/test-model.onnx
 MODEL     ?= models/cadbcnn.onnx
 
-.PHONY: install install-runtime test test-main test-runtime demo bench clean
+# Debian packages of the GUI tests: a real X server with OpenGL for the napari widget, headless Chromium for
+# the HTML report. Installed when missing and we are root with apt-get; otherwise those tests skip.
+SYSDEPS = xvfb xauth chromium libgl1 libglx-mesa0 libgl1-mesa-dri libxkbcommon-x11-0 libxcb-icccm4 \
+          libxcb-image0 libxcb-keysyms1 libxcb-randr0 libxcb-render-util0 libxcb-xinerama0 libxcb-xkb1 \
+          libxcb-shape0 libxcb-cursor0 fonts-dejavu-core
+
+.PHONY: install install-runtime sysdeps test test-main test-runtime demo bench clean
 
 install: $(VENV)/.installed
 install-runtime: $(RT_VENV)/.installed
@@ -16,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_PIN)
-	$(BIN)/pip install -q -e ".[train,dev,distributed]"
+	$(BIN)/pip install -q -e ".[train,dev,distributed,napari,bioimageio]"
 	touch $@
 
 # A second environment with the runtime's dependencies only — no torch at all.
@@ -27,7 +33,16 @@ $(RT_VENV)/.installed: pyproject.toml
 	@! $(RT_VENV)/bin/python -c "import torch" 2>/dev/null || (echo "torch leaked into $(RT_VENV)"; exit 1)
 	touch $@
 
-test: test-main test-runtime
+sysdeps:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		missing=$$(for p in $(SYSDEPS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+		if [ -n "$$missing" ]; then \
+			echo "installing Debian packages for the GUI tests:" $$missing; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+		fi; \
+	else echo "sysdeps: not root or no apt-get — the napari and browser tests will be skipped"; fi
+
+test: sysdeps test-main test-runtime
 
 test-main: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
