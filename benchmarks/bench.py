@@ -23,7 +23,9 @@ from typing import Any, Callable
 import numpy as np
 
 from cadbcnn_runtime.errors import DatasetError
-from cadbcnn_runtime.spec import ModelSpec
+from cadbcnn_runtime.machine import git_commit
+from cadbcnn_runtime.reliability import macro_f1
+from cadbcnn_runtime.spec import INPUT_NAME, OUTPUT_NAME, ModelSpec
 
 FORMAT_ORDER = ("torch-fp32", "torch-bf16", "ort-fp32", "ort-int8", "ort-cuda-fp32", "ort-cuda-fp16")
 
@@ -106,11 +108,7 @@ def conditions(threads: list[int], providers_used: dict[str, list[str]]) -> dict
         versions["torch"] = str(torch.__version__)
     except ImportError:
         pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
+    commit = git_commit(short=True)
     return {
         "cpu": cpu, "cores": os.cpu_count(),
         "isa": {k: k in flags for k in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")},
@@ -168,7 +166,7 @@ def ort_runner(name: str, path: Path, provider: str) -> Runner:
             make(t)
 
     def run(x):
-        return state["s"].run(["logits"], {"image": x})[0]
+        return state["s"].run([OUTPUT_NAME], {INPUT_NAME: x})[0]
 
     r = Runner(name, run, set_threads, provider, path.stat().st_size / 1e6, classifier_path=path)
     r.session = lambda: state["s"]  # type: ignore[attr-defined]
@@ -213,13 +211,8 @@ def labelled_set(folder: Path, spec: ModelSpec, class_folders, limit: int | None
 
 def accuracy(logits: np.ndarray, labels: np.ndarray, ref: np.ndarray | None, n_classes: int) -> dict[str, float]:
     pred = logits.argmax(1)
-    f1s = []
-    for k in range(n_classes):
-        tp = np.sum((pred == k) & (labels == k))
-        fp = np.sum((pred == k) & (labels != k))
-        fn = np.sum((pred != k) & (labels == k))
-        f1s.append(2 * tp / max(2 * tp + fp + fn, 1))
-    out = {"top1": float((pred == labels).mean()), "f1_macro": float(np.mean(f1s)), "n": int(len(labels))}
+    out = {"top1": float((pred == labels).mean()), "f1_macro": macro_f1(labels, pred, n_classes),
+           "n": int(len(labels))}
     if ref is not None:
         out["agreement_with_fp32"] = float((pred == ref.argmax(1)).mean())
     return out

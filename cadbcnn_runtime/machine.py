@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import subprocess
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -41,6 +42,16 @@ def parse_cpuinfo(text: str) -> CpuInfo:
         elif key == "flags" and flags is None:
             flags = frozenset(value.split())
     return CpuInfo(name or platform.processor() or platform.machine(), flags or frozenset())
+
+
+def git_commit(short: bool = False) -> str | None:
+    """The commit of the cadbcnn source tree this runs from (None outside a git checkout)."""
+    cmd = ["git", "rev-parse", *(["--short"] if short else []), "HEAD"]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
 
 
 @lru_cache(maxsize=1)

@@ -79,6 +79,19 @@ def softmax(logits: Any, temperature: float = 1.0) -> np.ndarray:
     return np.exp(log_softmax(logits, temperature))
 
 
+def macro_f1(labels: Any, predicted: Any, n_classes: int) -> float:
+    """Unweighted mean over ``n_classes`` of the per-class F1 (a class never true nor predicted scores 0,
+    as scikit-learn's ``f1_score(average="macro", labels=range(n), zero_division=0)``)."""
+    y, p = np.asarray(labels), np.asarray(predicted)
+    f1s = []
+    for k in range(n_classes):
+        tp = np.sum((p == k) & (y == k))
+        fp = np.sum((p == k) & (y != k))
+        fn = np.sum((p != k) & (y == k))
+        f1s.append(2 * tp / max(2 * tp + fp + fn, 1))
+    return float(np.mean(f1s))
+
+
 def _nll_at(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
     return float(-log_softmax(logits, temperature)[np.arange(len(labels)), labels].mean())
 

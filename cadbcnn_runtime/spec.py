@@ -24,6 +24,8 @@ MAX_SPEC_BYTES = 1 << 20
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: The graph's tensor names (the spec records them per model; these are what cadbcnn-export writes).
+INPUT_NAME, OUTPUT_NAME, OOD_OUTPUT_NAME = "image", "logits", "ood_score"
 
 INTERPOLATIONS = ("nearest", "linear", "area", "cubic")
 OUTPUT_SEMANTICS = ("logits",)
@@ -48,7 +50,7 @@ class ModelSpec:
     version: str
     class_names: tuple[str, ...]
     image_size: tuple[int, int] = (224, 224)
-    input_name: str = "image"
+    input_name: str = INPUT_NAME
     input_layout: str = "NCHW"
     input_dtype: str = "uint8"
     color_order: str = "RGB"
@@ -56,7 +58,7 @@ class ModelSpec:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     normalization_in_graph: bool = True
-    output_name: str = "logits"
+    output_name: str = OUTPUT_NAME
     output_semantics: str = "logits"
     review_threshold: float = 0.80
     variant: str = "fp32"              # fp32 | fp32-fp16weights | fp16 | int8 (how the graph computes)

@@ -16,8 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision import models as tvm
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from cadbcnn_runtime.spec import IMAGENET_MEAN, IMAGENET_STD  # one home: the spec module
 
 
 # ---------------------------------------------------------------------------

@@ -14,10 +14,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from cadbcnn_runtime.spec import OOD_OUTPUT_NAME
 from torch.utils.data import DataLoader
 
 METHOD = "mahalanobis-shared-cov"
-OUTPUT_NAME = "ood_score"
+OUTPUT_NAME = OOD_OUTPUT_NAME
 
 
 class OODHead(nn.Module):

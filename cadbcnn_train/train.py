@@ -16,7 +16,6 @@ import logging
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -44,7 +43,7 @@ from .config import TrainConfig
 from .metrics import compute_metrics, write_metrics
 from .model import PRETRAINED_SOURCES, TRUNK_LAYERS, create_model
 from .ood import fit_ood, spec_entry
-from cadbcnn_runtime.machine import cpu_info
+from cadbcnn_runtime.machine import cpu_info, git_commit
 from cadbcnn_runtime.progress import Progress
 
 log = logging.getLogger("cadbcnn_train")
@@ -70,15 +69,6 @@ def autocast(device: torch.device, precision: str):
         return nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def software_versions() -> dict[str, str]:

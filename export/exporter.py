@@ -25,15 +25,14 @@ from cadbcnn_runtime.errors import ArgumentError, CadbcnnError, DatasetError, Ex
 from cadbcnn_runtime.preprocess import IMAGE_SUFFIXES, load_and_preprocess
 from cadbcnn_runtime.reliability import softmax
 from cadbcnn_runtime.session import make_session
-from cadbcnn_runtime.spec import METADATA_KEY, ModelSpec
+from cadbcnn_runtime.machine import git_commit
+from cadbcnn_runtime.spec import INPUT_NAME, METADATA_KEY, OUTPUT_NAME, ModelSpec
 from cadbcnn_train.checkpoint import Checkpoint, load_checkpoint, weights_sha256
-from cadbcnn_train.train import git_commit
 
 from .formats import FORMATS, Format
 
 DEFAULT_OPSET = 18
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
-INPUT_NAME, OUTPUT_NAME = "image", "logits"
 
 
 # ---------------------------------------------------------------------------

@@ -63,6 +63,7 @@ def arch_costs(model: str) -> dict:
     from cadbcnn_bench.bench import flops_per_image
     from cadbcnn_export.exporter import torch_to_onnx
     from cadbcnn_runtime.session import make_session
+    from cadbcnn_runtime.spec import INPUT_NAME
     from cadbcnn_train.model import count_parameters, create_model
 
     torch.manual_seed(0)
@@ -71,11 +72,11 @@ def arch_costs(model: str) -> dict:
     s = make_session(proto.SerializeToString(), threads=2)  # what cadbcnn_runtime.Classifier runs
     x = np.zeros((1, 3, 224, 224), np.uint8)
     for _ in range(3):
-        s.run(None, {"image": x})
+        s.run(None, {INPUT_NAME: x})
     times = []
     for _ in range(15):
         t = time.perf_counter()
-        s.run(None, {"image": x})
+        s.run(None, {INPUT_NAME: x})
         times.append(time.perf_counter() - t)
     return {"params_m": count_parameters(m) / 1e6, "gflops": flops_per_image(m, (224, 224)) / 1e9,
             "ort_ms": 1000 * statistics.median(times)}

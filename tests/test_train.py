@@ -182,3 +182,14 @@ def test_cli_recalibrate_bn(tmp_path):
     assert b.raw["bn_recalibrated_on"] == 16 and b.spec.weights_sha256 != a.spec.weights_sha256
     assert torch.equal(a.state_dict["net.conv1.weight"], b.state_dict["net.conv1.weight"])
     assert not torch.equal(a.state_dict["net.bn1.running_mean"], b.state_dict["net.bn1.running_mean"])
+
+
+def test_runtime_macro_f1_is_scikit_learns():
+    from sklearn.metrics import f1_score
+
+    from cadbcnn_runtime.reliability import macro_f1
+
+    rng = np.random.default_rng(3)
+    for n in (2, 4, 5):
+        y, p = rng.integers(0, n, 200), rng.integers(0, n - 1, 200)  # one class never predicted
+        assert abs(macro_f1(y, p, n) - f1_score(y, p, average="macro", labels=range(n), zero_division=0)) < 1e-12
