@@ -84,13 +84,22 @@ _CORE_KEYS = ("format", "format_version", "model_name", "model_kwargs", "class_n
 
 
 def resave_checkpoint(ck: Checkpoint, dest: Path, *, model: nn.Module, spec: ModelSpec | None = None,
-                      metrics: dict | None = None, ood: dict | None = None, extra: dict | None = None) -> None:
-    """Write CK again with new weights/spec/metrics/OOD, keeping everything else it carried (e.g. resume state)."""
+                      metrics: dict | None = None, ood: dict | None = None, extra: dict | None = None,
+                      drop: tuple[str, ...] = ()) -> None:
+    """Write CK again with new weights/spec/metrics/OOD, keeping everything else it carried (e.g. resume state).
+
+    ``drop``: derived fields ("metrics", "ood") to remove rather than keep — they were computed on weights that
+    changed. The caller drops them from ``spec`` too.
+    """
+    unknown = set(drop) - {"metrics", "ood"}
+    if unknown:
+        raise ValueError(f"drop: unknown fields {sorted(unknown)}")
     kept = {k: v for k, v in ck.raw.items() if k not in _CORE_KEYS}
     save_checkpoint(dest, model=model, model_name=ck.model_name, model_kwargs=ck.model_kwargs,
                     spec=spec or ck.spec, class_folders=ck.class_folders, config=ck.config, split_hash=ck.split_hash,
-                    epoch=ck.epoch, metrics=metrics if metrics is not None else ck.metrics,
-                    ood=ood if ood is not None else ck.ood, extra={**kept, **(extra or {})})
+                    epoch=ck.epoch,
+                    metrics=None if "metrics" in drop else metrics if metrics is not None else ck.metrics,
+                    ood=None if "ood" in drop else ood if ood is not None else ck.ood, extra={**kept, **(extra or {})})
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:

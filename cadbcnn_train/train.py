@@ -534,13 +534,18 @@ def recalibrate_checkpoint(checkpoint: Path, data: Path, *, split_file: Path | N
                         generator=torch.Generator().manual_seed(seed))
     n = recalibrate_bn(model, loader, torch.device("cpu"), "fp32", images)
     dest = Path(out) if out else Path(checkpoint)
-    # The calibration was fitted on the old weights' logits: drop it (and the review threshold it chose).
+    # Everything derived from the old weights goes with them: the calibration (and the review threshold it
+    # chose), the OOD statistics and threshold (fitted on the old features) and the metrics. The field-content
+    # check reads the input only and stays.
     spec = ck.spec.replace(weights_sha256=weights_sha256(model.state_dict()), calibration=None,
-                           review_threshold=ModelSpec.review_threshold)
-    resave_checkpoint(ck, dest, model=model, spec=spec, extra={"bn_recalibrated_on": n})
+                           review_threshold=ModelSpec.review_threshold, ood=None, metrics=None)
+    resave_checkpoint(ck, dest, model=model, spec=spec, extra={"bn_recalibrated_on": n}, drop=("metrics", "ood"))
+    stale = [what for what, had in (("calibration", ck.spec.calibration), ("OOD statistics", ck.ood or ck.spec.ood),
+                                    ("metrics", ck.metrics or ck.spec.metrics)) if had]
     log(f"BatchNorm statistics recomputed on {n} clean train-split images → {dest}"
-        + ("; its calibration was dropped (fitted on the old weights): run `cadbcnn-train calibrate`"
-           if ck.spec.calibration else ""))
+        + (f"; dropped, as they were computed on the old weights: {', '.join(stale)} — run "
+           "`cadbcnn-train refit-ood`, `cadbcnn-train calibrate` and `cadbcnn-train evaluate --store` on it"
+           if stale else ""))
     return dest
 
 

@@ -184,6 +184,19 @@ def test_cli_recalibrate_bn(tmp_path):
     assert not torch.equal(a.state_dict["net.bn1.running_mean"], b.state_dict["net.bn1.running_mean"])
 
 
+def test_recalibrate_bn_leaves_no_stale_derived_fields(tmp_path):
+    data = make_dataset(tmp_path / "d", per_class=8, size=32)
+    fit(small_cfg(data, tmp_path / "run", epochs=1, max_steps=2, bn_recal_images=0), quiet=True)
+    a = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert a.ood and a.spec.ood and a.spec.metrics is not None  # fit made all three on the old weights
+    r = runner.invoke(app, ["recalibrate-bn", str(tmp_path / "run" / "best.pt"), "--data", str(data),
+                            "--out", str(tmp_path / "re.pt"), "--images", "16"])
+    assert r.exit_code == 0 and "OOD statistics" in r.output and "refit-ood" in r.output, r.output
+    b = load_checkpoint(tmp_path / "re.pt")
+    assert b.ood is None and b.spec.ood is None and b.metrics is None and b.spec.metrics is None
+    assert b.spec.calibration is None and b.spec.quality == a.spec.quality  # input-only check kept
+
+
 def test_runtime_macro_f1_is_scikit_learns():
     from sklearn.metrics import f1_score
 
