@@ -7,7 +7,8 @@
 The rdf is built with ``bioimageio.spec.model.v0_5`` classes (never hand-written YAML), written with
 ``save_bioimageio_package`` and tested with bioimageio.core's ``test_model`` (the code behind ``bioimageio
 test``). Needs the ``bioimageio`` extra (``pip install 'cadbcnn[bioimageio]'``: bioimageio.core and onnx);
-torch-free.
+torch-free. bioimageio.core 0.11.0 pins bioimageio.spec 0.5.12.0, whose file serializer breaks under pydantic
+2.14 (``'index_key' is expected to be an integer or a string``), hence ``pydantic<2.14`` in the extra.
 
 Design decisions
 ================
@@ -38,11 +39,15 @@ test-split samples by default), preprocessed with ``Classifier.preprocess`` and 
 sample TIFF of the first image (and of its outputs) is added for human readers.
 
 Tolerance (``config.bioimageio.reproducibility_tolerance``). Probabilities: absolute 1e-3 and relative 1e-3, no
-mismatched element allowed. FP32 engines (ONNX Runtime CPU, CUDA without TF32) reproduce the logits to about
-1e-5, i.e. probabilities to 1e-5 or better; 1e-3 leaves room for other CPUs and execution providers while a
-real change (other weights, a lost calibration, swapped classes) moves probabilities by far more. OOD score:
-relative 1e-3 and absolute min(1e-3, 1 % of the largest test value) — the spec caps the absolute tolerance at
-1 % of the largest test value.
+mismatched element allowed. On the CPU that computed them the test outputs are reproduced exactly, and the
+package agrees with the runtime to about 1e-7; the 1e-3 margin is for other CPUs and execution providers (not
+measured here: no GPU; TF32 convolutions could need more), while a real change (other weights, a lost
+calibration, swapped classes) moves probabilities by far more. OOD score: relative 1e-3 and absolute
+min(1e-3, 1 % of the largest test value) — the spec caps the absolute tolerance at 1 % of the largest test
+value.
+
+Zip. Members are stored, not deflated (``compress=True`` deflates): float weights shrink by a few per cent only,
+while every reader pays the decompression (``bioimageio test`` reads the weights several times).
 
 Covers. One 2:1 PNG (1024 x 512, shrunk if over the 500 KB the spec asks for; 2:1 or 1:1 are the accepted
 aspect ratios): the first test image, enlarged, with the predicted label and calibrated confidence drawn on it
@@ -72,6 +77,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from zipfile import ZIP_DEFLATED, ZIP_STORED
 from typing import Any, Sequence
 
 import numpy as np
@@ -87,6 +93,7 @@ PROBABILITIES = "probabilities"
 PACKAGE_METADATA_KEY = "cadbcnn.bioimageio"
 #: The package's outputs must equal the runtime's (calibrated probabilities, OOD score) within this.
 PARITY_TOLERANCE = 1e-5
+WARNING_SEVERITY = 30               # bioimageio.spec's WARNING level; INFO (20) entries are only counted
 PROB_ATOL = 1e-3
 PROB_RTOL = 1e-3
 OOD_RTOL = 1e-3
@@ -293,8 +300,8 @@ def _documentation(spec: ModelSpec, *, temperature: float, n_test: int, source_n
         "A Cross-Attentive Dual-Branch CNN (CADBCNN, after Jha et al.): ResNet18 and ResNet34 trunks whose 7 × 7 "
         "feature maps are projected to tokens and fused by bidirectional multi-head cross-attention, mean-pooled, "
         f"concatenated and classified by a linear head. It classifies one {h} × {w} peripheral-blood-smear image "
-        f"of a white cell into {classes} (Benign = hematogones; the others are acute lymphoblastic leukemia "
-        "subtypes).",
+        f"(a stained smear field with white cells) into {classes} (Benign = hematogones; the others are acute "
+        "lymphoblastic leukemia subtypes).",
         "",
         f"Source model: `{source_name}` (sha256 `{source_sha256}`), cadbcnn spec variant `{spec.variant}`, "
         f"exported with the cadbcnn exporter (training code commit `{spec.git_commit or 'unknown'}`).",
@@ -338,7 +345,7 @@ def _documentation(spec: ModelSpec, *, temperature: float, n_test: int, source_n
         "## Intended use",
         "",
         "Classifying single peripheral-blood-smear images of the kind in the training data (Zeiss camera, 100× "
-        "objective, the same staining, cropped to one cell) into the four classes, as a second opinion in research "
+        f"objective, the same staining, {h} × {w} crops) into the four classes, as a second opinion in research "
         "or decision-support settings. **Out of scope**: other cell types, other stains, microscopes or cameras "
         "without re-validation; patient-level diagnosis; any use without a qualified human in the loop.",
         "",
@@ -350,7 +357,7 @@ def _documentation(spec: ModelSpec, *, temperature: float, n_test: int, source_n
     tr = spec.training or {}
     if tr.get("split_counts"):
         counts = "; ".join(f"{k} {sum(v.values())}" for k, v in tr["split_counts"].items())
-        lines.append(f"Split used for this model ({tr.get('split', 'see spec')}, seed {tr.get('seed', '?')}): "
+        lines.append(f"\nSplit used for this model ({tr.get('split', 'see spec')}, seed {tr.get('seed', '?')}): "
                      f"{counts} images.")
     lines += ["", "## Metrics", ""]
     if m:
@@ -423,25 +430,34 @@ def _documentation(spec: ModelSpec, *, temperature: float, n_test: int, source_n
 
 # -- summary of a bioimageio validation -------------------------------------------------------------------------
 def format_summary(summary) -> str:
-    """A compact text of a ``ValidationSummary``: status, one line per check, its errors, warning counts."""
-    lines = [f"bioimageio {summary.type} {summary.name!r}: {summary.status.upper()} "
-             f"(format {summary.format_version}, source {summary.source_name})"]
-    n_warn = 0
+    """A compact text of a ``ValidationSummary``: status, one line per check with its errors and warnings
+    (severity WARNING and above; INFO entries are only counted)."""
+    lines = [f"bioimageio {summary.type} test of {summary.source_name}: {summary.status.upper()} "
+             f"(format {summary.format_version})"]
+    n_info = 0
     for d in summary.details:
         lines.append(f"  [{d.status}] {d.name}")
         for e in d.errors:
             loc = ".".join(str(x) for x in e.loc)
-            lines.append(f"      error{f' at {loc}' if loc else ''}: {e.msg.strip().splitlines()[0][:400]}")
-        n_warn += len(d.warnings)
-    if n_warn:
-        lines.append(f"  ({n_warn} warning(s); `bioimageio test PACKAGE` prints them in full)")
+            lines.append(f"      error{f' at {loc}' if loc else ''}: {' '.join(e.msg.split())[:600]}")
+        for wn in d.warnings:
+            if wn.severity >= WARNING_SEVERITY:
+                loc = ".".join(str(x) for x in wn.loc)
+                lines.append(f"      warning{f' at {loc}' if loc else ''}: {' '.join(wn.msg.split())[:300]}")
+            else:
+                n_info += 1
+    if n_info:
+        lines.append(f"  ({n_info} info message(s); `bioimageio test PACKAGE` prints them in full)")
     return "\n".join(lines)
 
 
-def test_package(zip_or_rdf: Path, *, devices: Sequence[str] | None = None) -> tuple[bool, str]:
-    """Run bioimageio.core's model test (``bioimageio test``) on a package zip or an rdf.yaml.
+def test_package(zip_or_rdf: Path, *, devices: Sequence[str] | None = ("CPUExecutionProvider",)
+                 ) -> tuple[bool, str]:
+    """Run bioimageio.core's model test (what ``bioimageio test`` runs) on a package zip or an rdf.yaml.
 
-    Returns (passed, summary text). DEVICES are ONNX Runtime provider names (default: every available one).
+    Returns (passed, summary text). DEVICES are ONNX Runtime execution providers; the default tests on the CPU,
+    where the expected outputs were computed; None tests on every available provider, as ``bioimageio test``
+    does.
     """
     require_bioimageio(core=True)
     from bioimageio.core import test_model
@@ -458,10 +474,16 @@ test_package.__test__ = False  # not a pytest test, despite its name
 
 # -- the package ----------------------------------------------------------------------------------------------
 def build_package(model: Path, out_zip: Path, *, samples: Path = Path("models/samples"), max_test_images: int = 8,
-                  authors: Sequence[str] = ("cadbcnn contributors",), paper_doi: str | None = None,
-                  paper_url: str | None = None, git_repo: str | None = None, test: bool = False,
-                  log=lambda msg: None) -> dict[str, Any]:
+                  authors: Sequence[str] = ("cadbcnn contributors",), maintainer_github: str | None = None,
+                  paper_doi: str | None = None, paper_url: str | None = None, git_repo: str | None = None,
+                  compress: bool = False, test: bool = False, log=lambda msg: None) -> dict[str, Any]:
     """Build a bioimage.io (format 0.5) model package for MODEL at OUT_ZIP; see the module docstring.
+
+    SAMPLES: folder whose first MAX_TEST_IMAGES images (by name) become the test tensors; the first one is the
+    cover. AUTHORS: names for the rdf; MAINTAINER_GITHUB: a GitHub user name (bioimageio.spec checks it against
+    the GitHub API, so it needs internet). PAPER_DOI / PAPER_URL: how to cite the Jha et al. paper (default: its
+    text and a literature-search URL). COMPRESS: deflate the zip (the weights shrink by a few per cent only and
+    every reader pays the decompression, so members are stored by default). TEST: also run ``test_package``.
 
     Returns a summary: ``path``, ``sha256`` and ``size_bytes`` of the zip, ``weights_sha256`` (the package's
     ONNX file), ``source_sha256``, ``outputs``, ``temperature``, ``test_images``, ``max_abs_diff`` (vs the
@@ -518,10 +540,11 @@ def build_package(model: Path, out_zip: Path, *, samples: Path = Path("models/sa
 
         np.save(work / "test_input_image.npy", x)
         np.save(work / f"test_output_{PROBABILITIES}.npy", probs)
-        tifffile.imwrite(work / "sample_input_image.tif", x[:1])
+        tifffile.imwrite(work / "sample_input_image.tif", x[:1], photometric="rgb", planarconfig="separate")
         tifffile.imwrite(work / f"sample_output_{PROBABILITIES}.tif", probs[:1])
         if spec.ood is not None:
             np.save(work / f"test_output_{spec.ood['output']}.npy", outs[1])
+            tifffile.imwrite(work / f"sample_output_{spec.ood['output']}.tif", outs[1][:1])
         first = read_image(images[0])
         _cover(first, probs[0], spec, review_threshold=review_threshold,
                ood=None if spec.ood is None else float(outs[1][0]), ood_threshold=ood_threshold,
@@ -541,19 +564,21 @@ def build_package(model: Path, out_zip: Path, *, samples: Path = Path("models/sa
             attachments.append(work / "SAMPLES.md")
 
         # 3. the description, with bioimageio.spec's own classes, then the zip
-        descr = _describe(spec, work=work, weights_sha256=weights_sha256, opset=opset, temperature=temperature,
-                          review_threshold=review_threshold, ood_threshold=ood_threshold,
-                          ood_max=None if spec.ood is None else float(np.max(outs[1])), attachments=attachments,
-                          authors=authors, paper_doi=paper_doi, paper_url=paper_url, git_repo=git_repo,
-                          source_name=model.name, source_sha256=source_sha256)
         from bioimageio.spec import save_bioimageio_package
 
         out_zip.parent.mkdir(parents=True, exist_ok=True)
         tmp_zip = out_zip.with_name(f".{out_zip.name}.partial.zip")
-        try:
-            save_bioimageio_package(descr, output_path=tmp_zip)
+        try:  # pydantic's ValidationError is a ValueError
+            descr = _describe(spec, work=work, weights_sha256=weights_sha256, opset=opset, temperature=temperature,
+                              review_threshold=review_threshold, ood_threshold=ood_threshold,
+                              ood_max=None if spec.ood is None else float(np.max(outs[1])),
+                              attachments=attachments, authors=authors, maintainer_github=maintainer_github,
+                              paper_doi=paper_doi, paper_url=paper_url, git_repo=git_repo,
+                              source_name=model.name, source_sha256=source_sha256)
+            save_bioimageio_package(descr, output_path=tmp_zip,
+                                    compression=ZIP_DEFLATED if compress else ZIP_STORED)
         except ValueError as exc:
-            raise ExportError(f"bioimageio.spec refused the package: {str(exc)[:2000]}") from None
+            raise ExportError(f"bioimageio.spec refused the package description: {str(exc)[:3000]}") from None
         tmp_zip.replace(out_zip)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -578,8 +603,8 @@ def build_package(model: Path, out_zip: Path, *, samples: Path = Path("models/sa
 
 def _describe(spec: ModelSpec, *, work: Path, weights_sha256: str, opset: int, temperature: float,
               review_threshold: float, ood_threshold: float | None, ood_max: float | None, attachments: list[Path],
-              authors: Sequence[str], paper_doi: str | None, paper_url: str | None, git_repo: str | None,
-              source_name: str, source_sha256: str):
+              authors: Sequence[str], maintainer_github: str | None, paper_doi: str | None,
+              paper_url: str | None, git_repo: str | None, source_name: str, source_sha256: str):
     from bioimageio.spec.model import v0_5 as bio
 
     def file(name: str):
@@ -589,7 +614,7 @@ def _describe(spec: ModelSpec, *, work: Path, weights_sha256: str, opset: int, t
     h, w = spec.image_size
     inputs = [bio.InputTensorDescr(
         id=bio.TensorId(spec.input_name),
-        description=f"RGB white-cell image, uint8 0-255, resized to {h}x{w} (area); normalised inside the graph",
+        description=f"RGB blood-smear image, uint8 0-255, resized to {h}x{w} (area); normalised inside the graph",
         axes=[bio.BatchAxis(),
               bio.ChannelAxis(channel_names=["r", "g", "b"]),
               bio.SpaceInputAxis(id=bio.AxisId("y"), size=h),
@@ -619,6 +644,7 @@ def _describe(spec: ModelSpec, *, work: Path, weights_sha256: str, opset: int, t
             axes=[bio.BatchAxis()],
             data=bio.IntervalOrRatioDataDescr(type="float32", range=(0.0, None), unit="arbitrary unit"),
             test_tensor=file(f"test_output_{name}.npy"),
+            sample_tensor=file(f"sample_output_{name}.tif"),
         ))
         atol = min(1e-3, 0.01 * ood_max) if ood_max and ood_max > 0 else 0.0
         tolerances.append(bio.ReproducibilityTolerance(relative_tolerance=OOD_RTOL, absolute_tolerance=atol,
@@ -650,7 +676,7 @@ def _describe(spec: ModelSpec, *, work: Path, weights_sha256: str, opset: int, t
     limitations = ("Single centre, one microscope, camera and staining protocol; image-level split (no patient "
                    "IDs), so test accuracy is optimistic; background colour and illumination are class shortcuts "
                    "in this dataset; Benign is the smallest class. The OOD flag catches gross shifts, not subtle "
-                   "ones. Only single-cell 224-px crops of this kind are in scope.")
+                   f"ones. Only blood-smear images of this kind, resized to {h}x{w}, are in scope.")
     config = bio.Config(
         bioimageio=bio.BioimageioConfig(
             reproducibility_tolerance=tolerances,
@@ -686,12 +712,13 @@ def _describe(spec: ModelSpec, *, work: Path, weights_sha256: str, opset: int, t
     return bio.ModelDescr(
         name="CADBCNN leukemia white-cell classifier",
         description=(f"Cross-Attentive Dual-Branch CNN (ResNet18 + ResNet34 fused by cross-attention, after Jha et "
-                     f"al.) classifying one {h_}x{w_} peripheral-blood-smear white-cell image into "
+                     f"al.) classifying one {h_}x{w_} peripheral-blood-smear image of white cells into "
                      f"{', '.join(spec.class_names)} (acute lymphoblastic leukemia subtypes vs benign "
                      "hematogones). Outputs calibrated class probabilities"
                      + (" and an out-of-distribution score" if spec.ood else "")
                      + ". Research / decision support only, not a medical device.")[:512],
         authors=[bio.Author(name=a) for a in authors],
+        maintainers=[bio.Maintainer(github_user=maintainer_github)] if maintainer_github else [],
         cite=[paper, dataset],
         license=bio.LicenseId("Apache-2.0"),
         tags=list(TAGS),
