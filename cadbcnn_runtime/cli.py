@@ -79,6 +79,8 @@ def infer(
                                           "a private local instance on this machine's CPUs."),
     actors: Optional[int] = typer.Option(None, min=1, help="--engine ray: model replicas (default: cluster CPUs ÷ "
                                          "--threads)."),
+    html: Optional[Path] = typer.Option(None, help="Also write a self-contained HTML review report (thumbnails, "
+                                        "images that need review first, filters)."),
 ) -> None:
     from .errors import CadbcnnError
     from .job import classify_to_file
@@ -88,7 +90,7 @@ def infer(
                                   allow_fallback=allow_fallback, batch=batch, threads=threads, workers=workers,
                                   recursive=recursive, review_threshold=review_threshold,
                                   ood_threshold=ood_threshold, resume=resume, force=force, quiet=quiet,
-                                  address=address, actors=actors, say=_say)
+                                  address=address, actors=actors, html=html, say=_say)
     except CadbcnnError as exc:
         _say(f"error: {exc}")
         raise typer.Exit(exc.exit_code if exc.exit_code != 1 else 2)

@@ -51,14 +51,29 @@ def _stderr(text: str) -> None:
     print(text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"), file=sys.stderr)
 
 
+def _check_html(html) -> Path | None:
+    if html is None:
+        return None
+    p = Path(html)
+    if p.suffix.lower() not in (".html", ".htm"):
+        raise ArgumentError(f"{p}: the review report is an .html file; pass --html report.html")
+    if p.is_dir() or not p.parent.is_dir():
+        raise ArgumentError(f"{p}: {'is a directory' if p.is_dir() else f'the folder {p.parent} does not exist'}; "
+                            "choose another --html path")
+    return p
+
+
 def classify_to_file(source: str | os.PathLike, out: str | os.PathLike | None = None, *, model=None,
                      engine: str = "local", device: str = "auto", allow_fallback: bool = False, batch: int = 16,
                      threads: int | None = None, workers: int = 2, recursive: bool = False,
                      review_threshold: float | None = None, ood_threshold: float | None = None,
                      resume: bool = False, force: bool = False, quiet: bool = True,
-                     address: str | None = None, actors: int | None = None,
+                     address: str | None = None, actors: int | None = None, html: str | os.PathLike | None = None,
                      say: Callable[[str], None] = _stderr) -> JobResult:
-    """Classify every image of SOURCE (folder, list file or URI) into OUT (.csv/.jsonl/.json/.parquet, '-')."""
+    """Classify every image of SOURCE (folder, list file or URI) into OUT (.csv/.jsonl/.json/.parquet, '-').
+
+    ``html``: also write a self-contained review report there (``report_html``) when the run finishes.
+    """
     from .classifier import Classifier
 
     # -- everything that can be refused is refused before any work -------------------------------------------
@@ -76,6 +91,7 @@ def classify_to_file(source: str | os.PathLike, out: str | os.PathLike | None = 
 
         ray_engine = RayEngine(address=address, actors=actors, threads=threads, workers=workers, batch=batch)
     describe(source)
+    html_path = _check_html(html)
     to_stdout = out is not None and os.fspath(out) == "-"
     out_path = None if to_stdout else (Path(out) if out is not None else default_output(source))
     if resume and out_path is None:
@@ -106,6 +122,7 @@ def classify_to_file(source: str | os.PathLike, out: str | os.PathLike | None = 
         todo = [i for i in items if row_key(i.rel) not in done_keys]
         summary = Summary(skipped_resume=len(items) - len(todo))
         collected: list[dict] = []
+        for_report: list[dict] = list(previous) if html_path else []
         writer = ResultsWriter(out_path, cols, previous) if out_path else None
 
         def on_rows(rows):
@@ -114,6 +131,8 @@ def classify_to_file(source: str | os.PathLike, out: str | os.PathLike | None = 
                 writer.flush()
             if to_stdout:
                 collected.extend(rows)
+            if html_path:
+                for_report.extend(rows)
 
         bar = Progress(len(todo), "classifying", enabled=not quiet)
         progress = lambda n: bar.update(n, ips=n / max(bar.elapsed, 1e-9))  # noqa: E731
@@ -138,5 +157,17 @@ def classify_to_file(source: str | os.PathLike, out: str | os.PathLike | None = 
         if lock is not None:
             lock.release()
     code = 2 if failure else 130 if not finished else 1 if summary.errors else 0
+    if html_path and finished and not failure:
+        from .report_html import write_html_report
+
+        by_key = {i.rel: i for i in items}
+        thr = f"review threshold {clf.review_threshold:.3f}" + (
+            f", OOD threshold {clf.ood_threshold:.4g}" if clf.ood_threshold is not None else "")
+        write_html_report(html_path, for_report, class_names=names,
+                          source_of=lambda key: read_item(by_key[key]) if key in by_key else None,
+                          title=f"cadbcnn review — {Path(os.fspath(source)).name or os.fspath(source)}",
+                          model_info=f"{clf.spec.name} {clf.spec.version} ({clf.path.name}, {clf.spec.variant}) · "
+                                     f"{thr}")
+        say(f"review report → {html_path}")
     return JobResult(code, summary, len(items), where, collected, info, failure, tuple(names),
                      clf.spec.ood is not None, clf.spec.quality is not None)

@@ -231,6 +231,7 @@ def thumbnail_uri(source: ImageSource, *, thumb_px: int, name: str) -> str:
 class Thumb:
     uri: str | None = None
     note: str = ""
+    detail: str = ""  # why, shown as a tooltip (e.g. the decoder's message)
 
 
 def make_thumbnails(ordered: Sequence[Entry], source_of: Callable[[str], ImageSource | None] | None, *,
@@ -251,8 +252,8 @@ def make_thumbnails(ordered: Sequence[Entry], source_of: Callable[[str], ImageSo
             if src is None:
                 return Thumb(note="no image source")
             return Thumb(uri=thumbnail_uri(src, thumb_px=thumb_px, name=e.path))
-        except Exception as exc:  # noqa: BLE001 — an unreadable file (ImageError, OSError, …) only loses its thumbnail
-            return Thumb(note=f"no thumbnail: {_text(exc)[:300]}")
+        except Exception as exc:  # noqa: BLE001 — an unreadable file (ImageError, OSError…) loses its thumbnail
+            return Thumb(note="no thumbnail: the image cannot be read", detail=_text(exc)[:500])
 
     made, pos = 0, 0
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="cadbcnn-thumb") as pool:
@@ -317,13 +318,12 @@ tr.flag-error td:first-child{box-shadow:inset 5px 0 #8e1b1b}
 .badge.blank{background:#7b5ea7}.badge.ood{background:#c62828}.badge.lowconf{background:#b07d00}
 .reason{font-size:13px}
 .err{white-space:pre-wrap;color:#8e1b1b;font-size:13px}
-.probs{margin:0;padding:0;list-style:none;font-size:12px;min-width:180px}
-.probs li{display:flex;align-items:center;gap:6px}
-.probs .c{width:90px;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
-.probs .bar{flex:1;height:8px;background:#e6eaf0;border-radius:4px;overflow:hidden;min-width:50px}
-.probs .bar span{display:block;height:100%;background:#7d95b5}
-.probs li.top .bar span{background:#1f3a5f}.probs li.top .c{font-weight:650}
-.probs .v{width:42px;text-align:right;font-variant-numeric:tabular-nums}
+.probs{margin:0;padding:0;list-style:none;font-size:12px;min-width:200px;font-variant-numeric:tabular-nums}
+.probs li{display:flex;justify-content:space-between;white-space:nowrap;--bar:#7d95b5;
+background:linear-gradient(var(--bar),var(--bar)) no-repeat 96px 50%/calc((100% - 146px) * var(--p)) 8px,
+linear-gradient(#e6eaf0,#e6eaf0) no-repeat 96px 50%/calc(100% - 146px) 8px}
+.probs li span{width:90px;overflow:hidden;text-overflow:ellipsis}
+.probs li.top{--bar:#1f3a5f;font-weight:650}
 .empty{color:#6b7585;font-style:italic;padding:6px 0}
 main .meta{color:#5b6677;font-size:13px;margin:0 0 6px}
 """
@@ -390,14 +390,13 @@ def _hash_link(**params: str) -> str:
 
 
 def _probs_html(e: Entry, class_names: Sequence[str]) -> str:
+    """One ``<li>`` per class (name, value; the bar is a CSS background): few DOM nodes for large folders."""
     items = []
     for c in class_names:
         p = e.probabilities.get(c)
-        width = 0.0 if p is None else max(0.0, min(1.0, p)) * 100
+        frac = 0.0 if p is None else max(0.0, min(1.0, p))
         top = ' class="top"' if c == e.label else ""
-        items.append(f'<li{top}><span class="c" title="{_esc(c)}">{_esc(c)}</span>'
-                     f'<span class="bar"><span style="width:{width:.1f}%"></span></span>'
-                     f'<span class="v">{_fmt(p)}</span></li>')
+        items.append(f'<li{top} style="--p:{frac:.3f}"><span title="{_esc(c)}">{_esc(c)}</span>{_fmt(p)}</li>')
     return f'<ul class="probs">{"".join(items)}</ul>'
 
 
@@ -406,7 +405,8 @@ def _thumb_html(thumb: Thumb | None) -> str:
         return '<span class="nothumb">—</span>'
     if thumb.uri is not None:
         return f'<img src="{thumb.uri}" alt="thumbnail" decoding="async">'
-    return f'<span class="nothumb">{_esc(thumb.note)}</span>'
+    tip = f' title="{_esc(thumb.detail)}"' if thumb.detail else ""
+    return f'<span class="nothumb"{tip}>{_esc(thumb.note)}</span>'
 
 
 def _row_attrs(e: Entry) -> str:

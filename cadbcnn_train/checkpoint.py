@@ -25,7 +25,6 @@ class Checkpoint:
     path: Path
     model_name: str
     model_kwargs: dict[str, Any]
-    class_names: tuple[str, ...]
     class_folders: tuple[str, ...]
     spec: ModelSpec
     state_dict: dict[str, torch.Tensor]
@@ -33,8 +32,12 @@ class Checkpoint:
     split_hash: str | None
     epoch: int
     metrics: dict[str, Any] | None
-    ood: dict[str, Any] | None
+    ood: dict[str, Any] | None   # the OOD statistics (tensors); threshold and provenance live in spec.ood
     raw: dict[str, Any]
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.spec.class_names  # one home: the spec
 
     def build_model(self) -> nn.Module:
         """The model in eval mode with the checkpoint's weights."""
@@ -62,7 +65,6 @@ def save_checkpoint(path: Path, *, model: nn.Module, model_name: str, model_kwar
         "format_version": FORMAT_VERSION,
         "model_name": model_name,
         "model_kwargs": dict(model_kwargs),
-        "class_names": list(spec.class_names),
         "class_folders": list(class_folders),
         "spec": spec.to_dict(),
         "state_dict": state,
@@ -70,7 +72,7 @@ def save_checkpoint(path: Path, *, model: nn.Module, model_name: str, model_kwar
         "split_hash": split_hash,
         "epoch": epoch,
         "metrics": metrics,
-        "ood": ood,
+        "ood": ood_statistics(ood),
         **(extra or {}),
     }
     path = Path(path)
@@ -81,6 +83,15 @@ def save_checkpoint(path: Path, *, model: nn.Module, model_name: str, model_kwar
 
 _CORE_KEYS = ("format", "format_version", "model_name", "model_kwargs", "class_names", "class_folders", "spec",
               "state_dict", "config", "split_hash", "epoch", "metrics", "ood")
+
+
+#: What a checkpoint keeps of a fitted OOD score: the statistics the graph needs. The threshold and its
+#: provenance are facts of the model spec (``spec.ood``, from ``cadbcnn_train.ood.spec_entry``).
+OOD_STATISTICS = ("method", "feature", "whitening", "means_w")
+
+
+def ood_statistics(ood: dict[str, Any] | None) -> dict[str, Any] | None:
+    return None if ood is None else {k: ood[k] for k in OOD_STATISTICS if k in ood}
 
 
 def resave_checkpoint(ck: Checkpoint, dest: Path, *, model: nn.Module, spec: ModelSpec | None = None,
@@ -120,19 +131,26 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{path}: checkpoint format version {raw.get('format_version')} is not supported "
                               f"(this cadbcnn reads {FORMAT_VERSION}); retrain or use the matching release.")
     try:
+        spec = ModelSpec.from_dict(raw["spec"], source=str(path))
+        if "class_names" in raw and tuple(raw["class_names"]) != spec.class_names:  # written by cadbcnn ≤ 0.1
+            raise CheckpointError(f"{path}: its class names {raw['class_names']} differ from its spec's "
+                                  f"{list(spec.class_names)}; the file was edited or damaged.")
+        if bool(raw.get("ood")) != bool(spec.ood):
+            raise CheckpointError(f"{path}: OOD statistics and the spec's OOD entry must come together (statistics "
+                                  f"{'present' if raw.get('ood') else 'absent'}, spec entry "
+                                  f"{'present' if spec.ood else 'absent'}); run `cadbcnn-train refit-ood` on it.")
         return Checkpoint(
             path=path,
             model_name=raw["model_name"],
             model_kwargs=dict(raw["model_kwargs"]),
-            class_names=tuple(raw["class_names"]),
             class_folders=tuple(raw["class_folders"]),
-            spec=ModelSpec.from_dict(raw["spec"], source=str(path)),
+            spec=spec,
             state_dict=raw["state_dict"],
             config=dict(raw["config"]),
             split_hash=raw.get("split_hash"),
             epoch=int(raw["epoch"]),
             metrics=raw.get("metrics"),
-            ood=raw.get("ood"),
+            ood=ood_statistics(raw.get("ood")),
             raw=raw,
         )
     except KeyError as exc:

@@ -400,11 +400,9 @@ def variant_path(out: Path, fmt: Format) -> Path:
 def build_spec(ck: Checkpoint, variant: str, *, with_ood: bool = True) -> ModelSpec:
     sw = dict(ck.spec.software)
     sw.update({"onnx": onnx.__version__, "onnxruntime": ort.__version__, "exporter_torch": str(torch.__version__)})
-    from cadbcnn_train.ood import spec_entry
-
     return ck.spec.replace(variant=variant, software=sw, git_commit=ck.spec.git_commit or git_commit(),
                            weights_sha256=weights_sha256(ck.state_dict),
-                           ood=spec_entry(ck.ood) if ck.ood and with_ood else None)
+                           ood=ck.spec.ood if ck.ood and with_ood else None)
 
 
 def _gate_top1(art: Artifact, case: dict, threshold: float, label: str) -> None:
@@ -429,7 +427,7 @@ def export_checkpoint(checkpoint: Path, out: Path, opts: ExportOptions | None = 
 
         model = WithOOD(model, head_from(ck.ood)).eval()
         output_names.append(OOD_OUTPUT)
-        ood_thr = float(ck.ood["threshold"])
+        ood_thr = float(ck.spec.ood["threshold"])
     spec = ck.spec
     rng = np.random.default_rng(opts.seed)
     random_cases = {f"random_b{b}": rng.integers(0, 256, (b, 3, *spec.image_size), dtype=np.uint8)

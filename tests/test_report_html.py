@@ -131,8 +131,11 @@ def chromium_run(args: list[str], timeout: float = 60) -> subprocess.CompletedPr
     exe = shutil.which("chromium")
     if exe is None:
         pytest.skip("chromium is not installed (apt-get install -y chromium)")
-    return subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                           "--disable-dev-shm-usage", *args], capture_output=True, timeout=timeout)
+    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-dev-shm-usage", *args]
+    res = subprocess.run(cmd, capture_output=True, timeout=timeout)
+    if res.returncode != 0:  # one retry: a browser that failed to start (busy machine) is not the report's fault
+        res = subprocess.run(cmd, capture_output=True, timeout=timeout)
+    return res
 
 
 # ---------------------------------------------------------------- structure and order
@@ -237,6 +240,7 @@ def test_thumbnails_review_first_capped_and_bad_sources_never_crash(tmp_path):
     # review rows first (risk order: 0.3 broken, 0.35 missing, 0.36 raises, 0.4, 0.5), then the rest by path
     assert with_img == ["img_7.png", "img_6.png", "as_array.png", "as_bytes.png"]
     assert "no thumbnail" in by_path["broken.png"]["text"] and not by_path["broken.png"]["imgs"]
+    assert re.search(r'<span class="nothumb" title="[^"]*broken\.png[^"]*">no thumbnail', text)
     assert "no image source" in by_path["missing.png"]["text"]
     assert "no thumbnail" in by_path["raises.png"]["text"]
     omitted = [p for p, r in by_path.items() if "thumbnail omitted: more than 4 images" in r["text"]]
@@ -359,3 +363,38 @@ def test_headless_chromium_applies_hash_filters_and_renders(tmp_path):
     assert shot.shape[:2] == (1600, 1280), shot.shape
     assert float(shot.std()) > 10, "the screenshot is (nearly) uniform: the page did not render"
     assert time.perf_counter() - t0 < 60
+
+
+def test_nan_and_odd_cells_are_read_as_empty(tmp_path):
+    """pandas reads empty cells as NaN: NaN is neither a flag nor a number."""
+    nan = float("nan")
+    row = {"path": "n.png", "label": "Pre-B", "confidence": "0.8", "needs_review": nan, "p_Benign": nan,
+           "p_Early Pre-B": "x", "p_Pre-B": 0.8, "p_Pro-B": "inf", "ood_score": nan, "out_of_distribution": nan,
+           "low_content": "false", "status": "ok", "error": nan}
+    rep, text = parse(write_html_report(tmp_path / "r.html", [row], class_names=CLASSES))
+    assert rep.rows[0]["attrs"]["data-flag"] == "none" and rep.rows[0]["attrs"]["data-class"] == "Pre-B"
+    assert "0.800" in rep.rows[0]["text"] and "nan" not in rep.rows[0]["text"].lower()
+
+
+def test_cadbcnn_infer_html_option_writes_the_report_of_the_run(tmp_path, onnx_model):
+    from typer.testing import CliRunner
+
+    from cadbcnn_runtime.cli import app
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(4):
+        write_image(folder / f"cell-{i}.png", seed=i)
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    out, report = tmp_path / "r.csv", tmp_path / "review.html"
+    r = CliRunner().invoke(app, [str(folder), "--model", str(onnx_model), "--out", str(out), "--html", str(report),
+                                 "-q", "--review-threshold", "0.99"])
+    assert r.exit_code == 1 and "review report" in r.output, r.output  # one unreadable file
+    parsed, text = parse(report)
+    assert sorted(path_of(x) for x in parsed.rows) == ["broken.jpg"] + [f"cell-{i}.png" for i in range(4)]
+    flags = [x["attrs"]["data-flag"] for x in parsed.rows]
+    assert "error" in flags and all("review" in f for f in flags[:4])  # threshold 0.99: all four need review
+    assert sum(bool(x["imgs"]) for x in parsed.rows) == 4  # thumbnails of the readable images
+    bad = CliRunner().invoke(app, [str(folder), "--model", str(onnx_model), "--out", str(tmp_path / "s.csv"),
+                                   "--html", str(tmp_path / "review.txt")])
+    assert bad.exit_code == 2 and ".html" in bad.output and not (tmp_path / "s.csv").exists()
