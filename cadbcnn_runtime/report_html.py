@@ -99,6 +99,18 @@ def _flag(value: object) -> bool:
         return False
 
 
+def _present(value: object) -> bool:
+    """Whether a cell holds a value at all (a check that ran), as opposed to empty / missing / NaN."""
+    if value is None:
+        return False
+    if isinstance(value, str):
+        return bool(value.strip())
+    try:
+        return value == value  # NaN is an empty cell
+    except (TypeError, ValueError):
+        return True
+
+
 def _num(value: object) -> float | None:
     """A numeric cell, native or as CSV text; empty, unparsable, NaN or infinite gives None."""
     if value is None or isinstance(value, bool):
@@ -137,6 +149,7 @@ class Entry:
     ood: bool = False
     ood_score: float | None = None
     blank: bool = False
+    blank_checked: bool = False  # the row carries a field-content verdict (True or False)
     probabilities: dict[str, float | None] = field(default_factory=dict)
     error: str = ""
 
@@ -184,6 +197,7 @@ def normalise(index: int, row: Mapping[str, object], class_names: Sequence[str])
     return Entry(index, path, ok=True, label=_text(row.get("label", "")), confidence=_num(row.get("confidence")),
                  needs_review=_flag(row.get("needs_review")), ood=_flag(row.get("out_of_distribution")),
                  ood_score=_num(row.get("ood_score")), blank=_flag(row.get("low_content")),
+                 blank_checked=_present(row.get("low_content")),
                  probabilities={_text(c): _num(row.get(f"p_{c}")) for c in class_names})
 
 
@@ -525,7 +539,7 @@ def render_html(entries: Sequence[Entry], *, class_names: Sequence[str], thumbs:
     extra = sorted({e.label for e in ok} - set(class_names))
     class_labels = [*class_names, *extra]
     has_ood = any(e.ood or e.ood_score is not None for e in ok)
-    has_blank = any(e.blank for e in ok)
+    has_blank = any(e.blank_checked for e in ok)
     table_opts = {"show_thumbs": show_thumbs, "show_ood": has_ood}
     summary = _summary_html(entries, sections, class_labels, has_ood=has_ood, has_blank=has_blank,
                             omitted=omitted, max_thumbnails=max_thumbnails, model_info=model_info,

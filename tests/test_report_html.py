@@ -395,6 +395,21 @@ def test_cadbcnn_infer_html_option_writes_the_report_of_the_run(tmp_path, onnx_m
     flags = [x["attrs"]["data-flag"] for x in parsed.rows]
     assert "error" in flags and all("review" in f for f in flags[:4])  # threshold 0.99: all four need review
     assert sum(bool(x["imgs"]) for x in parsed.rows) == 4  # thumbnails of the readable images
+    from cadbcnn_runtime import Classifier
+
+    if Classifier.from_file(onnx_model, device="cpu").spec.quality is not None:  # the check ran, found none
+        assert "blank-field check: not in these results" not in text
     bad = CliRunner().invoke(app, [str(folder), "--model", str(onnx_model), "--out", str(tmp_path / "s.csv"),
                                    "--html", str(tmp_path / "review.txt")])
     assert bad.exit_code == 2 and ".html" in bad.output and not (tmp_path / "s.csv").exists()
+
+
+def test_blank_check_that_ran_and_found_nothing_is_not_reported_missing(tmp_path):
+    rows = [ok_row("a.png", pred("Benign", 0.95)), ok_row("b.png", pred("Pro-B", 0.97))]
+    for r in rows:
+        r["low_content"] = False  # the model has the field-content check; no field was blank
+    _, text = parse(write_html_report(tmp_path / "r.html", rows, class_names=CLASSES))
+    assert "blank-field check: not in these results" not in text
+    _, text = parse(write_html_report(tmp_path / "s.html", [{k: v for k, v in r.items() if k != "low_content"}
+                                                          for r in rows], class_names=CLASSES))
+    assert "blank-field check: not in these results" in text
