@@ -7,25 +7,24 @@ here still gets a row with its status and reason.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from cadbcnn_runtime.errors import DatasetError
-from cadbcnn_runtime.machine import git_commit
 from cadbcnn_runtime.reliability import macro_f1
-from cadbcnn_runtime.spec import INPUT_NAME, OUTPUT_NAME, ModelSpec
+from cadbcnn_runtime.spec import ModelSpec
+
+from .conditions import PeakRSS, conditions
+from .runners import Runner, flops_per_image, ort_runner, time_it, torch_runner
 
 FORMAT_ORDER = ("torch-fp32", "torch-bf16", "ort-fp32", "ort-int8", "ort-cuda-fp32", "ort-cuda-fp16")
 
@@ -52,156 +51,10 @@ class Row:
 
 
 # ---------------------------------------------------------------------------
-# Conditions
-# ---------------------------------------------------------------------------
-def rss_mb() -> float:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:
-        return float("nan")
-
-
-class PeakRSS:
-    """Samples this process's resident memory in a thread; reports the peak above a baseline."""
-
-    def __init__(self, interval: float = 0.01):
-        self.interval, self.base, self.peak = interval, rss_mb(), 0.0
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_mb())
-            time.sleep(self.interval)
-
-    def __enter__(self):
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, rss_mb())
-
-    @property
-    def delta(self) -> float:
-        return self.peak - self.base
-
-
-def conditions(threads: list[int], providers_used: dict[str, list[str]]) -> dict[str, Any]:
-    import onnxruntime as ort
-
-    from cadbcnn_runtime.machine import cpu_info
-
-    cpu, flags = cpu_info().name, set(cpu_info().flags)
-    gpu = None
-    try:
-        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        pass
-    versions = {"python": platform.python_version(), "onnxruntime": ort.__version__, "numpy": np.__version__}
-    try:
-        import torch
-
-        versions["torch"] = str(torch.__version__)
-    except ImportError:
-        pass
-    commit = git_commit(short=True)
-    return {
-        "cpu": cpu, "cores": os.cpu_count(),
-        "isa": {k: k in flags for k in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")},
-        "gpu": gpu, "versions": versions, "providers_available": ort.get_available_providers(),
-        "providers_used": providers_used, "threads": threads,
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "git_commit": commit,
-    }
-
-
-# ---------------------------------------------------------------------------
-# Runners
-# ---------------------------------------------------------------------------
-@dataclass
-class Runner:
-    name: str
-    run: Callable[[np.ndarray], np.ndarray]         # uint8 NCHW → logits
-    set_threads: Callable[[int], None]
-    provider: str
-    size_mb: float | None = None
-    load: Callable[[], None] = lambda: None
-    classifier_path: Path | None = None             # ORT formats: for end-to-end runs
-
-
-def torch_runner(model, precision: str, size_mb: float | None) -> Runner:
-    import torch
-
-    from cadbcnn_train.train import autocast
-
-    model = model.eval().to(memory_format=torch.channels_last)
-    dev = torch.device("cpu")
-
-    @torch.no_grad()
-    def run(x):
-        t = torch.from_numpy(x).contiguous(memory_format=torch.channels_last)
-        with autocast(dev, precision):
-            return model(t).float().numpy()
-
-    return Runner(f"torch-{precision}", run, torch.set_num_threads, "torch-cpu", size_mb)
-
-
-def ort_runner(name: str, path: Path, provider: str) -> Runner:
-    from cadbcnn_runtime.session import make_session
-
-    state: dict[str, Any] = {}
-
-    def make(threads: int):  # the very session options cadbcnn_runtime.Classifier uses
-        providers = [provider] + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [])
-        state["s"] = make_session(path, providers=providers, threads=threads)
-        state["threads"] = threads
-        if provider not in state["s"].get_providers():
-            raise RuntimeError(f"{provider} did not initialise (got {state['s'].get_providers()})")
-
-    def set_threads(t):
-        if state.get("threads") != t:
-            make(t)
-
-    def run(x):
-        return state["s"].run([OUTPUT_NAME], {INPUT_NAME: x})[0]
-
-    r = Runner(name, run, set_threads, provider, path.stat().st_size / 1e6, classifier_path=path)
-    r.session = lambda: state["s"]  # type: ignore[attr-defined]
-    return r
-
-
-def time_it(fn: Callable[[], Any], min_time: float, warmup: int = 2, min_runs: int = 3) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < min_runs or time.perf_counter() - start < min_time:
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return times
-
-
-def flops_per_image(model, image_size) -> float | None:
-    try:
-        import torch
-        from torch.utils.flop_counter import FlopCounterMode
-
-        with FlopCounterMode(display=False) as fc, torch.no_grad():
-            model.eval()(torch.zeros(1, 3, *image_size, dtype=torch.uint8))
-        return float(fc.get_total_flops())
-    except Exception:  # noqa: BLE001 — FLOP counting is informational
-        return None
-
-
-# ---------------------------------------------------------------------------
 # Accuracy, end-to-end, cold start
 # ---------------------------------------------------------------------------
 def labelled_set(folder: Path, spec: ModelSpec, class_folders, limit: int | None):
-    from cadbcnn_export.exporter import load_image_set
+    from cadbcnn_export.images import load_image_set
 
     s = load_image_set(folder, spec, class_folders, limit=limit)
     if not s.labelled:
@@ -338,9 +191,8 @@ def prepare(opts: BenchOptions, log) -> tuple[Any, ModelSpec, tuple[str, ...], d
 
 def run_benchmark(opts: BenchOptions, log=print) -> dict[str, Any]:
     import onnxruntime as ort
-    import torch
 
-    from cadbcnn_train.train import cpu_has_bf16
+    from cadbcnn_train.env import cpu_has_bf16
 
     for flag, folder in (("--data", opts.data), ("--images", opts.images)):  # before any work
         if folder is not None and not Path(folder).is_dir():

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from cadbcnn_runtime.errors import CadbcnnError
+from cadbcnn_runtime.exits import cli_errors
 
 app = typer.Typer(add_completion=False)
+
+BenchDevice = Enum("BenchDevice", {d: d for d in ("cpu", "cuda", "all")}, type=str)
 
 
 def _ints(text: str) -> list[int]:
@@ -20,6 +23,7 @@ def _ints(text: str) -> list[int]:
 
 
 @app.command()
+@cli_errors
 def bench(
     out: Path = typer.Option(..., help="Folder for report.md, results.json and charts."),
     checkpoint: Optional[Path] = typer.Option(None, help="Trained checkpoint (default: full-size CADBCNN with random "
@@ -30,7 +34,7 @@ def bench(
     images: Optional[Path] = typer.Option(None, help="Folder of images for end-to-end throughput (default: --data)."),
     batch: str = typer.Option("1,8,32", help="Batch sizes."),
     threads: str = typer.Option("1,0", help="Thread counts (0 = all cores)."),
-    device: str = typer.Option("cpu", help="cpu | cuda | all"),
+    device: BenchDevice = typer.Option("cpu", help="Which execution providers to benchmark."),
     min_time: float = typer.Option(3.0, help="Seconds of timed runs per measurement (after warm-up)."),
     data_limit: Optional[int] = typer.Option(None, help="Use at most N images of --data."),
     no_cold_start: bool = typer.Option(False, "--no-cold-start"),
@@ -42,13 +46,9 @@ def bench(
 
     th = [t or (os.cpu_count() or 1) for t in _ints(threads)]
     opts = BenchOptions(out=out, checkpoint=checkpoint, models=list(model), data=data, images=images,
-                        batches=_ints(batch), threads=list(dict.fromkeys(th)), device=device, min_time=min_time,
+                        batches=_ints(batch), threads=list(dict.fromkeys(th)), device=device.value, min_time=min_time,
                         data_limit=data_limit, cold_start=not no_cold_start)
-    try:
-        run_benchmark(opts, log=typer.echo)
-    except CadbcnnError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(exc.exit_code)
+    run_benchmark(opts, log=typer.echo)
     typer.echo(f"report: {out / 'report.md'}")
 
 

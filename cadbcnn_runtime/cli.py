@@ -83,6 +83,7 @@ def infer(
                                         "images that need review first, filters)."),
 ) -> None:
     from .errors import CadbcnnError
+    from .exits import exit_code_of
     from .job import classify_to_file
 
     try:
@@ -93,7 +94,7 @@ def infer(
                                   address=address, actors=actors, html=html, say=_say)
     except CadbcnnError as exc:
         _say(f"error: {exc}")
-        raise typer.Exit(exc.exit_code if exc.exit_code != 1 else 2)
+        raise typer.Exit(exit_code_of(exc))
     except OSError as exc:  # the output itself (disk full, read-only folder): a failure of the run, not of a file
         _say(f"error: cannot write the results ({exc.strerror or exc}: {exc.filename or out}); finished rows, if "
              "any, are in the .partial file — free space or choose another --out, then rerun with --resume")

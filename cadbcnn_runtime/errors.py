@@ -55,13 +55,22 @@ class CheckpointError(CadbcnnError):
     """A checkpoint is missing, corrupt or not a cadbcnn checkpoint."""
 
 
-class ExportError(CadbcnnError):
-    """An export failed or a parity/accuracy gate did not pass."""
+class GateError(CadbcnnError):
+    """A produced artifact failed a check it must pass (parity, accuracy, OOD, a package test): exit code 3.
+
+    ``report`` is the text of the check's report, shown above the error by the CLI.
+    """
 
     exit_code = 3
 
+    def __init__(self, message: str, *, report: str | None = None):
+        super().__init__(message)
+        self.report = report
 
-class OODGateError(CadbcnnError):
+
+class ExportError(GateError):
+    """An exported model failed one of its gates (checker, loading, parity, accuracy); nothing failed is kept."""
+
+
+class OODGateError(GateError):
     """A model's out-of-distribution flag missed the release gate on foreign images."""
-
-    exit_code = 3

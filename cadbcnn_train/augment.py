@@ -14,6 +14,8 @@ Deterministic for a given ``np.random.Generator``; RGB uint8 HWC in and out, sam
 
 from __future__ import annotations
 
+from cadbcnn_runtime.errors import ArgumentError
+
 import math
 from dataclasses import dataclass, field
 
@@ -34,7 +36,7 @@ def parse_parts(text: str | None) -> tuple[str, ...]:
     parts = tuple(p.strip() for p in text.split(",") if p.strip())
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
-        raise ValueError(f"unknown augmentation part(s) {unknown}; choose from {', '.join(PARTS)} or 'robust'")
+        raise ArgumentError(f"unknown augmentation part(s) {unknown}; choose from {', '.join(PARTS)} or 'robust'")
     return tuple(p for p in PARTS if p in parts)
 
 

@@ -1,29 +1,40 @@
-"""`cadbcnn-train`: fit and evaluate models. Only this module maps errors to exit codes."""
+"""`cadbcnn-train`: fit and evaluate models. Exit codes: ``cadbcnn_runtime.exits`` (every command wears
+``cli_errors``)."""
 
 from __future__ import annotations
 
 import logging
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from cadbcnn_runtime.errors import CadbcnnError, OODGateError
+from cadbcnn_runtime.exits import cli_errors
+
+from .config import MODEL_NAMES, PRECISIONS, SPLITS
+
+
+def _choices(name: str, values) -> type[Enum]:
+    """A str Enum of VALUES, so typer shows the choices and refuses anything else (exit 2) before any work."""
+    return Enum(name, {v: v for v in values}, type=str)
+
+
+ModelName = _choices("ModelName", MODEL_NAMES)
+SplitKind = _choices("SplitKind", SPLITS)
+Precision = _choices("Precision", PRECISIONS)
+EvalSplit = _choices("EvalSplit", ("test", "val", "train", "all"))
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Train and evaluate CADBCNN and its baselines on a folder-per-class image dataset.")
 
 
-def _fail(exc: CadbcnnError) -> None:
-    typer.echo(f"error: {exc}", err=True)
-    raise typer.Exit(exc.exit_code)
-
-
 @app.command()
+@cli_errors
 def fit(
     data: Path = typer.Option(..., help="Dataset root with one sub-folder per class."),
     out: Path = typer.Option(..., help="Output folder (checkpoints, config, split, history, metrics)."),
-    model: str = typer.Option("cadbcnn", help="cadbcnn | dual_concat | resnet18 | resnet34 | resnet50 | efficientnet_b0"),
+    model: ModelName = typer.Option("cadbcnn", help="The architecture (CADBCNN or a baseline of the paper)."),
     epochs: int = typer.Option(30),
     batch_size: int = typer.Option(32),
     image_size: int = typer.Option(224),
@@ -31,7 +42,7 @@ def fit(
     weight_decay: float = typer.Option(0.05),
     label_smoothing: float = typer.Option(0.05),
     seed: int = typer.Option(0),
-    split: str = typer.Option("stratified", help="stratified (image-level, duplicates grouped) | grouped "
+    split: SplitKind = typer.Option("stratified", help="stratified (image-level, duplicates grouped) | grouped "
                                                  "(blocks of consecutive file numbers kept together)"),
     split_file: Optional[Path] = typer.Option(None, help="Reuse a split.csv (path,label,split)."),
     block_size: int = typer.Option(20, help="File-number block size for --split grouped."),
@@ -41,7 +52,7 @@ def fit(
                                                 "'robust' (all parts) or a comma list of scalebar, scale, stain, "
                                                 "exposure, degrade."),
     no_class_weights: bool = typer.Option(False, "--no-class-weights"),
-    precision: str = typer.Option("auto", help="auto (bf16 on CPUs with AVX512-BF16, AMP on CUDA) | fp32 | bf16 | fp16"),
+    precision: Precision = typer.Option("auto", help="auto: bf16 on CPUs with AVX512-BF16, AMP on CUDA, else fp32."),
     patience: int = typer.Option(10, help="Early stopping patience in epochs (val macro-F1)."),
     workers: int = typer.Option(0, help="DataLoader worker processes."),
     threads: Optional[int] = typer.Option(None, help="torch intra-op threads."),
@@ -62,30 +73,24 @@ def fit(
     from .config import TrainConfig
     from .train import fit as run_fit
 
-    try:
-        cfg = TrainConfig(data=str(data), out=str(out), model=model, epochs=epochs, batch_size=batch_size,
-                          image_size=image_size, lr=lr, weight_decay=weight_decay, label_smoothing=label_smoothing,
-                          seed=seed, split=split, split_file=str(split_file) if split_file else None,
-                          block_size=block_size, max_per_class=max_per_class, augment=not no_augment,
-                          class_weights=not no_class_weights, precision=precision, patience=patience,
-                          workers=workers, threads=threads, pretrained=pretrained, max_steps=max_steps,
-                          cache=not no_cache, fit_ood=not no_ood, bn_recal_images=bn_recal_images,
-                          calibrate=not no_calibrate, review_target_risk=review_target_risk,
-                          augment_parts=parse_parts(augment_parts))
-    except ValueError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2)
-    try:
-        run_fit(cfg, resume=resume)
-    except CadbcnnError as exc:
-        _fail(exc)
+    cfg = TrainConfig(data=str(data), out=str(out), model=model.value, epochs=epochs, batch_size=batch_size,
+                      image_size=image_size, lr=lr, weight_decay=weight_decay, label_smoothing=label_smoothing,
+                      seed=seed, split=split.value, split_file=str(split_file) if split_file else None,
+                      block_size=block_size, max_per_class=max_per_class, augment=not no_augment,
+                      class_weights=not no_class_weights, precision=precision.value, patience=patience,
+                      workers=workers, threads=threads, pretrained=pretrained, max_steps=max_steps,
+                      cache=not no_cache, fit_ood=not no_ood, bn_recal_images=bn_recal_images,
+                      calibrate=not no_calibrate, review_target_risk=review_target_risk,
+                      augment_parts=parse_parts(augment_parts))  # ArgumentError (exit 2) before any work
+    run_fit(cfg, resume=resume)
 
 
 @app.command()
+@cli_errors
 def evaluate(
     checkpoint: Path = typer.Argument(..., help="A checkpoint written by `cadbcnn-train fit` (best.pt)."),
     data: Path = typer.Option(..., help="Dataset root with one sub-folder per class."),
-    split: str = typer.Option("test", help="test | val | train | all"),
+    split: EvalSplit = typer.Option("test", help="The split to evaluate."),
     split_file: Optional[Path] = typer.Option(None, help="Split CSV (default: split.csv next to the checkpoint)."),
     out: Path = typer.Option(..., help="Folder for metrics.json, metrics.md and confusion_matrix.png."),
     store: bool = typer.Option(False, "--store", help="Also record the metrics in the checkpoint's model spec "
@@ -93,16 +98,14 @@ def evaluate(
 ) -> None:
     """Evaluate a checkpoint: accuracy, per-class P/R/F1, confusion matrix."""
     from .metrics import metrics_markdown
-    from .train import evaluate as run_eval
+    from .posthoc import evaluate as run_eval
 
-    try:
-        m = run_eval(checkpoint, data, out, split=split, split_file=split_file, store=store)
-    except CadbcnnError as exc:
-        _fail(exc)
-    typer.echo(metrics_markdown(m, f"{checkpoint} — {split}"))
+    m = run_eval(checkpoint, data, out, split=split.value, split_file=split_file, store=store)
+    typer.echo(metrics_markdown(m, f"{checkpoint} — {split.value}"))
 
 
 @app.command("recalibrate-bn")
+@cli_errors
 def recalibrate_bn_cmd(
     checkpoint: Path = typer.Argument(..., help="A checkpoint written by `cadbcnn-train fit`."),
     data: Path = typer.Option(..., help="The dataset root the checkpoint was trained on."),
@@ -111,15 +114,13 @@ def recalibrate_bn_cmd(
     images: int = typer.Option(1024, help="Clean training images to average the statistics over."),
 ) -> None:
     """Precise BatchNorm for an existing checkpoint (clean train-split images; no labels used)."""
-    from .train import recalibrate_checkpoint
+    from .posthoc import recalibrate_checkpoint
 
-    try:
-        recalibrate_checkpoint(checkpoint, data, split_file=split_file, out=out, images=images, log=typer.echo)
-    except CadbcnnError as exc:
-        _fail(exc)
+    recalibrate_checkpoint(checkpoint, data, split_file=split_file, out=out, images=images, log=typer.echo)
 
 
 @app.command("fit-ood")
+@cli_errors
 def fit_ood_cmd(
     checkpoint: Path = typer.Argument(..., help="A checkpoint written by `cadbcnn-train fit`."),
     data: Path = typer.Option(..., help="The dataset root the checkpoint was trained on."),
@@ -128,15 +129,13 @@ def fit_ood_cmd(
     flag_rate: float = typer.Option(0.02, help="Fraction of the validation split the threshold may flag."),
 ) -> None:
     """(Re)fit the out-of-distribution score of an existing checkpoint (train split; threshold on val)."""
-    from .train import refit_ood
+    from .posthoc import refit_ood
 
-    try:
-        refit_ood(checkpoint, data, split_file=split_file, out=out, flag_rate=flag_rate, log=typer.echo)
-    except CadbcnnError as exc:
-        _fail(exc)
+    refit_ood(checkpoint, data, split_file=split_file, out=out, flag_rate=flag_rate, log=typer.echo)
 
 
 @app.command()
+@cli_errors
 def calibrate(
     checkpoint: Path = typer.Argument(..., help="A checkpoint written by `cadbcnn-train fit`, or an exported .onnx "
                                       "model (then --split-file and --out are required; torch is not used)."),
@@ -148,19 +147,17 @@ def calibrate(
 ) -> None:
     """Fit the temperature (validation NLL), the review threshold (validation risk–coverage) and the
     field-content check (training split) of a checkpoint or of an exported ONNX model."""
-    from .train import calibrate_checkpoint, calibrate_onnx
+    from .posthoc import calibrate_checkpoint, calibrate_onnx
 
-    try:
-        if checkpoint.suffix == ".onnx":
-            calibrate_onnx(checkpoint, data, split_file=split_file, out=out, target_risk=target_risk, log=typer.echo)
-        else:
-            calibrate_checkpoint(checkpoint, data, split_file=split_file, out=out, target_risk=target_risk,
-                                 log=typer.echo)
-    except CadbcnnError as exc:
-        _fail(exc)
+    if checkpoint.suffix == ".onnx":
+        calibrate_onnx(checkpoint, data, split_file=split_file, out=out, target_risk=target_risk, log=typer.echo)
+    else:
+        calibrate_checkpoint(checkpoint, data, split_file=split_file, out=out, target_risk=target_risk,
+                             log=typer.echo)
 
 
 @app.command()
+@cli_errors
 def explain(
     checkpoint: Path = typer.Argument(..., help="A checkpoint written by `cadbcnn-train fit`."),
     data: Path = typer.Option(..., help="The dataset root."),
@@ -172,13 +169,11 @@ def explain(
     """Grad-CAM overlays (each branch's last conv block) and t-SNE of fused / per-branch features."""
     from .explain import explain as run_explain
 
-    try:
-        run_explain(checkpoint, data, out, split_file=split_file, split=split, per_class=per_class, log=typer.echo)
-    except CadbcnnError as exc:
-        _fail(exc)
+    run_explain(checkpoint, data, out, split_file=split_file, split=split, per_class=per_class, log=typer.echo)
 
 
 @app.command("ood-report")
+@cli_errors
 def ood_report_cmd(
     model: Path = typer.Argument(..., help="An exported ONNX model with an OOD output."),
     data: Path = typer.Option(..., help="The dataset root."),
@@ -194,18 +189,13 @@ def ood_report_cmd(
     """Fraction flagged and AUROC of the OOD score on shifted and foreign image sets (optionally a gate)."""
     from .ood_eval import ood_report
 
-    try:
-        ood_report(model, data, split_file, out, split=split, limit=limit, n_foreign=n_foreign,
-                   min_foreign_flagged=min_foreign_flagged)
-    except OODGateError as exc:  # the report was written: show it above the verdict
-        typer.echo((out / "ood_report.md").read_text())
-        _fail(exc)
-    except CadbcnnError as exc:
-        _fail(exc)
+    ood_report(model, data, split_file, out, split=split, limit=limit, n_foreign=n_foreign,
+               min_foreign_flagged=min_foreign_flagged)  # a failed gate raises OODGateError carrying the report
     typer.echo((out / "ood_report.md").read_text())
 
 
 @app.command("shift-report")
+@cli_errors
 def shift_report_cmd(
     model: Path = typer.Argument(..., help="An exported ONNX model (run through the torch-free runtime, CPU)."),
     data: Path = typer.Option(..., help="The dataset root the split file's paths are relative to."),
@@ -224,11 +214,8 @@ def shift_report_cmd(
     """Silent errors (wrong label, no review) on the clean split, shifted copies, blank fields and external folders."""
     from .shift_report import shift_report
 
-    try:
-        shift_report(model, data, split_file, out, split=split, externals=external or (), limit=limit, seed=seed,
-                     threads=threads, log=typer.echo)
-    except CadbcnnError as exc:
-        _fail(exc)
+    shift_report(model, data, split_file, out, split=split, externals=external or (), limit=limit, seed=seed,
+                 threads=threads, log=typer.echo)
     typer.echo((out / "shift_report.md").read_text())
 
 

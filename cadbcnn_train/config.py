@@ -7,6 +7,14 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from cadbcnn_runtime.errors import ArgumentError
+
+#: The choices of the training options — one home; the CLI's enums and the validation below read these.
+#: ``MODEL_NAMES`` are the keys of ``cadbcnn_train.model.MODELS`` (kept torch-free here; a test checks they agree).
+MODEL_NAMES = ("cadbcnn", "dual_concat", "resnet18", "resnet34", "resnet50", "efficientnet_b0")
+SPLITS = ("stratified", "grouped")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -49,22 +57,20 @@ class TrainConfig:
         object.__setattr__(self, "model_kwargs", dict(self.model_kwargs))
         object.__setattr__(self, "augment_parts", tuple(self.augment_parts))
         from .augment import PARTS
-        from .model import MODELS
-
-        if self.model not in MODELS:
-            raise ValueError(f"unknown model {self.model!r}; choose one of {', '.join(MODELS)}")
+        if self.model not in MODEL_NAMES:
+            raise ArgumentError(f"unknown model {self.model!r}; choose one of {', '.join(MODEL_NAMES)}")
 
         unknown = sorted(set(self.augment_parts) - set(PARTS))
         if unknown:
-            raise ValueError(f"unknown augmentation part(s) {unknown}; choose from {', '.join(PARTS)}")
-        if self.split not in ("stratified", "grouped"):
-            raise ValueError(f"split must be 'stratified' or 'grouped', got {self.split!r}")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+            raise ArgumentError(f"unknown augmentation part(s) {unknown}; choose from {', '.join(PARTS)}")
+        if self.split not in SPLITS:
+            raise ArgumentError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
+        if self.precision not in PRECISIONS:
+            raise ArgumentError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if not 0.0 <= self.review_target_risk <= 1.0:
-            raise ValueError(f"review_target_risk must be in [0, 1], got {self.review_target_risk}")
+            raise ArgumentError(f"review_target_risk must be in [0, 1], got {self.review_target_risk}")
         if self.pretrained not in (None, "imagenet"):
-            raise ValueError(f"pretrained must be 'imagenet' or unset, got {self.pretrained!r}")
+            raise ArgumentError(f"pretrained must be 'imagenet' or unset, got {self.pretrained!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

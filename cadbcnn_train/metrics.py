@@ -28,6 +28,15 @@ def compute_metrics(y_true: Sequence[int], y_pred: Sequence[int], class_names: S
     return out
 
 
+def metrics_summary(m: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What the model spec records of a metrics dict (no confusion matrix, no per-class precision/recall)."""
+    if not m:
+        return None
+    return {"split": m.get("split", "test"), "n": m["n"], "accuracy": m["accuracy"], "f1_macro": m["f1_macro"],
+            "f1_weighted": m["f1_weighted"],
+            "per_class_f1": {k: v["f1"] for k, v in m["per_class"].items()}}
+
+
 def metrics_markdown(m: dict[str, Any], title: str = "Metrics") -> str:
     lines = [f"# {title}", "", f"Images: {m['n']}  ", f"Accuracy: **{100 * m['accuracy']:.2f} %**  ",
              f"Macro F1: **{100 * m['f1_macro']:.2f}** · weighted F1: {100 * m['f1_weighted']:.2f} · "

@@ -167,10 +167,12 @@ def ood_report(model: Path, data: Path, split_file: Path, out: Path, *, split: s
     if min_foreign_flagged is not None:
         lines += ["", f"Release gate (every foreign set flagged ≥ {100 * min_foreign_flagged:.0f} %): "
                       + ("**passed**" if not failed else "**failed** — " + "; ".join(failed))]
-    (out / "ood_report.md").write_text("\n".join(lines) + "\n")
+    text = "\n".join(lines) + "\n"
+    (out / "ood_report.md").write_text(text)
     if failed:
         raise OODGateError(
             f"{model}: the OOD flag misses foreign images ({'; '.join(failed)}; the gate needs "
             f">= {100 * min_foreign_flagged:.0f} %). Do not ship this model: choose another candidate run, or "
-            f"refit the threshold (cadbcnn-train fit-ood --flag-rate) and re-export. Report: {out / 'ood_report.md'}")
+            f"refit the threshold (cadbcnn-train fit-ood --flag-rate) and re-export. Report: {out / 'ood_report.md'}",
+            report=text)
     return result

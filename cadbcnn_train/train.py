@@ -14,11 +14,7 @@ import csv
 import json
 import logging
 import math
-import os
-import platform
-import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +26,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 import cadbcnn_runtime
-from cadbcnn_runtime.calibration import TARGET_RISK, fit_calibration
+from cadbcnn_runtime.calibration import fit_calibration
 from cadbcnn_runtime.preprocess import preprocess
 from cadbcnn_runtime.quality import content_scores, fit_quality
 from cadbcnn_runtime.errors import CadbcnnError, DatasetError
@@ -38,66 +34,16 @@ from cadbcnn_runtime.spec import DATASET_CITATION, ModelSpec
 
 from . import data as D
 from .augment import RobustAugment
-from .checkpoint import load_checkpoint, resave_checkpoint, save_checkpoint, weights_sha256
+from .checkpoint import load_checkpoint, save_checkpoint, weights_sha256
 from .config import TrainConfig
-from .metrics import compute_metrics, write_metrics
+from .metrics import compute_metrics, metrics_summary, write_metrics
 from .model import PRETRAINED_SOURCES, TRUNK_LAYERS, create_model
 from .ood import fit_ood, spec_entry
-from cadbcnn_runtime.machine import cpu_info, git_commit
+from cadbcnn_runtime.machine import git_commit
 from cadbcnn_runtime.progress import Progress
+from .env import autocast, resolve_precision, setup_distributed, software_versions
 
 log = logging.getLogger("cadbcnn_train")
-
-
-# ---------------------------------------------------------------------------
-# Environment helpers
-# ---------------------------------------------------------------------------
-def cpu_has_bf16() -> bool:
-    return cpu_info().has_bf16
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_bf16() else "fp32"
-
-
-def autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def software_versions() -> dict[str, str]:
-    import torchvision
-
-    return {"python": platform.python_version(), "torch": str(torch.__version__),
-            "torchvision": str(torchvision.__version__), "numpy": str(np.__version__),
-            "cadbcnn": cadbcnn_runtime.__version__}
-
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device_type: str) -> DistInfo:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo()
-    backend = "nccl" if device_type == "cuda" else "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
-    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
 # ---------------------------------------------------------------------------
@@ -430,7 +376,7 @@ def fit(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> FitRe
                 f"{calibration['before']['nll']:.4f} → {calibration['after']['nll']:.4f}, ECE "
                 f"{calibration['before']['ece_15']:.4f} → {calibration['after']['ece_15']:.4f}); review below "
                 f"confidence {review:.4f}")
-        final_spec = make_spec(cfg, ds, split_counts, metrics=_summary(test_metrics),
+        final_spec = make_spec(cfg, ds, split_counts, metrics=metrics_summary(test_metrics),
                                weights=weights_sha256(model.state_dict()), ood=ood, calibration=calibration,
                                review_threshold=review, quality=quality)
         if best is not None:
@@ -448,14 +394,6 @@ def fit(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> FitRe
     if di.world > 1:
         dist.barrier()
     return FitResult(out, best_f1, test_metrics, epoch + 1, time.time() - t_start)
-
-
-def _summary(m: dict | None) -> dict | None:
-    if not m:
-        return None
-    return {"split": m.get("split", "test"), "n": m["n"], "accuracy": m["accuracy"], "f1_macro": m["f1_macro"],
-            "f1_weighted": m["f1_weighted"],
-            "per_class_f1": {k: v["f1"] for k, v in m["per_class"].items()}}
 
 
 def write_history(out: Path, history: list[dict]) -> None:
@@ -493,135 +431,3 @@ def plot_curves(out: Path, history: list[dict]) -> None:
     plt.close(fig)
 
 
-def evaluate(checkpoint: Path, data: Path, out: Path, *, split: str = "test", split_file: Path | None = None,
-             batch_size: int = 64, store: bool = False) -> dict:
-    """Evaluate a checkpoint on a split of DATA (through the runtime preprocessing)."""
-    ck = load_checkpoint(checkpoint)
-    model = ck.build_model()
-    root = Path(data)
-    if split == "all":
-        ds = D.load(root, class_folders=ck.class_folders)
-    else:
-        sf = Path(split_file) if split_file else Path(checkpoint).parent / "split.csv"
-        wanted = {root / r["path"] for r in D.split_rows(sf) if r["split"] == split}
-        if not wanted:
-            raise DatasetError(f"{sf}: has no rows for split {split!r}")
-        ds = D.load(root, class_folders=ck.class_folders, only=wanted)
-    samples = ds.samples
-    loader = DataLoader(D.ImageDataset(samples, ck.spec, images=ds.images), batch_size=batch_size)
-    logits, labels = predict(model.to(memory_format=torch.channels_last), loader, torch.device("cpu"))
-    m = compute_metrics(labels.numpy(), logits.argmax(1).numpy(), ck.class_names)
-    m["split"] = split
-    m["checkpoint"] = str(checkpoint)
-    write_metrics(m, Path(out), title=f"{ck.model_name} — {split} split")
-    if store:  # record these metrics in the checkpoint and its spec (what the exporter embeds)
-        resave_checkpoint(ck, Path(checkpoint), model=model, spec=ck.spec.replace(metrics=_summary(m)), metrics=m)
-    return m
-
-
-def recalibrate_checkpoint(checkpoint: Path, data: Path, *, split_file: Path | None = None,
-                           out: Path | None = None, images: int = 1024, seed: int = 0, log=print) -> Path:
-    """Precise-BN for an existing checkpoint (statistics from clean images of its train split)."""
-    ck = load_checkpoint(checkpoint)
-    model = ck.build_model()
-    sf = Path(split_file) if split_file else Path(checkpoint).parent / "split.csv"
-    root = Path(data)
-    train_rows = [root / r["path"] for r in D.split_rows(sf) if r["split"] == "train"]
-    rng = np.random.default_rng(seed)
-    pick = {train_rows[i] for i in rng.choice(len(train_rows), min(images, len(train_rows)), replace=False)}
-    ds = D.load(root, class_folders=ck.class_folders, only=pick)
-    loader = DataLoader(D.ImageDataset(ds.samples, ck.spec, images=ds.images), batch_size=32, shuffle=True,
-                        generator=torch.Generator().manual_seed(seed))
-    n = recalibrate_bn(model, loader, torch.device("cpu"), "fp32", images)
-    dest = Path(out) if out else Path(checkpoint)
-    # Everything derived from the old weights goes with them: the calibration (and the review threshold it
-    # chose), the OOD statistics and threshold (fitted on the old features) and the metrics. The field-content
-    # check reads the input only and stays.
-    spec = ck.spec.replace(weights_sha256=weights_sha256(model.state_dict()), calibration=None,
-                           review_threshold=ModelSpec.review_threshold, ood=None, metrics=None)
-    resave_checkpoint(ck, dest, model=model, spec=spec, extra={"bn_recalibrated_on": n}, drop=("metrics", "ood"))
-    stale = [what for what, had in (("calibration", ck.spec.calibration), ("OOD statistics", ck.ood or ck.spec.ood),
-                                    ("metrics", ck.metrics or ck.spec.metrics)) if had]
-    log(f"BatchNorm statistics recomputed on {n} clean train-split images → {dest}"
-        + (f"; dropped, as they were computed on the old weights: {', '.join(stale)} — run "
-           "`cadbcnn-train refit-ood`, `cadbcnn-train calibrate` and `cadbcnn-train evaluate --store` on it"
-           if stale else ""))
-    return dest
-
-
-def refit_ood(checkpoint: Path, data: Path, *, split_file: Path | None = None, out: Path | None = None,
-              flag_rate: float = 0.02, log=print) -> dict:
-    """Fit (or refit) the OOD statistics of an existing checkpoint on its train split; threshold on val."""
-    ck = load_checkpoint(checkpoint)
-    model = ck.build_model()
-    sf = Path(split_file) if split_file else Path(checkpoint).parent / "split.csv"
-    rows = D.split_rows(sf)
-    root = Path(data)
-    ds = D.load(root, class_folders=ck.class_folders,
-                only={root / r["path"] for r in rows if r["split"] in ("train", "val")})
-    which = {root / r["path"]: r["split"] for r in rows}
-    parts = {k: [s for s in ds.samples if which.get(s.path) == k] for k in ("train", "val")}
-    if not parts["train"] or not parts["val"]:
-        raise DatasetError(f"{sf}: needs train and val rows that exist under {root}")
-
-    def loader(samples):
-        return DataLoader(D.ImageDataset(samples, ck.spec, images=ds.images), batch_size=64)
-
-    ood = fit_ood(model, loader(parts["train"]), loader(parts["val"]), len(ck.class_names), flag_rate=flag_rate)
-    spec = ck.spec.replace(ood=spec_entry(ood))
-    dest = Path(out) if out else Path(checkpoint)
-    resave_checkpoint(ck, dest, model=model, spec=spec, ood=ood)
-    log(f"OOD statistics fitted on {len(parts['train'])} train images; threshold {ood['threshold']:.4f} flags "
-        f"{100 * ood['val_flagged']:.1f} % of {len(parts['val'])} validation images → {dest}")
-    return ood
-
-
-def calibrate_checkpoint(checkpoint: Path, data: Path, *, split_file: Path | None = None, out: Path | None = None,
-                         target_risk: float = TARGET_RISK, log=print) -> dict:
-    """Fit the temperature and the review threshold of an existing checkpoint on its validation split."""
-    ck = load_checkpoint(checkpoint)
-    model = ck.build_model()
-    sf = Path(split_file) if split_file else Path(checkpoint).parent / "split.csv"
-    root = Path(data)
-    rows = D.split_rows(sf)
-    which = {root / r["path"]: r["split"] for r in rows if r["split"] in ("train", "val")}
-    ds = D.load(root, class_folders=ck.class_folders, only=set(which))
-    parts = {k: [s for s in ds.samples if which.get(s.path) == k] for k in ("train", "val")}
-    if not parts["val"] or not parts["train"]:
-        raise DatasetError(f"{sf}: needs train and val rows that exist under {root} (calibration uses held-out "
-                           "labelled images; the field-content check uses the training images)")
-    loader = DataLoader(D.ImageDataset(parts["val"], ck.spec, images=ds.images), batch_size=64)
-    logits, labels = predict(model.to(memory_format=torch.channels_last), loader, torch.device("cpu"))
-    entry, review = fit_calibration(logits.numpy(), labels.numpy(), target_risk=target_risk,
-                                    fitted_on=f"validation split ({len(parts['val'])} images)")
-    quality = fit_content_check(parts["train"], ck.spec, ds.images, what="training split")
-    dest = Path(out) if out else Path(checkpoint)
-    resave_checkpoint(ck, dest, model=model,
-                      spec=ck.spec.replace(calibration=entry, review_threshold=review, quality=quality))
-    log(f"temperature {entry['temperature']:.4f} fitted on {len(parts['val'])} validation images (NLL "
-        f"{entry['before']['nll']:.4f} → {entry['after']['nll']:.4f}, ECE {entry['before']['ece_15']:.4f} → "
-        f"{entry['after']['ece_15']:.4f}); review threshold {review:.4f} → {dest}")
-    return entry
-
-
-def calibrate_onnx(model: Path, data: Path, *, split_file: Path | None, out: Path | None = None,
-                   target_risk: float = TARGET_RISK, log=print) -> ModelSpec:
-    """``calibrate`` for a model that exists only as ONNX (torch-free path: ``cadbcnn_runtime.respec``)."""
-    from cadbcnn_runtime.respec import calibrate_model
-    from cadbcnn_runtime.spec import ModelSpec as Spec
-
-    if split_file is None:
-        raise DatasetError(f"{model}: an ONNX model has no split.csv beside it; pass --split-file (the training "
-                           "run's split)")
-    folders = Spec.from_onnx(model).training.get("class_folders")
-    if not folders:
-        raise DatasetError(f"{model}: its spec does not record the training class folders; use the checkpoint")
-    root = Path(data)
-    rows = D.split_rows(Path(split_file))
-    val = [(root / r["path"], folders.index(r["label"])) for r in rows if r["split"] == "val"]
-    train = [root / r["path"] for r in rows if r["split"] == "train"]
-    missing = [p for p, _ in val[:1]] + train[:1]
-    if not val or not train or not all(p.is_file() for p in missing):
-        raise DatasetError(f"{split_file}: needs train and val rows whose images exist under {root}")
-    return calibrate_model(model, Path(out) if out else Path(model), val=val, train=train, target_risk=target_risk,
-                           log=log)

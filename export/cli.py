@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from cadbcnn_runtime.errors import CadbcnnError
+from cadbcnn_runtime.exits import exit_code_of
+
+from .formats import CALIBRATION_METHODS, DEFAULT_OPSET
+
+CalibrationMethod = Enum("CalibrationMethod", {m: m for m in CALIBRATION_METHODS}, type=str)
 
 app = typer.Typer(add_completion=False)
 
@@ -42,14 +48,14 @@ def main_cmd(
     checkpoint: Path = typer.Argument(..., help="best.pt written by `cadbcnn-train fit`."),
     output: Path = typer.Option(..., "-o", "--output", help="The FP32 model (MODEL.onnx). --half / --int8 add "
                                 "MODEL.fp16.onnx / MODEL.int8.onnx next to it."),
-    opset: int = typer.Option(18, help="ONNX opset (≥ 17)."),
+    opset: int = typer.Option(DEFAULT_OPSET, help="ONNX opset (≥ 17)."),
     half: bool = typer.Option(False, "--half", help="Also write an FP16 model for the CUDA EP (fp32 I/O)."),
     int8: bool = typer.Option(False, "--int8", help="Also write a static INT8 (QDQ) model; needs --calibration-data."),
     fp16_weights: bool = typer.Option(False, "--fp16-weights", help="Store the FP32 model's weights as FP16 "
                                       "(half the file size; compute stays FP32)."),
     calibration_data: Optional[Path] = typer.Option(None, help="Images for INT8 calibration (searched recursively)."),
     calibration_size: int = typer.Option(256, help="How many calibration images to use."),
-    calibration_method: str = typer.Option("minmax", help="minmax | percentile | entropy"),
+    calibration_method: CalibrationMethod = typer.Option("minmax", help="INT8 activation-range calibration."),
     parity_data: Optional[Path] = typer.Option(None, help="Real images for the parity gates; class sub-folders "
                                                "(as in training) make it labelled and enable accuracy gates."),
     parity_limit: Optional[int] = typer.Option(None, help="Use at most N parity images."),
@@ -75,16 +81,16 @@ def main_cmd(
     t0 = time.time()
     opts = ExportOptions(opset=opset, half=half, int8=int8, fp16_weights=fp16_weights,
                          calibration_data=calibration_data, calibration_size=calibration_size,
-                         calibration_method=calibration_method, parity_data=parity_data, parity_limit=parity_limit,
+                         calibration_method=calibration_method.value, parity_data=parity_data, parity_limit=parity_limit,
                          max_abs_diff=max_abs_diff, no_gate=no_gate)
     rep = None
     code = 0
     try:
         rep = export_checkpoint(checkpoint, output, opts, log=typer.echo)
-    except CadbcnnError as exc:
+    except CadbcnnError as exc:  # the report (if any) is rendered below, then the exit code of cadbcnn_runtime.exits
         rep = getattr(exc, "report", None)
         typer.echo(f"error: {exc}", err=True)
-        code = exc.exit_code
+        code = exit_code_of(exc)
     if rep is not None:
         import onnx
 

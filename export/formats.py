@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+DEFAULT_OPSET = 18
+#: INT8 activation-range calibration methods (onnxruntime.quantization's CalibrationMethod names, lower case).
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+
 
 @dataclass(frozen=True)
 class Format:

@@ -14,17 +14,14 @@ from typing import List, Optional
 
 import typer
 
-from cadbcnn_runtime.errors import CadbcnnError
+from cadbcnn_runtime.errors import ArgumentError
+from cadbcnn_runtime.exits import cli_errors
 
 app = typer.Typer(add_completion=False)
 
 
-def _fail(message: str, code: int) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
 @app.command()
+@cli_errors
 def main_cmd(
     model: Path = typer.Argument(..., help="A model exported with `cadbcnn-export` (e.g. models/cadbcnn.onnx)."),
     out: Path = typer.Option(..., "--out", "-o", help="The package to write (.zip)."),
@@ -51,16 +48,13 @@ def main_cmd(
 
     t0 = time.time()
     if not model.is_file():
-        _fail(f"{model}: model file not found. Pass an ONNX model exported with `cadbcnn-export` (the released "
-              "one is models/cadbcnn.onnx).", 2)
-    try:
-        require_bioimageio(core=test)
-        summary = build_package(model, out, samples=samples, max_test_images=max_test_images,
-                                authors=tuple(author) if author else ("cadbcnn contributors",),
-                                maintainer_github=github_user, paper_doi=paper_doi, paper_url=paper_url,
-                                git_repo=git_repo, compress=compress, log=typer.echo)
-    except CadbcnnError as exc:
-        _fail(str(exc), exc.exit_code)
+        raise ArgumentError(f"{model}: model file not found. Pass an ONNX model exported with `cadbcnn-export` (the "
+                            "released one is models/cadbcnn.onnx).")
+    require_bioimageio(core=test)
+    summary = build_package(model, out, samples=samples, max_test_images=max_test_images,
+                            authors=tuple(author) if author else ("cadbcnn contributors",),
+                            maintainer_github=github_user, paper_doi=paper_doi, paper_url=paper_url,
+                            git_repo=git_repo, compress=compress, log=typer.echo)
     typer.echo(f"package   {summary['path']}  {summary['size_bytes'] / 1e6:.1f} MB  sha256 {summary['sha256']}")
     typer.echo(f"weights   weights.onnx  sha256 {summary['weights_sha256']} (from {Path(summary['source']).name}, "
                f"sha256 {summary['source_sha256'][:16]}…)")
@@ -70,10 +64,7 @@ def main_cmd(
     if not test:
         typer.echo(f"done in {time.time() - t0:.1f} s (bioimageio test skipped: --no-test)")
         raise typer.Exit(0)
-    try:
-        passed, text = test_package(Path(summary["path"]))
-    except CadbcnnError as exc:
-        _fail(str(exc), exc.exit_code)
+    passed, text = test_package(Path(summary["path"]))
     typer.echo(text)
     typer.echo(f"done in {time.time() - t0:.1f} s — bioimageio test {'PASSED' if passed else 'FAILED'}")
     raise typer.Exit(0 if passed else 3)

@@ -9,8 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import make_dataset  # noqa: E402
+from cadbcnn_train.synthetic import make_dataset
 
 bin_dir = Path(sys.executable).parent
 with tempfile.TemporaryDirectory() as tmp:

@@ -12,14 +12,15 @@ plus the full-protocol seed table from the `scripts/release.sh candidate` runs. 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from release_rule import chosen_checkpoint, history, ood_gate  # noqa: E402 — the rule lives beside release.sh
 
 # Reduced protocol (2-core CPU budget): 112 px, 8 epochs, batch 32, bf16 — identical for every row.
 PROTOCOL = ["--image-size", "112", "--epochs", "8", "--batch-size", "32", "--patience", "8", "--no-ood"]
@@ -60,8 +61,8 @@ def arch_costs(model: str) -> dict:
     import numpy as np
     import torch
 
-    from cadbcnn_bench.bench import flops_per_image
-    from cadbcnn_export.exporter import torch_to_onnx
+    from cadbcnn_bench.runners import flops_per_image
+    from cadbcnn_export.graph import torch_to_onnx
     from cadbcnn_runtime.session import make_session
     from cadbcnn_runtime.spec import INPUT_NAME
     from cadbcnn_train.model import count_parameters, create_model
@@ -91,29 +92,6 @@ def _pct(x: float) -> str:
 
 def _mean_sd(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}" if len(xs) >= 2 else f"{xs[0]:.2f}"
-
-
-def history(run: Path) -> list[dict]:
-    """A run's history.csv as rows keyed by column name (values as floats)."""
-    with open(run / "history.csv", newline="") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
-
-
-def chosen_checkpoint(run: Path) -> str:
-    """The release rule: 'best' or 'last', whichever scores the higher validation macro-F1 after precise BN."""
-    f1 = {c: json.loads((run / f"val-{c}" / "metrics.json").read_text())["f1_macro"] for c in ("best", "last")}
-    return "best" if f1["best"] >= f1["last"] else "last"
-
-
-def ood_gate(run: Path) -> str:
-    """The OOD release gate's verdict for a run (written by `scripts/release.sh gate`), as a table cell."""
-    p = run / "ood-gate" / "ood_report.json"
-    if not p.is_file():
-        return "not run"
-    gate = json.loads(p.read_text()).get("gate")
-    if gate is None:
-        return "not run"
-    return "passed" if gate["passed"] else "failed: " + "; ".join(gate["failed"])
 
 
 def release_seeds(runs: list[Path]) -> list[str]:
@@ -236,10 +214,5 @@ if __name__ == "__main__":
     p.add_argument("--remeasure", action="store_true", help="measure latency again instead of reusing it")
     p.add_argument("--release-runs", nargs="*", default=[str(r) for r in sorted(Path("runs").glob("release-s*"))
                                                           if r.is_dir()])
-    c = sub.add_parser("choose", help="print the checkpoint (best|last) a release candidate keeps")
-    c.add_argument("run")
     a = ap.parse_args()
-    if a.cmd == "choose":
-        print(chosen_checkpoint(Path(a.run)))
-    else:
-        run(a) if a.cmd == "run" else report(a)
+    run(a) if a.cmd == "run" else report(a)

@@ -27,7 +27,7 @@ candidate() {
     $B/cadbcnn-train evaluate "$run/$c-bn.pt" --data "$DATA" --split val --out "$run/val-$c"
   done
   local chosen
-  chosen=$($B/python scripts/experiments.py choose "$run")
+  chosen=$($B/python scripts/release_rule.py choose "$run")
   cp "$run/$chosen-bn.pt" "$run/release.pt"
   # Temperature and review threshold on validation logits of the final weights (precise BN changed them).
   $B/cadbcnn-train calibrate "$run/release.pt" --data "$DATA"

@@ -3,13 +3,15 @@
 import numpy as np
 import pytest
 
-from cadbcnn_export.exporter import export_checkpoint, torch_logits
+from cadbcnn_export.exporter import export_checkpoint
+from cadbcnn_export.parity import torch_logits
 from cadbcnn_runtime import Classifier, ModelSpec
 from cadbcnn_runtime.calibration import fit_calibration
 from cadbcnn_runtime.errors import ExportError, ModelSpecError
 from cadbcnn_runtime.reliability import softmax
 from cadbcnn_train.checkpoint import load_checkpoint, resave_checkpoint
-from cadbcnn_train.train import calibrate_checkpoint, fit, recalibrate_checkpoint
+from cadbcnn_train.posthoc import calibrate_checkpoint, recalibrate_checkpoint
+from cadbcnn_train.train import fit
 from conftest import make_dataset, save_random_checkpoint
 from test_train import small_cfg
 

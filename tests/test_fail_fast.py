@@ -45,3 +45,48 @@ def test_bench_missing_data_is_a_usage_error(tmp_path):
     r = runner.invoke(bench_app, ["--out", str(tmp_path / "b"), "--data", str(tmp_path / "missing")])
     assert r.exit_code == 2 and "--data" in r.output and "not found" in r.output, r.output
     assert not (tmp_path / "b").exists()
+
+
+def test_model_names_have_one_home():
+    from cadbcnn_train.config import MODEL_NAMES
+    from cadbcnn_train.model import MODELS
+
+    assert tuple(MODELS) == MODEL_NAMES  # the torch-free list the CLI offers is the builders' list
+
+
+def test_choices_are_refused_by_the_cli_before_any_work(tmp_path):
+    from typer.testing import CliRunner
+
+    from cadbcnn_bench.cli import app as bench_app
+    from cadbcnn_export.cli import app as export_app
+    from cadbcnn_train.cli import app as train_app
+
+    r = CliRunner().invoke(train_app, ["fit", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--precision",
+                                       "fp64"])
+    assert r.exit_code == 2 and "fp64" in r.output and not (tmp_path / "o").exists()
+    r = CliRunner().invoke(export_app, [str(tmp_path / "x.pt"), "-o", str(tmp_path / "m.onnx"),
+                                        "--calibration-method", "median"])
+    assert r.exit_code == 2 and "median" in r.output
+    r = CliRunner().invoke(bench_app, ["--out", str(tmp_path / "b"), "--device", "tpu"])
+    assert r.exit_code == 2 and "tpu" in r.output and not (tmp_path / "b").exists()
+
+
+def test_a_failed_gate_prints_its_report_and_exits_3(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from cadbcnn_runtime.errors import ArgumentError, GateError, ImageError
+    from cadbcnn_runtime.exits import cli_errors
+
+    app = typer.Typer()
+
+    @app.command()
+    @cli_errors
+    def cmd(kind: str):
+        raise {"gate": GateError("gate failed", report="| set | flagged |"), "arg": ArgumentError("bad --x"),
+               "image": ImageError("a.jpg: truncated")}[kind]
+
+    r = CliRunner().invoke(app, ["gate"])
+    assert r.exit_code == 3 and "| set | flagged |" in r.output and "error: gate failed" in r.output
+    assert CliRunner().invoke(app, ["arg"]).exit_code == 2
+    assert CliRunner().invoke(app, ["image"]).exit_code == 2  # a per-file error that stopped a command

@@ -45,7 +45,7 @@ def test_cross_attention_mixes_the_branches():
 
 
 def test_onnx_export_parity_batch_1_and_5(tmp_path):
-    from cadbcnn_export.exporter import torch_to_onnx
+    from cadbcnn_export.graph import torch_to_onnx
 
     torch.manual_seed(0)
     m = create_model("cadbcnn", num_classes=4).eval()

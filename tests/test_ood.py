@@ -9,7 +9,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cadbcnn_export.exporter import export_checkpoint, torch_outputs
+from cadbcnn_export.exporter import export_checkpoint
+from cadbcnn_export.parity import torch_outputs
 from cadbcnn_runtime import Classifier, ModelSpec
 from cadbcnn_runtime.cli import app as infer_app
 from cadbcnn_train.checkpoint import load_checkpoint

@@ -5,7 +5,8 @@ import onnx
 import pytest
 import torch
 
-from cadbcnn_export.exporter import load_image_set, torch_logits
+from cadbcnn_export.images import load_image_set
+from cadbcnn_export.parity import torch_logits
 from cadbcnn_runtime import Classifier, ModelSpec
 from cadbcnn_runtime.errors import ModelSpecError
 from cadbcnn_runtime.spec import METADATA_KEY
@@ -18,7 +19,7 @@ def _with_meta(src, dst, value=None, drop=False, restamp=False):
     exporter would, so that the graph/spec check (not the integrity check) is what refuses it."""
     m = onnx.load(str(src))
     if restamp:
-        from cadbcnn_export.exporter import set_spec
+        from cadbcnn_export.graph import set_spec
 
         set_spec(m, ModelSpec.from_json(value))
         onnx.save(m, str(dst))
@@ -91,7 +92,7 @@ def _memory_bomb_model(path):
     """A valid cadbcnn model (spec stamped) whose graph asks for batch × 10^11 floats at run time."""
     from onnx import TensorProto, helper
 
-    from cadbcnn_export.exporter import set_spec
+    from cadbcnn_export.graph import set_spec
 
     i64 = lambda name, v: helper.make_tensor(name, TensorProto.INT64, [len(v)], v)  # noqa: E731
     nodes = [

@@ -1,0 +1,93 @@
+"""What the benchmark times: a ``Runner`` per format (PyTorch eager, ONNX Runtime through the runtime's own
+session factory), the timing loop and the FLOP count.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from cadbcnn_runtime.spec import INPUT_NAME, OUTPUT_NAME
+
+
+# ---------------------------------------------------------------------------
+# Runners
+# ---------------------------------------------------------------------------
+@dataclass
+class Runner:
+    name: str
+    run: Callable[[np.ndarray], np.ndarray]         # uint8 NCHW → logits
+    set_threads: Callable[[int], None]
+    provider: str
+    size_mb: float | None = None
+    load: Callable[[], None] = lambda: None
+    classifier_path: Path | None = None             # ORT formats: for end-to-end runs
+
+
+def torch_runner(model, precision: str, size_mb: float | None) -> Runner:
+    import torch
+
+    from cadbcnn_train.env import autocast
+
+    model = model.eval().to(memory_format=torch.channels_last)
+    dev = torch.device("cpu")
+
+    @torch.no_grad()
+    def run(x):
+        t = torch.from_numpy(x).contiguous(memory_format=torch.channels_last)
+        with autocast(dev, precision):
+            return model(t).float().numpy()
+
+    return Runner(f"torch-{precision}", run, torch.set_num_threads, "torch-cpu", size_mb)
+
+
+def ort_runner(name: str, path: Path, provider: str) -> Runner:
+    from cadbcnn_runtime.session import make_session
+
+    state: dict[str, Any] = {}
+
+    def make(threads: int):  # the very session options cadbcnn_runtime.Classifier uses
+        providers = [provider] + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [])
+        state["s"] = make_session(path, providers=providers, threads=threads)
+        state["threads"] = threads
+        if provider not in state["s"].get_providers():
+            raise RuntimeError(f"{provider} did not initialise (got {state['s'].get_providers()})")
+
+    def set_threads(t):
+        if state.get("threads") != t:
+            make(t)
+
+    def run(x):
+        return state["s"].run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+
+    r = Runner(name, run, set_threads, provider, path.stat().st_size / 1e6, classifier_path=path)
+    r.session = lambda: state["s"]  # type: ignore[attr-defined]
+    return r
+
+
+def time_it(fn: Callable[[], Any], min_time: float, warmup: int = 2, min_runs: int = 3) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_runs or time.perf_counter() - start < min_time:
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def flops_per_image(model, image_size) -> float | None:
+    try:
+        import torch
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            model.eval()(torch.zeros(1, 3, *image_size, dtype=torch.uint8))
+        return float(fc.get_total_flops())
+    except Exception:  # noqa: BLE001 — FLOP counting is informational
+        return None

@@ -1,0 +1,157 @@
+"""Post-hoc steps on a trained checkpoint (or ONNX file): evaluate, precise BN, OOD refit, calibration.
+
+Each reads a checkpoint, changes or measures one derived thing and writes it back (or next to it); the
+CLI commands ``evaluate``, ``recalibrate-bn``, ``refit-ood`` and ``calibrate`` call these.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from cadbcnn_runtime.calibration import TARGET_RISK, fit_calibration
+from cadbcnn_runtime.errors import DatasetError
+from cadbcnn_runtime.spec import ModelSpec
+
+from . import data as D
+from .checkpoint import load_checkpoint, resave_checkpoint, weights_sha256
+from .metrics import compute_metrics, metrics_summary, write_metrics
+from .ood import fit_ood, spec_entry
+from .train import fit_content_check, predict, recalibrate_bn
+
+
+def evaluate(checkpoint: Path, data: Path, out: Path, *, split: str = "test", split_file: Path | None = None,
+             batch_size: int = 64, store: bool = False) -> dict:
+    """Evaluate a checkpoint on a split of DATA (through the runtime preprocessing)."""
+    ck = load_checkpoint(checkpoint)
+    model = ck.build_model()
+    root = Path(data)
+    if split == "all":
+        ds = D.load(root, class_folders=ck.class_folders)
+    else:
+        sf = Path(split_file) if split_file else Path(checkpoint).parent / "split.csv"
+        wanted = {root / r["path"] for r in D.split_rows(sf) if r["split"] == split}
+        if not wanted:
+            raise DatasetError(f"{sf}: has no rows for split {split!r}")
+        ds = D.load(root, class_folders=ck.class_folders, only=wanted)
+    samples = ds.samples
+    loader = DataLoader(D.ImageDataset(samples, ck.spec, images=ds.images), batch_size=batch_size)
+    logits, labels = predict(model.to(memory_format=torch.channels_last), loader, torch.device("cpu"))
+    m = compute_metrics(labels.numpy(), logits.argmax(1).numpy(), ck.class_names)
+    m["split"] = split
+    m["checkpoint"] = str(checkpoint)
+    write_metrics(m, Path(out), title=f"{ck.model_name} — {split} split")
+    if store:  # record these metrics in the checkpoint and its spec (what the exporter embeds)
+        resave_checkpoint(ck, Path(checkpoint), model=model, spec=ck.spec.replace(metrics=metrics_summary(m)), metrics=m)
+    return m
+
+
+def recalibrate_checkpoint(checkpoint: Path, data: Path, *, split_file: Path | None = None,
+                           out: Path | None = None, images: int = 1024, seed: int = 0, log=print) -> Path:
+    """Precise-BN for an existing checkpoint (statistics from clean images of its train split)."""
+    ck = load_checkpoint(checkpoint)
+    model = ck.build_model()
+    sf = Path(split_file) if split_file else Path(checkpoint).parent / "split.csv"
+    root = Path(data)
+    train_rows = [root / r["path"] for r in D.split_rows(sf) if r["split"] == "train"]
+    rng = np.random.default_rng(seed)
+    pick = {train_rows[i] for i in rng.choice(len(train_rows), min(images, len(train_rows)), replace=False)}
+    ds = D.load(root, class_folders=ck.class_folders, only=pick)
+    loader = DataLoader(D.ImageDataset(ds.samples, ck.spec, images=ds.images), batch_size=32, shuffle=True,
+                        generator=torch.Generator().manual_seed(seed))
+    n = recalibrate_bn(model, loader, torch.device("cpu"), "fp32", images)
+    dest = Path(out) if out else Path(checkpoint)
+    # Everything derived from the old weights goes with them: the calibration (and the review threshold it
+    # chose), the OOD statistics and threshold (fitted on the old features) and the metrics. The field-content
+    # check reads the input only and stays.
+    spec = ck.spec.replace(weights_sha256=weights_sha256(model.state_dict()), calibration=None,
+                           review_threshold=ModelSpec.review_threshold, ood=None, metrics=None)
+    resave_checkpoint(ck, dest, model=model, spec=spec, extra={"bn_recalibrated_on": n}, drop=("metrics", "ood"))
+    stale = [what for what, had in (("calibration", ck.spec.calibration), ("OOD statistics", ck.ood or ck.spec.ood),
+                                    ("metrics", ck.metrics or ck.spec.metrics)) if had]
+    log(f"BatchNorm statistics recomputed on {n} clean train-split images → {dest}"
+        + (f"; dropped, as they were computed on the old weights: {', '.join(stale)} — run "
+           "`cadbcnn-train refit-ood`, `cadbcnn-train calibrate` and `cadbcnn-train evaluate --store` on it"
+           if stale else ""))
+    return dest
+
+
+def refit_ood(checkpoint: Path, data: Path, *, split_file: Path | None = None, out: Path | None = None,
+              flag_rate: float = 0.02, log=print) -> dict:
+    """Fit (or refit) the OOD statistics of an existing checkpoint on its train split; threshold on val."""
+    ck = load_checkpoint(checkpoint)
+    model = ck.build_model()
+    sf = Path(split_file) if split_file else Path(checkpoint).parent / "split.csv"
+    rows = D.split_rows(sf)
+    root = Path(data)
+    ds = D.load(root, class_folders=ck.class_folders,
+                only={root / r["path"] for r in rows if r["split"] in ("train", "val")})
+    which = {root / r["path"]: r["split"] for r in rows}
+    parts = {k: [s for s in ds.samples if which.get(s.path) == k] for k in ("train", "val")}
+    if not parts["train"] or not parts["val"]:
+        raise DatasetError(f"{sf}: needs train and val rows that exist under {root}")
+
+    def loader(samples):
+        return DataLoader(D.ImageDataset(samples, ck.spec, images=ds.images), batch_size=64)
+
+    ood = fit_ood(model, loader(parts["train"]), loader(parts["val"]), len(ck.class_names), flag_rate=flag_rate)
+    spec = ck.spec.replace(ood=spec_entry(ood))
+    dest = Path(out) if out else Path(checkpoint)
+    resave_checkpoint(ck, dest, model=model, spec=spec, ood=ood)
+    log(f"OOD statistics fitted on {len(parts['train'])} train images; threshold {ood['threshold']:.4f} flags "
+        f"{100 * ood['val_flagged']:.1f} % of {len(parts['val'])} validation images → {dest}")
+    return ood
+
+
+def calibrate_checkpoint(checkpoint: Path, data: Path, *, split_file: Path | None = None, out: Path | None = None,
+                         target_risk: float = TARGET_RISK, log=print) -> dict:
+    """Fit the temperature and the review threshold of an existing checkpoint on its validation split."""
+    ck = load_checkpoint(checkpoint)
+    model = ck.build_model()
+    sf = Path(split_file) if split_file else Path(checkpoint).parent / "split.csv"
+    root = Path(data)
+    rows = D.split_rows(sf)
+    which = {root / r["path"]: r["split"] for r in rows if r["split"] in ("train", "val")}
+    ds = D.load(root, class_folders=ck.class_folders, only=set(which))
+    parts = {k: [s for s in ds.samples if which.get(s.path) == k] for k in ("train", "val")}
+    if not parts["val"] or not parts["train"]:
+        raise DatasetError(f"{sf}: needs train and val rows that exist under {root} (calibration uses held-out "
+                           "labelled images; the field-content check uses the training images)")
+    loader = DataLoader(D.ImageDataset(parts["val"], ck.spec, images=ds.images), batch_size=64)
+    logits, labels = predict(model.to(memory_format=torch.channels_last), loader, torch.device("cpu"))
+    entry, review = fit_calibration(logits.numpy(), labels.numpy(), target_risk=target_risk,
+                                    fitted_on=f"validation split ({len(parts['val'])} images)")
+    quality = fit_content_check(parts["train"], ck.spec, ds.images, what="training split")
+    dest = Path(out) if out else Path(checkpoint)
+    resave_checkpoint(ck, dest, model=model,
+                      spec=ck.spec.replace(calibration=entry, review_threshold=review, quality=quality))
+    log(f"temperature {entry['temperature']:.4f} fitted on {len(parts['val'])} validation images (NLL "
+        f"{entry['before']['nll']:.4f} → {entry['after']['nll']:.4f}, ECE {entry['before']['ece_15']:.4f} → "
+        f"{entry['after']['ece_15']:.4f}); review threshold {review:.4f} → {dest}")
+    return entry
+
+
+def calibrate_onnx(model: Path, data: Path, *, split_file: Path | None, out: Path | None = None,
+                   target_risk: float = TARGET_RISK, log=print) -> ModelSpec:
+    """``calibrate`` for a model that exists only as ONNX (torch-free path: ``cadbcnn_runtime.respec``)."""
+    from cadbcnn_runtime.respec import calibrate_model
+    from cadbcnn_runtime.spec import ModelSpec as Spec
+
+    if split_file is None:
+        raise DatasetError(f"{model}: an ONNX model has no split.csv beside it; pass --split-file (the training "
+                           "run's split)")
+    folders = Spec.from_onnx(model).training.get("class_folders")
+    if not folders:
+        raise DatasetError(f"{model}: its spec does not record the training class folders; use the checkpoint")
+    root = Path(data)
+    rows = D.split_rows(Path(split_file))
+    val = [(root / r["path"], folders.index(r["label"])) for r in rows if r["split"] == "val"]
+    train = [root / r["path"] for r in rows if r["split"] == "train"]
+    missing = [p for p, _ in val[:1]] + train[:1]
+    if not val or not train or not all(p.is_file() for p in missing):
+        raise DatasetError(f"{split_file}: needs train and val rows whose images exist under {root}")
+    return calibrate_model(model, Path(out) if out else Path(model), val=val, train=train, target_risk=target_risk,
+                           log=log)

@@ -1,0 +1,184 @@
+"""Graph building and surgery: PyTorch → ONNX, the spec in the metadata, FP16 storage/compute, the OOD
+output's nodes, static INT8 (QDQ) quantisation. Pure functions of ONNX protos and files.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from cadbcnn_runtime._onnxmeta import content_digest
+from cadbcnn_runtime.errors import ExportError
+from cadbcnn_runtime.spec import INPUT_NAME, METADATA_KEY, OUTPUT_NAME, ModelSpec
+
+
+# ---------------------------------------------------------------------------
+# Graph building
+# ---------------------------------------------------------------------------
+def torch_to_onnx(model: torch.nn.Module, image_size: tuple[int, int], opset: int,
+                  output_names: Sequence[str] = (OUTPUT_NAME,)) -> onnx.ModelProto:
+    """Export with the dynamo exporter and a dynamic batch axis (traced at batch 2)."""
+    if opset < 17:
+        raise ExportError(f"--opset {opset} is too old: LayerNormalization needs opset ≥ 17")
+    x = torch.randint(0, 256, (2, 3, *image_size), dtype=torch.uint8)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    try:
+        program = torch.onnx.export(model.eval(), (x,), dynamo=True, input_names=[INPUT_NAME],
+                                    output_names=list(output_names), dynamic_shapes=({0: batch},),
+                                    opset_version=opset, external_data=False, verbose=False)
+    except Exception as exc:  # the exporter raises many types
+        raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {str(exc)[:500]}") from exc
+    proto = program.model_proto
+    if proto.opset_import and max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) < opset:
+        proto = onnx.version_converter.convert_version(proto, opset)
+    return proto
+
+
+def set_spec(proto: onnx.ModelProto, spec: ModelSpec) -> onnx.ModelProto:
+    """Embed SPEC, stamped with the content hash of this graph and spec (what the runtime verifies at load).
+
+    Call it last: any later change to the graph, the weights or the spec makes the runtime refuse the file.
+    """
+    spec = spec.without_content_hash()
+    _put_spec(proto, spec)
+    digest = content_digest(proto.SerializeToString(), spec.hashed_json())
+    return _put_spec(proto, spec.replace(content_sha256=digest))
+
+
+def _put_spec(proto: onnx.ModelProto, spec: ModelSpec) -> onnx.ModelProto:
+    keep = [p for p in proto.metadata_props if p.key != METADATA_KEY]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(keep)
+    proto.metadata_props.append(onnx.StringStringEntryProto(key=METADATA_KEY, value=spec.to_json()))
+    proto.producer_name = "cadbcnn-export"
+    proto.doc_string = f"{spec.name} {spec.version} ({spec.variant}): {', '.join(spec.class_names)}"
+    return proto
+
+
+def fp16_weight_storage(proto: onnx.ModelProto, min_elements: int = 1024) -> onnx.ModelProto:
+    """Store large float32 initializers as float16 with a Cast back to float32.
+
+    Compute stays fp32 (ORT folds the Casts when it builds the session); the
+    file is about half the size.
+    """
+    g = proto.graph
+    casts, keep = [], []
+    for init in g.initializer:
+        if init.data_type == TensorProto.FLOAT and np.prod(init.dims) >= min_elements:
+            arr = numpy_helper.to_array(init)
+            half = numpy_helper.from_array(arr.astype(np.float16), init.name + "__fp16")
+            keep.append(half)
+            casts.append(helper.make_node("Cast", [half.name], [init.name], to=TensorProto.FLOAT,
+                                          name=init.name + "__cast_fp32"))
+        else:
+            keep.append(init)
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    nodes = list(g.node)
+    del g.node[:]
+    g.node.extend(casts + nodes)
+    return proto
+
+
+def to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """fp16 weights and compute, fp32 I/O; Softmax/LayerNorm/head (Gemm) and the OOD head stay fp32."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    block = ["Softmax", "LayerNormalization", "ReduceMean", "Gemm"]
+    return convert_float_to_float16(proto, keep_io_types=True, op_block_list=block, node_block_list=ood_nodes(proto),
+                                    disable_shape_infer=False)
+
+
+def ood_nodes(proto: onnx.ModelProto) -> list[str]:
+    """Names of the nodes computing the OOD score (downstream of the ``ood.*`` statistics)."""
+    tainted = {i.name for i in proto.graph.initializer if i.name.startswith("ood.")}
+    names = []
+    for n in proto.graph.node:  # nodes are topologically sorted
+        if any(i in tainted for i in n.input):
+            tainted.update(n.output)
+            names.append(n.name)
+    return names
+
+
+def ood_feature_readers(proto: onnx.ModelProto) -> list[str]:
+    """Names of the nodes that read the features the OOD score is computed on (the OOD head and the classifier head).
+
+    Left in FP32 by the INT8 quantizer: quantizing them puts a Quantize/Dequantize pair with a single 8-bit scale on
+    the feature vector itself, and the whitening in the Mahalanobis score amplifies that rounding noise in the
+    low-variance directions until in-distribution images score like foreign ones.
+    """
+    head = next((n for n in proto.graph.node if any(i.startswith("ood.") for i in n.input)), None)
+    if head is None:
+        return []
+    inits = {i.name for i in proto.graph.initializer}
+    feats = {i for i in head.input if i not in inits}  # the activation beside Σ^-1/2 in the head's first MatMul
+    return [n.name for n in proto.graph.node if any(i in feats for i in n.input)]
+
+
+def drop_output(proto: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    """Remove graph output NAME and every node and initializer that only it needed."""
+    g = proto.graph
+    outputs = [o for o in g.output if o.name != name]
+    del g.output[:]
+    g.output.extend(outputs)
+    needed = {o.name for o in g.output}
+    keep = []
+    for n in reversed(g.node):  # nodes are topologically sorted
+        if any(o in needed for o in n.output):
+            keep.append(n)
+            needed.update(n.input)
+    del g.node[:]
+    g.node.extend(reversed(keep))
+    for field_ in (g.initializer, g.value_info):
+        kept = [t for t in field_ if t.name in needed]
+        del field_[:]
+        field_.extend(kept)
+    return proto
+
+
+def attention_matmuls(proto: onnx.ModelProto) -> list[str]:
+    """Names of MatMul nodes between two activations (QKᵀ and attention·V)."""
+    inits = {i.name for i in proto.graph.initializer}
+    consts = {o for n in proto.graph.node if n.op_type == "Constant" for o in n.output}
+    return [n.name for n in proto.graph.node
+            if n.op_type == "MatMul" and not any(i in inits or i in consts for i in n.input)]
+
+
+def to_int8(fp32_path: Path, out_path: Path, calib: np.ndarray, *, per_channel: bool = True,
+            method: str = "minmax") -> None:
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self, x: np.ndarray, batch: int = 16):
+            self.batches = iter([{INPUT_NAME: x[i:i + batch]} for i in range(0, len(x), batch)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+        pre_proto = onnx.load(str(pre), load_external_data=False)
+        exclude = sorted(set(attention_matmuls(pre_proto) + ood_nodes(pre_proto) + ood_feature_readers(pre_proto)))
+        quantize_static(
+            str(pre), str(out_path), Reader(calib), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+            # U8S8 is what ORT recommends for x86-64 (VNNI runs it without saturation)
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            op_types_to_quantize=["Conv", "Gemm", "MatMul"], nodes_to_exclude=exclude,
+            calibrate_method={"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                              "entropy": CalibrationMethod.Entropy}[method],
+            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+        )

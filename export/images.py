@@ -1,0 +1,57 @@
+"""The labelled images of a parity or calibration set, decoded exactly as the runtime decodes them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from cadbcnn_runtime.errors import CadbcnnError, DatasetError
+from cadbcnn_runtime.preprocess import IMAGE_SUFFIXES, load_and_preprocess
+from cadbcnn_runtime.spec import ModelSpec
+
+
+# ---------------------------------------------------------------------------
+# Images for parity / calibration
+# ---------------------------------------------------------------------------
+@dataclass
+class ImageSet:
+    """Preprocessed images (N, 3, H, W) and labels (−1 when unlabelled)."""
+
+    x: np.ndarray
+    labels: np.ndarray
+    paths: list[str]
+
+    @property
+    def labelled(self) -> bool:
+        return len(self.labels) > 0 and bool((self.labels >= 0).all())
+
+
+def load_image_set(folder: Path, spec: ModelSpec, class_folders: Sequence[str], *, limit: int | None = None,
+                   seed: int = 0) -> ImageSet:
+    """Images from DIR (recursively). Sub-folders named like the model's class folders give labels."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetError(f"{folder}: image folder not found")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DatasetError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+    if limit is not None and len(files) > limit:
+        rng = np.random.default_rng(seed)
+        files = sorted(files[i] for i in rng.choice(len(files), limit, replace=False))
+    index = {name: i for i, name in enumerate(class_folders)}
+    xs, labels, paths = [], [], []
+    for f in files:
+        try:
+            xs.append(load_and_preprocess(f, spec))
+        except CadbcnnError:
+            continue  # unreadable images do not take part in a parity check
+        rel = f.relative_to(folder).parts
+        labels.append(index.get(rel[0], -1) if len(rel) > 1 else -1)
+        paths.append(str(f))
+    if not xs:
+        raise DatasetError(f"{folder}: none of the images could be decoded")
+    return ImageSet(np.stack(xs), np.asarray(labels), paths)
