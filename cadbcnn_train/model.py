@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, nn
 from torchvision import models as tvm
 
-from cadbcnn_runtime.spec import IMAGENET_MEAN, IMAGENET_STD  # one home: the spec module
+# ImageNet statistics: one home, the spec module
+from cadbcnn_runtime.spec import IMAGENET_MEAN, IMAGENET_STD
 
 
 # ---------------------------------------------------------------------------

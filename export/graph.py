@@ -37,6 +37,28 @@ def torch_to_onnx(model: torch.nn.Module, image_size: tuple[int, int], opset: in
     proto = program.model_proto
     if proto.opset_import and max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) < opset:
         proto = onnx.version_converter.convert_version(proto, opset)
+    return strip_debug_metadata(proto)
+
+
+def strip_debug_metadata(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop the exporter's per-node debug records (Python stack traces with source paths and line numbers, FX
+    node names, module scopes): they make the file depend on where and at which line the code lived — an
+    edit elsewhere in a module changed the exported bytes — and leak the build machine's paths."""
+    def graphs(g: onnx.GraphProto):
+        yield g
+        for n in g.node:
+            for a in n.attribute:
+                if a.g.node:
+                    yield from graphs(a.g)
+                for sub in a.graphs:
+                    yield from graphs(sub)
+
+    for g in graphs(proto.graph):
+        for n in g.node:
+            del n.metadata_props[:]
+    for f in proto.functions:
+        for n in f.node:
+            del n.metadata_props[:]
     return proto
 
 

@@ -9,6 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from cadbcnn_export import exporter as E
+from cadbcnn_export import graph as G
 from cadbcnn_export.cli import app
 from cadbcnn_export.formats import FORMATS
 from cadbcnn_runtime.errors import ExportError
@@ -68,7 +69,7 @@ def test_cross_attention_is_intact_in_the_graph(full_size, tmp_path):
     m = onnx.load(str(path))
     softmax = [n for n in m.graph.node if n.op_type == "Softmax"]
     assert len(softmax) == 2, "one Softmax per attention direction"
-    matmuls = E.attention_matmuls(m)
+    matmuls = G.attention_matmuls(m)
     assert len(matmuls) >= 4, "QKᵀ and attention·V in both directions are real MatMuls between activations"
     # Expose the attention weights as extra outputs of a test copy and check they depend on the input.
     for n in softmax:
@@ -170,3 +171,17 @@ def test_int8_needs_calibration_data(small, tmp_path):
     r = runner.invoke(app, [str(ck), "-o", str(tmp_path / "m.onnx"), "--int8"])
     assert r.exit_code == 2 and "--calibration-data" in r.output  # a usage error, refused before any work
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_export_carries_no_source_paths_or_line_numbers(small, tmp_path):
+    """Exports are reproducible across edits of the model's source: no per-node debug records (stack traces
+    with paths and line numbers), which also never leak the build machine's paths."""
+    import onnx
+
+    ck, _, _ = small
+    out = tmp_path / "m.onnx"
+    r = runner.invoke(app, [str(ck), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    m = onnx.load(str(out))
+    assert not [p.key for n in m.graph.node for p in n.metadata_props]
+    assert b"cadbcnn_train/model.py" not in out.read_bytes()

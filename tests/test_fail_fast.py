@@ -1,6 +1,5 @@
 """Bad arguments are refused before any work, with exit 2 and a message naming the fix; nothing is written."""
 
-import time
 
 from typer.testing import CliRunner
 
@@ -14,14 +13,13 @@ runner = CliRunner()
 
 def test_fit_with_an_unknown_model_fails_before_reading_data(tmp_path):
     data = make_dataset(tmp_path / "d", per_class=3, size=16)
-    t0 = time.perf_counter()
     r = runner.invoke(train_app, ["fit", "--data", str(data), "--out", str(tmp_path / "run"), "--model", "foo"])
-    assert r.exit_code == 2 and "unknown model 'foo'" in r.output and "cadbcnn" in r.output, r.output
+    assert r.exit_code == 2 and "'foo' is not one of" in r.output and "cadbcnn" in r.output, r.output
     assert not (tmp_path / "run").exists()
     r = runner.invoke(train_app, ["fit", "--data", str(data), "--out", str(tmp_path / "run"),
                                   "--augment-parts", "zoom"])
     assert r.exit_code == 2 and "unknown augmentation" in r.output
-    assert time.perf_counter() - t0 < 60  # informational: no dataset decode, no model build
+    assert not (tmp_path / "run").exists()
 
 
 def test_export_argument_errors_exit_2_and_write_nothing(tmp_path):
@@ -29,7 +27,7 @@ def test_export_argument_errors_exit_2_and_write_nothing(tmp_path):
     out = tmp_path / "m.onnx"
     cases = {
         ("--int8",): "--int8 needs --calibration-data",
-        ("--calibration-method", "foo"): "--calibration-method 'foo'",
+        ("--calibration-method", "foo"): "'foo' is not one of",
         ("--parity-data", str(tmp_path / "missing")): "folder not found",
         ("--opset", "13"): "opset 13",
     }
