@@ -24,7 +24,7 @@ from cadbcnn_runtime.reliability import macro_f1
 from cadbcnn_runtime.spec import ModelSpec
 
 from .conditions import PeakRSS, conditions
-from .runners import Runner, flops_per_image, ort_runner, time_it, torch_runner
+from .runners import Runner, flops_per_image, openvino_runner, ort_runner, time_it, torch_runner
 
 FORMAT_ORDER = ("torch-fp32", "torch-bf16", "ort-fp32", "ort-int8", "ort-cuda-fp32", "ort-cuda-fp16")
 
@@ -48,6 +48,7 @@ class Row:
     size_mb: float | None = None
     vs_torch_fp32: float | None = None   # batch-1 latency ratio (lower is faster)
     vs_ort_fp32: float | None = None
+    vs_best_peer: float | None = None    # to the fastest OpenVINO row at the same batch and threads
 
 
 # ---------------------------------------------------------------------------
@@ -212,6 +213,10 @@ def run_benchmark(opts: BenchOptions, log=print) -> dict[str, Any]:
         "ort-fp32": ort_runner("ort-fp32", files["fp32"], "CPUExecutionProvider"),
         "ort-int8": ort_runner("ort-int8", files["int8"], "CPUExecutionProvider") if "int8" in files
         else "no INT8 model",
+        # the best peer: OpenVINO on the very same files, default hints and forced FP32
+        "openvino-fp32-default": openvino_runner("openvino-fp32-default", files["fp32"]),
+        "openvino-fp32-f32": openvino_runner("openvino-fp32-f32", files["fp32"], precision_hint="f32"),
+        "openvino-int8": openvino_runner("openvino-int8", files["int8"]) if "int8" in files else "no INT8 model",
         "ort-cuda-fp32": ort_runner("ort-cuda-fp32", files["fp32"], "CUDAExecutionProvider") if cuda
         else "CUDA EP not available (install onnxruntime-gpu on a CUDA machine)",
         "ort-cuda-fp16": (ort_runner("ort-cuda-fp16", files["fp16"], "CUDAExecutionProvider") if "fp16" in files
@@ -242,6 +247,8 @@ def run_benchmark(opts: BenchOptions, log=print) -> dict[str, Any]:
                     continue
                 if hasattr(r, "session"):
                     providers_used[name] = r.session().get_providers()
+                if hasattr(r, "precision"):
+                    providers_used[name] = [f"OpenVINO CPU, inference precision {r.precision()}"]
                 t = np.array(times) * 1000
                 p50 = float(np.percentile(t, 50))
                 ips = b / (p50 / 1000)
@@ -253,11 +260,17 @@ def run_benchmark(opts: BenchOptions, log=print) -> dict[str, Any]:
     def lat(fmt, b, th):
         return next((x.p50_ms for x in rows if x.format == fmt and x.batch == b and x.threads == th
                      and x.status == "passed"), None)
+    def best_peer(b, th):
+        peers = [x.p50_ms for x in rows if x.format.startswith("openvino") and x.batch == b and x.threads == th
+                 and x.status == "passed"]
+        return min(peers) if peers else None
     for x in rows:
         if x.status == "passed":
             t_ref, o_ref = lat("torch-fp32", x.batch, x.threads), lat("ort-fp32", x.batch, x.threads)
+            p_ref = best_peer(x.batch, x.threads)
             x.vs_torch_fp32 = x.p50_ms / t_ref if t_ref else None
             x.vs_ort_fp32 = x.p50_ms / o_ref if o_ref else None
+            x.vs_best_peer = x.p50_ms / p_ref if p_ref else None
 
     result: dict[str, Any] = {"rows": [asdict(r) for r in rows], "flops_per_image": flops,
                               "model_files": {k: str(v) for k, v in files.items()},

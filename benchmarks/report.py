@@ -24,20 +24,29 @@ def write_report(res: dict[str, Any], out: Path) -> None:
         "(PyTorch FLOP counter, 2 × MAC).", "",
         "## Model-only latency and throughput", "",
         "Preallocated uint8 input; p50/p90/p99 over ≥ the minimum time after warm-up. Ratios are batch-matched "
-        "p50 latency relative to PyTorch eager FP32 and to ORT FP32 at the same threads (< 1 is faster).", "",
+        "p50 latency relative to PyTorch eager FP32, to ORT FP32 and to the best peer (the fastest OpenVINO row "
+        "on the same files) at the same threads (< 1 is faster).", "",
         "| format | status | threads | batch | p50 ms | p90 ms | p99 ms | ms/img | img/s | GFLOP/s | mem MB | "
-        "file MB | ×torch fp32 | ×ORT fp32 |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "file MB | ×torch fp32 | ×ORT fp32 | ×best peer |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if r["status"] != "passed":
-            lines.append(f"| {r['format']} | {r['status']}: {r['reason']} |" + " |" * 12)
+            lines.append(f"| {r['format']} | {r['status']}: {r['reason']} |" + " |" * 13)
             continue
         lines.append(
             f"| {r['format']} | passed | {r['threads']} | {r['batch']} | {_f(r['p50_ms'])} | {_f(r['p90_ms'])} | "
             f"{_f(r['p99_ms'])} | {_f(r['p50_ms_per_image'])} | {_f(r['images_per_s'])} | {_f(r['gflops_per_s'])} | "
             f"{_f(r['mem_mb'], '{:.0f}')} | {_f(r['size_mb'])} | {_f(r['vs_torch_fp32'], '{:.2f}')} | "
-            f"{_f(r['vs_ort_fp32'], '{:.2f}')} |")
+            f"{_f(r['vs_ort_fp32'], '{:.2f}')} | {_f(r.get('vs_best_peer'), '{:.2f}')} |")
+    passed = [r for r in rows if r["status"] == "passed"]
+    if passed:
+        lines += ["", "Fastest format per batch size (p50, at the most threads measured):", ""]
+        top = max(r["threads"] for r in passed)
+        for b in sorted({r["batch"] for r in passed}):
+            at = sorted((r for r in passed if r["batch"] == b and r["threads"] == top), key=lambda r: r["p50_ms"])
+            lines.append(f"* batch {b}: **{at[0]['format']}** {at[0]['p50_ms']:.1f} ms"
+                         + (f" (next: {at[1]['format']} {at[1]['p50_ms']:.1f} ms)" if len(at) > 1 else ""))
     if res.get("accuracy"):
         lines += ["", "## Accuracy per format", "", "| format | images | top-1 % | macro-F1 | agreement with FP32 % |",
                   "|---|---:|---:|---:|---:|"]

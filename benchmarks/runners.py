@@ -91,3 +91,42 @@ def flops_per_image(model, image_size) -> float | None:
         return float(fc.get_total_flops())
     except Exception:  # noqa: BLE001 — FLOP counting is informational
         return None
+
+
+# ---------------------------------------------------------------------------
+# Peer: OpenVINO on the very same ONNX files (optional extra `cadbcnn[bench]`)
+# ---------------------------------------------------------------------------
+OPENVINO_HINT = "pip install 'cadbcnn[bench]' (OpenVINO)"
+
+
+def openvino_runner(name: str, path: Path, *, precision_hint: str | None = None) -> Runner | str:
+    """OpenVINO's CPU plugin compiling the same ONNX file. ``precision_hint=None`` keeps OpenVINO's default
+    hints (it may compute in bf16 on CPUs that have it); ``"f32"`` forces FP32. A string when not installed."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return f"OpenVINO not installed ({OPENVINO_HINT})"
+    core = ov.Core()
+    state: dict[str, Any] = {}
+
+    def make(threads: int) -> None:
+        config: dict[str, Any] = {"INFERENCE_NUM_THREADS": int(threads)}
+        if precision_hint:
+            config["INFERENCE_PRECISION_HINT"] = precision_hint
+        compiled = core.compile_model(str(path), "CPU", config)
+        state.update(request=compiled.create_infer_request(), output=compiled.output(OUTPUT_NAME), threads=threads,
+                     precision=str(compiled.get_property("INFERENCE_PRECISION_HINT")))
+
+    def set_threads(t: int) -> None:
+        if state.get("threads") != t:
+            make(t)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        if "request" not in state:
+            make(1)
+        state["request"].infer({INPUT_NAME: x})
+        return np.array(state["request"].get_tensor(state["output"]).data, copy=True)
+
+    r = Runner(name, run, set_threads, "OpenVINO CPU", path.stat().st_size / 1e6)
+    r.precision = lambda: state.get("precision")  # type: ignore[attr-defined]
+    return r

@@ -34,4 +34,18 @@ def test_bench_smoke_report_structure(tmp_path):
     assert cond["cores"] >= 1 and "onnxruntime" in cond["versions"] and "avx512f" in cond["isa"]
     report = (tmp_path / "b" / "report.md").read_text()
     assert "| ort-int8 | passed |" in report and "Accuracy per format" in report
+    # the best peer, OpenVINO on the same files: measured and compared, or a row that says it is not installed
+    peers = [x for x in rows if x["format"].startswith("openvino")]
+    assert {x["format"] for x in peers} == {"openvino-fp32-default", "openvino-fp32-f32", "openvino-int8"}
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        assert all(x["status"] == "not available" and "not installed" in x["reason"] for x in peers)
+    else:
+        ov_rows = [x for x in peers if x["status"] == "passed"]
+        assert {x["batch"] for x in ov_rows} == {1, 2}
+        assert min(x["vs_best_peer"] for x in ov_rows) == 1.0
+        assert next(x for x in rows if x["format"] == "ort-fp32" and x["batch"] == 1)["vs_best_peer"] > 0
+        assert abs(res["accuracy"]["openvino-fp32-f32"]["agreement_with_fp32"] - 1.0) < 1e-9
+    assert "Fastest format per batch size" in report and "×best peer" in report
     assert (tmp_path / "b" / "latency.png").is_file() and (tmp_path / "b" / "throughput.png").is_file()
