@@ -127,3 +127,14 @@ def metadata_of(data: bytes, path: str | Path) -> dict[str, str]:
         return parse_metadata_props(data)
     except ValueError as exc:
         raise ModelLoadError(f"{path}: not a valid ONNX file ({exc}). Re-export it with cadbcnn-export.") from None
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file, read in 1 MiB blocks (model files are tens of MB)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

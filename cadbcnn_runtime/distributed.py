@@ -30,7 +30,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import ArgumentError, ModelRunError
-from .folder import Item, Summary, classify_items
+from .folder import Item, Summary, classify_items, deliver
 from .sources import read_item
 
 RAY_EXTRA_HINT = "pip install 'cadbcnn[distributed]'"
@@ -145,13 +145,8 @@ class RayEngine:
                                  batch_format="numpy")
         try:
             for b in rows_ds.iter_batches(batch_size=None, batch_format="numpy"):
-                rows = [json.loads(r) for r in b["row"]]
-                for r in rows:
-                    summary.add(r)
-                on_rows(rows)
-                done += len(rows)
-                if progress:
-                    progress(done)
+                done = deliver([json.loads(r) for r in b["row"]], summary=summary, on_rows=on_rows,
+                               progress=progress, done=done)
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # noqa: BLE001 — an actor's model or the cluster failed: the run, not a file

@@ -143,6 +143,18 @@ class Summary:
         self.low_content += row.get("low_content") is True
 
 
+def deliver(rows: list[dict], *, summary: Summary, on_rows: Callable[[list[dict]], None],
+            progress: Callable[[int], None] | None, done: int) -> int:
+    """Count ROWS, hand them on, report progress; returns the new number of finished items (any engine)."""
+    for row in rows:
+        summary.add(row)
+    on_rows(rows)
+    done += len(rows)
+    if progress:
+        progress(done)
+    return done
+
+
 def _decode(clf: Classifier, item: Item, read: Callable[[Item], bytes] | None = None):
     """(item, input or None, error or None) — never raises for a file's sake."""
     if item.error:
@@ -198,12 +210,7 @@ def classify_items(clf: Classifier, items: list[Item], *, batch: int = 16, worke
             by_item = {id(item): p for (item, _), p in zip(good, preds)}
             rows = [error_row(item.rel, err, names) if err is not None else ok_row(item.rel, by_item[id(item)])
                     for item, _, err in group]
-            for row in rows:
-                s.add(row)
-            on_rows(rows)
-            done += len(group)
-            if progress:
-                progress(done)
+            done = deliver(rows, summary=s, on_rows=on_rows, progress=progress, done=done)
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)
         raise

@@ -70,7 +70,6 @@ which the format requires in the absence of a DOI — no identifier is made up.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import shutil
@@ -82,6 +81,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from cadbcnn_runtime._onnxmeta import file_sha256
 from cadbcnn_runtime.calibration import temperature_of
 from cadbcnn_runtime.decode import IMAGE_SUFFIXES
 from cadbcnn_runtime.errors import ArgumentError, ExportError, ModelLoadError
@@ -127,14 +127,6 @@ def require_bioimageio(*, core: bool = False) -> None:
 
 
 # -- small helpers ------------------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def sample_images(samples: Path, limit: int) -> list[Path]:
     """Image files directly in SAMPLES (sorted by name), at most LIMIT; ``ArgumentError`` when there are none."""
     samples = Path(samples)
@@ -507,7 +499,7 @@ def build_package(model: Path, out_zip: Path, *, samples: Path = Path("models/sa
         review_threshold, ood_threshold = clf.review_threshold, clf.ood_threshold
     temperature = temperature_of(spec.calibration)
     ref_probs = softmax(ref_logits, temperature)
-    source_sha256 = _sha256(model)
+    source_sha256 = file_sha256(model)
     log(f"{model}: {spec.name} {spec.version} ({spec.variant}), {spec.num_classes} classes, "
         f"{spec.image_size[0]}×{spec.image_size[1]}, T = {temperature:.4g}, OOD output: "
         f"{'yes' if spec.ood else 'no'}; {len(images)} test image(s) from {samples}")
@@ -531,7 +523,7 @@ def build_package(model: Path, out_zip: Path, *, samples: Path = Path("models/sa
         if not max_diff <= PARITY_TOLERANCE:
             raise ExportError(f"{model}: the package graph's outputs differ from cadbcnn_runtime's by {max_diff:.2e} "
                               f"(> {PARITY_TOLERANCE:g}) on the test images; nothing written")
-        weights_sha256 = _sha256(weights)
+        weights_sha256 = file_sha256(weights)
         log(f"package graph: outputs {', '.join([PROBABILITIES] + ([spec.ood['output']] if spec.ood else []))}; "
             f"max |Δ| vs runtime {max_diff:.1e}")
 
@@ -586,7 +578,7 @@ def build_package(model: Path, out_zip: Path, *, samples: Path = Path("models/sa
             leftover.unlink(missing_ok=True)
 
     summary: dict[str, Any] = {
-        "path": str(out_zip), "sha256": _sha256(out_zip), "size_bytes": out_zip.stat().st_size,
+        "path": str(out_zip), "sha256": file_sha256(out_zip), "size_bytes": out_zip.stat().st_size,
         "weights_sha256": weights_sha256, "source": str(model), "source_sha256": source_sha256,
         "format_version": descr.format_version, "name": descr.name, "version": spec.version,
         "outputs": [PROBABILITIES] + ([spec.ood["output"]] if spec.ood else []), "temperature": temperature,
@@ -609,7 +601,7 @@ def _describe(spec: ModelSpec, *, work: Path, weights_sha256: str, opset: int, t
 
     def file(name: str):
         p = work / name
-        return bio.FileDescr(source=p, sha256=bio.Sha256(_sha256(p)))
+        return bio.FileDescr(source=p, sha256=bio.Sha256(file_sha256(p)))
 
     h, w = spec.image_size
     inputs = [bio.InputTensorDescr(

@@ -6,7 +6,6 @@ after all of its gates passed.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 import time
@@ -19,6 +18,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from cadbcnn_runtime._onnxmeta import file_sha256
 from cadbcnn_runtime.errors import ArgumentError, CadbcnnError, ExportError
 from cadbcnn_runtime.reliability import softmax
 from cadbcnn_runtime.machine import git_commit
@@ -112,14 +112,6 @@ def _atomic_write(proto: onnx.ModelProto, dest: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def variant_path(out: Path, fmt: Format) -> Path:
     return out if not fmt.suffix else out.with_name(out.stem + fmt.suffix + out.suffix)
 
@@ -209,7 +201,7 @@ def export_checkpoint(checkpoint: Path, out: Path, opts: ExportOptions | None = 
         failed = "; ".join(g.describe() for g in base.gates if not g.passed)
         _fail(report, [f"parity gate failed for {out} — nothing was written: {failed}"], t0)
     _atomic_write(proto, out)
-    base.written, base.size_bytes, base.sha256 = True, out.stat().st_size, _sha256(out)
+    base.written, base.size_bytes, base.sha256 = True, out.stat().st_size, file_sha256(out)
     log(f"wrote {out} ({base.size_bytes / 1e6:.1f} MB, {base_variant}, opset {opts.opset})")
 
     base_random = {k: ort_outputs(session, v) for k, v in random_cases.items()}
@@ -367,6 +359,6 @@ def _finish(art: Artifact, proto: onnx.ModelProto, opts: ExportOptions, log) -> 
     if not art.passed:
         log(f"WARNING: {art.variant} failed its gate but --no-gate was given; writing {art.path} anyway")
     _atomic_write(proto, art.path)
-    art.written, art.size_bytes, art.sha256 = True, art.path.stat().st_size, _sha256(art.path)
+    art.written, art.size_bytes, art.sha256 = True, art.path.stat().st_size, file_sha256(art.path)
     log(f"wrote {art.path} ({art.size_bytes / 1e6:.1f} MB, {art.variant})")
     return []
