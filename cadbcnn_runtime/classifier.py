@@ -82,6 +82,10 @@ class Classifier:
         self.review_threshold = spec.review_threshold if review_threshold is None else float(review_threshold)
         if not 0.0 <= self.review_threshold <= 1.0:
             raise ArgumentError(f"review_threshold must be in [0, 1], got {self.review_threshold}")
+        from .variants import variant_key
+
+        self.precision = variant_key(spec)  # fp32 | int8 | fp16: what this file computes in
+        self.precision_reason = "the file given"
         self.temperature = temperature_of(spec.calibration)  # logits / T before the softmax (1.0: uncalibrated)
         self.ood_threshold = None if spec.ood is None else (
             float(spec.ood["threshold"]) if ood_threshold is None else float(ood_threshold))
@@ -91,20 +95,42 @@ class Classifier:
     @classmethod
     def from_file(cls, path: str | os.PathLike | None = None, device: str = "auto", threads: int | None = None,
                   *, allow_fallback: bool = False, review_threshold: float | None = None,
-                  ood_threshold: float | None = None) -> "Classifier":
+                  ood_threshold: float | None = None, precision: str = "auto") -> "Classifier":
         """Load and validate a model. ``path=None`` loads the released model.
 
         ``device``: ``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA when its EP is available). Asking for
         ``"cuda"`` where it is not available raises ``DeviceError`` unless ``allow_fallback``.
+        ``precision``: ``"auto"`` runs the fastest variant of this model that the machine supports (INT8 on
+        CPUs with VNNI, FP16 on CUDA, when those files sit next to it — ``cadbcnn_runtime.variants``);
+        ``"fp32"``, ``"int8"``, ``"fp16"`` ask for one. The choice: ``.precision``, ``.precision_reason``.
         """
+        import onnxruntime as ort
+
+        from .variants import check_same_model, choose, variant_key
+
         path = Path(path) if path is not None else default_model_path()
         _check_device(device)
         if not path.is_file():
             raise ModelLoadError(f"{path}: model file not found. Check the path, or export one with "
                                  "`cadbcnn-export CHECKPOINT -o MODEL.onnx`.")
-        return cls.from_bytes(read_model_bytes(path), name=path, device=device, threads=threads,
-                              allow_fallback=allow_fallback, review_threshold=review_threshold,
-                              ood_threshold=ood_threshold)
+        data = read_model_bytes(path)
+        base = ModelSpec.from_metadata(metadata_of(data, path), source=str(path))
+        named = variant_key(base)
+        if named != "fp32":  # a variant named directly is used as it is
+            if precision not in ("auto", named):
+                raise ArgumentError(f"{path}: is the {named.upper()} file but --precision {precision} was asked; "
+                                    "pass the FP32 model (X.onnx) to choose among its variants")
+            key, chosen, reason = named, path, "the file named"
+        else:
+            cuda = device == "cuda" or (device == "auto" and _cuda_available(ort))
+            key, chosen, reason = choose(path, precision, cuda=cuda)
+            if chosen != path:
+                data = read_model_bytes(chosen)
+                check_same_model(base, ModelSpec.from_metadata(metadata_of(data, chosen), source=str(chosen)), chosen)
+        clf = cls.from_bytes(data, name=chosen, device=device, threads=threads, allow_fallback=allow_fallback,
+                             review_threshold=review_threshold, ood_threshold=ood_threshold)
+        clf.precision, clf.precision_reason = key, reason
+        return clf
 
     @classmethod
     def from_bytes(cls, data: bytes, *, name: str | os.PathLike = "<bytes>", device: str = "auto",
@@ -143,8 +169,9 @@ class Classifier:
         if device == "cuda" and used != "cuda" and not allow_fallback:
             raise DeviceError(f"{path}: the CUDA EP could not be initialised (session providers: "
                               f"{session.get_providers()}); check the CUDA/cuDNN libraries or use --device cpu.")
-        return cls(session, spec, path, used, review_threshold=review_threshold, ood_threshold=ood_threshold,
-                   threads=n_threads)
+        clf = cls(session, spec, path, used, review_threshold=review_threshold, ood_threshold=ood_threshold,
+                  threads=n_threads)
+        return clf
 
     @property
     def providers(self) -> list[str]:

@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from .variants import PRECISIONS
+
 EXIT_HELP = """
 Exit codes: 0 every image was classified; 1 some files could not be read (their
 rows have status=error; all other results are still written); 2 usage, model,
@@ -49,6 +51,9 @@ class Engine(str, Enum):
     ray = "ray"
 
 
+Precision = Enum("Precision", {p: p for p in PRECISIONS}, type=str)
+
+
 @app.command(help="Classify every image in SOURCE (a folder, a list file of paths/URIs, or a URI) with a cadbcnn "
                   "ONNX model.\n" + EXIT_HELP)
 def infer(
@@ -81,6 +86,8 @@ def infer(
                                          "--threads)."),
     html: Optional[Path] = typer.Option(None, help="Also write a self-contained HTML review report (thumbnails, "
                                         "images that need review first, filters)."),
+    precision: Precision = typer.Option("auto", help="auto: the fastest variant next to the model this machine "
+                                        "supports (INT8 with VNNI, FP16 on CUDA, else FP32); or name one."),
 ) -> None:
     from .errors import CadbcnnError
     from .exits import exit_code_of
@@ -91,7 +98,8 @@ def infer(
                                   allow_fallback=allow_fallback, batch=batch, threads=threads, workers=workers,
                                   recursive=recursive, review_threshold=review_threshold,
                                   ood_threshold=ood_threshold, resume=resume, force=force, quiet=quiet,
-                                  address=address, actors=actors, html=html, say=_say)
+                                  address=address, actors=actors, html=html, precision=precision.value,
+                                  say=_say)
     except CadbcnnError as exc:
         _say(f"error: {exc}")
         raise typer.Exit(exit_code_of(exc))

@@ -40,6 +40,8 @@ class JobResult:
     class_names: tuple = ()
     has_ood: bool = False
     has_quality: bool = False
+    precision: str = ""           # the variant that ran (fp32 | int8 | fp16) and why
+    precision_reason: str = ""
 
 
 def default_output(source: str | os.PathLike) -> Path:
@@ -69,6 +71,7 @@ def classify_to_file(source: str | os.PathLike, out: str | os.PathLike | None = 
                      review_threshold: float | None = None, ood_threshold: float | None = None,
                      resume: bool = False, force: bool = False, quiet: bool = True,
                      address: str | None = None, actors: int | None = None, html: str | os.PathLike | None = None,
+                     precision: str = "auto",
                      say: Callable[[str], None] = _stderr) -> JobResult:
     """Classify every image of SOURCE (folder, list file or URI) into OUT (.csv/.jsonl/.json/.parquet, '-').
 
@@ -105,11 +108,12 @@ def classify_to_file(source: str | os.PathLike, out: str | os.PathLike | None = 
         if out_path is not None:
             check_not_foreign(out_path, force=force)
         clf = Classifier.from_file(model, device=device, threads=threads, allow_fallback=allow_fallback,
-                                   review_threshold=review_threshold, ood_threshold=ood_threshold)
+                                   review_threshold=review_threshold, ood_threshold=ood_threshold,
+                                   precision=precision)
         if device == "cuda" and clf.device != "cuda":
             say("warning: CUDA is not available; falling back to the CPU (--allow-fallback)")
         say(f"model {clf.path} ({clf.spec.name} {clf.spec.version}, {clf.spec.variant}) on {clf.device} "
-            f"[{', '.join(clf.providers)}]")
+            f"[{', '.join(clf.providers)}]; precision {clf.precision}: {clf.precision_reason}")
         if ray_engine is not None:  # connect and check the pool against the cluster before any image is read
             info = ray_engine.start(clf)
             clf.close()  # the actors load their own copies; this one only validated the model up front
@@ -170,4 +174,4 @@ def classify_to_file(source: str | os.PathLike, out: str | os.PathLike | None = 
                                      f"{thr}")
         say(f"review report → {html_path}")
     return JobResult(code, summary, len(items), where, collected, info, failure, tuple(names),
-                     clf.spec.ood is not None, clf.spec.quality is not None)
+                     clf.spec.ood is not None, clf.spec.quality is not None, clf.precision, clf.precision_reason)
