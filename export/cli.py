@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from cadbcnn_runtime.errors import CadbcnnError
+from cadbcnn_runtime.errors import ArgumentError, CadbcnnError
 from cadbcnn_runtime.exits import exit_code_of
 
 from .formats import CALIBRATION_METHODS, DEFAULT_OPSET
@@ -45,9 +45,12 @@ def _summary(report: dict) -> str:
 
 @app.command()
 def main_cmd(
-    checkpoint: Path = typer.Argument(..., help="best.pt written by `cadbcnn-train fit`."),
+    checkpoint: Optional[Path] = typer.Argument(None, help="best.pt written by `cadbcnn-train fit`."),
     output: Path = typer.Option(..., "-o", "--output", help="The FP32 model (MODEL.onnx). --half / --int8 add "
-                                "MODEL.fp16.onnx / MODEL.int8.onnx next to it."),
+                                "MODEL.fp16.onnx / MODEL.int8.onnx next to it. With --from-onnx: the INT8 file."),
+    from_onnx: Optional[Path] = typer.Option(None, "--from-onnx", help="Instead of a checkpoint: derive a gated "
+                                             "INT8 file from this exported FP32 model (torch-free; needs --int8 "
+                                             "and --calibration-data)."),
     opset: int = typer.Option(DEFAULT_OPSET, help="ONNX opset (≥ 17)."),
     half: bool = typer.Option(False, "--half", help="Also write an FP16 model for the CUDA EP (fp32 I/O)."),
     int8: bool = typer.Option(False, "--int8", help="Also write a static INT8 (QDQ) model; needs --calibration-data."),
@@ -76,7 +79,7 @@ def main_cmd(
     """
     import time
 
-    from .exporter import ExportOptions, export_checkpoint
+    from .gates import ExportOptions
 
     t0 = time.time()
     opts = ExportOptions(opset=opset, half=half, int8=int8, fp16_weights=fp16_weights,
@@ -86,7 +89,18 @@ def main_cmd(
     rep = None
     code = 0
     try:
-        rep = export_checkpoint(checkpoint, output, opts, log=typer.echo)
+        if (checkpoint is None) == (from_onnx is None):
+            raise ArgumentError("pass a checkpoint (best.pt) or --from-onnx MODEL.onnx, exactly one of them")
+        if from_onnx is not None:
+            if half or fp16_weights:
+                raise ArgumentError("--from-onnx derives the INT8 file only; --half / --fp16-weights need a checkpoint")
+            from .from_onnx import int8_from_onnx
+
+            rep = int8_from_onnx(from_onnx, output, opts, log=typer.echo)
+        else:
+            from .exporter import export_checkpoint
+
+            rep = export_checkpoint(checkpoint, output, opts, log=typer.echo)
     except CadbcnnError as exc:  # the report (if any) is rendered below, then the exit code of cadbcnn_runtime.exits
         rep = getattr(exc, "report", None)
         typer.echo(f"error: {exc}", err=True)

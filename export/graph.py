@@ -10,7 +10,6 @@ from typing import Sequence
 
 import numpy as np
 import onnx
-import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from cadbcnn_runtime._onnxmeta import content_digest
@@ -21,9 +20,13 @@ from cadbcnn_runtime.spec import INPUT_NAME, METADATA_KEY, OUTPUT_NAME, ModelSpe
 # ---------------------------------------------------------------------------
 # Graph building
 # ---------------------------------------------------------------------------
-def torch_to_onnx(model: torch.nn.Module, image_size: tuple[int, int], opset: int,
+def torch_to_onnx(model, image_size: tuple[int, int], opset: int,
                   output_names: Sequence[str] = (OUTPUT_NAME,)) -> onnx.ModelProto:
-    """Export with the dynamo exporter and a dynamic batch axis (traced at batch 2)."""
+    """Export a ``torch.nn.Module`` with the dynamo exporter and a dynamic batch axis (traced at batch 2).
+
+    The only function of this module that needs torch (imported here, so graph surgery stays torch-free)."""
+    import torch
+
     if opset < 17:
         raise ExportError(f"--opset {opset} is too old: LayerNormalization needs opset ≥ 17")
     x = torch.randint(0, 256, (2, 3, *image_size), dtype=torch.uint8)
@@ -170,6 +173,29 @@ def attention_matmuls(proto: onnx.ModelProto) -> list[str]:
     consts = {o for n in proto.graph.node if n.op_type == "Constant" for o in n.output}
     return [n.name for n in proto.graph.node
             if n.op_type == "MatMul" and not any(i in inits or i in consts for i in n.input)]
+
+
+def unfold_fp16_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """The inverse of ``fp16_weight_storage``: FP16-stored initializers read through a Cast to float become
+    FP32 initializers again (exactly: FP16 → FP32 is lossless), so the quantiser sees constant weights."""
+    inits = {i.name: i for i in proto.graph.initializer}
+    keep, new = [], []
+    for n in proto.graph.node:
+        src = inits.get(n.input[0]) if n.op_type == "Cast" and n.input else None
+        to = next((a.i for a in n.attribute if a.name == "to"), None)
+        if src is not None and src.data_type == TensorProto.FLOAT16 and to == TensorProto.FLOAT:
+            new.append(numpy_helper.from_array(numpy_helper.to_array(src).astype(np.float32), n.output[0]))
+            continue
+        keep.append(n)
+    if not new:
+        return proto
+    used = {i for n in keep for i in n.input}
+    del proto.graph.node[:]
+    proto.graph.node.extend(keep)
+    kept_inits = [i for i in proto.graph.initializer if i.name in used]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept_inits + new)
+    return proto
 
 
 def to_int8(fp32_path: Path, out_path: Path, calib: np.ndarray, *, per_channel: bool = True,

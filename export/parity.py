@@ -8,7 +8,6 @@ from typing import Any, Sequence
 
 import numpy as np
 import onnxruntime as ort
-import torch
 
 from cadbcnn_runtime.reliability import softmax
 from cadbcnn_runtime.session import make_session
@@ -18,18 +17,20 @@ from cadbcnn_runtime.spec import INPUT_NAME
 # ---------------------------------------------------------------------------
 # Running both sides
 # ---------------------------------------------------------------------------
-@torch.no_grad()
-def torch_logits(model: torch.nn.Module, x: np.ndarray, batch: int = 32) -> np.ndarray:
+def torch_logits(model, x: np.ndarray, batch: int = 32) -> np.ndarray:
     return torch_outputs(model, x, batch)[0]
 
 
-@torch.no_grad()
-def torch_outputs(model: torch.nn.Module, x: np.ndarray, batch: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
-    """(logits, ood_score or None) — models wrapped in ``WithOOD`` return both."""
+def torch_outputs(model, x: np.ndarray, batch: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
+    """(logits, ood_score or None) of a ``torch.nn.Module`` — models wrapped in ``WithOOD`` return both.
+    (torch is imported here only: the ONNX Runtime side of this module is torch-free.)"""
+    import torch
+
     model.eval()
     logits, ood = [], []
     for i in range(0, len(x), batch):
-        out = model(torch.from_numpy(x[i:i + batch]))
+        with torch.no_grad():
+            out = model(torch.from_numpy(x[i:i + batch]))
         if isinstance(out, tuple):
             logits.append(out[0].float().numpy())
             ood.append(out[1].float().numpy())

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import onnx
 
-from cadbcnn_export.exporter import _atomic_write
+from cadbcnn_export.gates import _atomic_write
 from cadbcnn_export.graph import set_spec
 from cadbcnn_runtime.spec import ModelSpec
 

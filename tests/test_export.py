@@ -1,5 +1,6 @@
 import json
-from pathlib import Path
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -12,7 +13,6 @@ from cadbcnn_export import exporter as E
 from cadbcnn_export import graph as G
 from cadbcnn_export.cli import app
 from cadbcnn_export.formats import FORMATS
-from cadbcnn_runtime.errors import ExportError
 from cadbcnn_runtime.spec import METADATA_KEY, ModelSpec
 from cadbcnn_train.checkpoint import load_checkpoint
 from conftest import make_dataset, save_random_checkpoint
@@ -185,3 +185,67 @@ def test_export_carries_no_source_paths_or_line_numbers(small, tmp_path):
     m = onnx.load(str(out))
     assert not [p.key for n in m.graph.node for p in n.metadata_props]
     assert b"cadbcnn_train/model.py" not in out.read_bytes()
+
+
+# -- INT8 from an exported model (#13 item 4): torch-free, gated --------------------------------------------
+def _int8_inputs(onnx_model, tmp_path):
+    spec = ModelSpec.from_onnx(onnx_model)
+    folders = tuple((spec.training or {}).get("class_folders") or spec.class_names)
+    data = make_dataset(tmp_path / "d", per_class=6, size=64, classes=folders)
+    return spec, data
+
+
+def test_int8_from_onnx_writes_a_gated_variant_without_torch(onnx_model, tmp_path):
+    spec, data = _int8_inputs(onnx_model, tmp_path)
+    out = tmp_path / "m.int8.onnx"
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from cadbcnn_export.from_onnx import int8_from_onnx\n"
+        "from cadbcnn_export.gates import ExportOptions\n"
+        f"rep = int8_from_onnx(Path({str(onnx_model)!r}), Path({str(out)!r}), ExportOptions(int8=True, "
+        f"calibration_data=Path({str(data)!r}), parity_data=Path({str(data)!r})), log=lambda *a: None)\n"
+        "assert rep['passed'] and 'torch' not in sys.modules and 'cadbcnn_train' not in sys.modules, sorted(sys.modules)\n"
+        "print('torch-free')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "torch-free" in r.stdout, r.stderr[-2000:]
+    s8 = ModelSpec.from_onnx(out)
+    assert s8.variant == "int8" and s8.class_names == spec.class_names and s8.calibration == spec.calibration
+    from cadbcnn_runtime import Classifier
+
+    with Classifier.from_file(out, device="cpu") as clf:
+        assert clf.precision == "int8"
+
+
+def test_int8_from_onnx_gate_failure_and_argument_errors(onnx_model, tmp_path, monkeypatch):
+    import onnx as onnx_mod
+
+    from cadbcnn_export import from_onnx
+
+    spec, data = _int8_inputs(onnx_model, tmp_path)
+    out = tmp_path / "m.int8.onnx"
+    base: list[str] = []
+    for extra, message in ((["--from-onnx", str(onnx_model), "-o", str(out), "--calibration-data", str(data)],
+                            "pass --int8"),
+                           ([str(tmp_path / "ck.pt"), "--from-onnx", str(onnx_model), "-o", str(out), "--int8",
+                             "--calibration-data", str(data)], "exactly one"),
+                           (["--from-onnx", str(onnx_model), "-o", str(out), "--int8", "--half",
+                             "--calibration-data", str(data)], "--half")):
+        r = runner.invoke(app, base + extra)
+        assert r.exit_code == 2 and message in r.output, r.output
+        assert not out.exists()
+    real = from_onnx.to_int8
+
+    def broken(src, dst, calib, **kw):  # a quantiser that flips the ranking of the classes
+        real(src, dst, calib, **kw)
+        m = onnx_mod.load(str(dst))
+        prod = next(n for n in m.graph.node if "logits" in n.output)
+        prod.output[list(prod.output).index("logits")] = "logits_raw"
+        m.graph.node.append(onnx_mod.helper.make_node("Neg", ["logits_raw"], ["logits"]))
+        onnx_mod.save(m, str(dst))
+
+    monkeypatch.setattr(from_onnx, "to_int8", broken)
+    r = runner.invoke(app, ["--from-onnx", str(onnx_model), "-o", str(out), "--int8", "--calibration-data", str(data),
+                            "--parity-data", str(data)])
+    assert r.exit_code == 3 and "top-1 agreement" in r.output and "NOT written" in r.output, r.output
+    assert not out.exists()

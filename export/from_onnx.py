@@ -1,0 +1,104 @@
+"""INT8 from an exported model, torch-free: ``cadbcnn-export --from-onnx models/cadbcnn.onnx --int8 …``.
+
+A lab that holds only the released ONNX file and its own images builds and gates its own INT8 file. The
+reference is ONNX Runtime FP32 on the source file itself (the checkpoint is not needed):
+
+1. the source is loaded and verified as the runtime loads it (spec, content hash); it must be an FP32 model;
+2. FP16-stored weights are turned back into FP32 initializers (lossless) so the quantiser sees constants;
+3. static INT8 (QDQ, U8S8, per-channel) calibrated on ``--calibration-data`` — the layers the OOD score reads
+   and the attention products stay in float, exactly as ``cadbcnn-export`` does from a checkpoint;
+4. the INT8 format's gates against the source (``formats.FORMATS["int8"]``): top-1 agreement on the
+   ``--parity-data`` images, and with labelled images (class sub-folders named as in the spec's
+   ``training.class_folders``) ≤ 0.3 points accuracy loss overall and ≤ 1 point per class; the OOD output is
+   kept only if its flag agrees with FP32's on ≥ 97 % of the images, otherwise left out (and said);
+5. the file gets the source's spec with ``variant: int8`` (calibration, thresholds and classes unchanged),
+   stamped, written only after every gate passed (exit 3 and nothing written otherwise).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from cadbcnn_runtime._onnxmeta import metadata_of, read_model_bytes
+from cadbcnn_runtime.classifier import Classifier
+from cadbcnn_runtime.errors import ArgumentError, CadbcnnError
+from cadbcnn_runtime.spec import ModelSpec
+from cadbcnn_runtime.variants import variant_key
+
+from .formats import FORMATS
+from .gates import Artifact, ExportOptions, Gate, _check_variant, _fail, _finish, _ood_output_gate
+from .graph import set_spec, to_int8, unfold_fp16_weights
+from .images import load_image_set
+from .parity import ort_outputs, ort_session
+
+
+def int8_from_onnx(source: Path, out: Path, opts: ExportOptions, log=print) -> dict[str, Any]:
+    """Write a gated INT8 variant of the FP32 model SOURCE at OUT; returns the report (raises GateError on a
+    failed gate, with the report attached, and writes nothing)."""
+    t0 = time.time()
+    source, out = Path(source), Path(out)
+    opts.validate(out)
+    if not opts.int8:
+        raise ArgumentError("--from-onnx derives an INT8 model: pass --int8 and --calibration-data DIR")
+    if out.resolve() == source.resolve():
+        raise ArgumentError(f"{out}: would overwrite the source model; choose another -o (e.g. X.int8.onnx)")
+    try:
+        with Classifier.from_file(source, device="cpu", precision="fp32"):  # the runtime's own checks
+            pass
+    except CadbcnnError as exc:
+        raise ArgumentError(f"--from-onnx {source}: {exc}") from None
+    data = read_model_bytes(source)
+    spec = ModelSpec.from_metadata(metadata_of(data, source), source=str(source))
+    if variant_key(spec) != "fp32":
+        raise ArgumentError(f"--from-onnx {source}: is a {spec.variant} model; derive INT8 from the FP32 one")
+    class_folders = tuple((spec.training or {}).get("class_folders") or spec.class_names)
+    ood_thr = float(spec.ood["threshold"]) if spec.ood else None
+    fmt = FORMATS["int8"]
+    art = Artifact("int8", out)
+    report: dict[str, Any] = {"source": str(source), "torch_free": True, "artifacts": [],
+                              "software": {"onnx": onnx.__version__, "onnxruntime": ort.__version__}}
+
+    proto32 = unfold_fp16_weights(onnx.load_from_string(data))
+    calib = load_image_set(opts.calibration_data, spec, class_folders, limit=opts.calibration_size, seed=opts.seed)
+    art.parity["calibration_images"] = int(len(calib.x))
+    log(f"{source.name}: INT8 calibration on {len(calib.x)} images ({opts.calibration_method}) …")
+    with tempfile.TemporaryDirectory() as tmp:
+        src, q = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        onnx.save_model(proto32, str(src))
+        to_int8(src, q, calib.x, method=opts.calibration_method)
+        p8 = onnx.load(str(q))
+    s32, s8 = ort_session(proto32.SerializeToString()), ort_session(p8.SerializeToString())
+    rng = np.random.default_rng(opts.seed)
+    random_cases = {f"random_b{b}": rng.integers(0, 256, (b, 3, *spec.image_size), dtype=np.uint8) for b in (1, 8)}
+    base_random = {k: ort_outputs(s32, v) for k, v in random_cases.items()}
+    eval_set = load_image_set(opts.parity_data, spec, class_folders, limit=opts.parity_limit, seed=opts.seed) \
+        if opts.parity_data else None
+    base_real = ort_outputs(s32, eval_set.x) if eval_set is not None else None
+    _check_variant(art, s8, random_cases, base_random, eval_set, base_real,
+                   SimpleNamespace(class_names=spec.class_names), fmt, ood_thr)
+    p8, with_ood = _ood_output_gate(art, p8, fmt, ood_thr, opts, log)
+    if eval_set is not None and eval_set.labelled:
+        case = art.parity["images"]
+        drop = case["accuracy_ref"] - case["accuracy"]
+        art.gates.append(Gate("images accuracy drop (points)", drop * 100 <= 0.3, drop * 100, 0.3, "<="))
+        worst = max((c["accuracy_ref"] - c["accuracy"]) * 100 for c in case["per_class"].values())
+        art.gates.append(Gate("worst per-class accuracy drop (points)", worst <= 1.0, worst, 1.0, "<="))
+    software = {**dict(spec.software), "onnx": onnx.__version__, "onnxruntime": ort.__version__,
+                "int8_from_onnx": source.name}
+    set_spec(p8, spec.replace(variant="int8", ood=spec.ood if with_ood else None, software=software))
+    failures = _finish(art, p8, opts, log)
+    report["artifacts"].append(art)
+    if failures:
+        _fail(report, failures, t0)
+    report["seconds"] = time.time() - t0
+    report["passed"] = True
+    report["artifacts"] = [a.to_dict() for a in report["artifacts"]]
+    return report
