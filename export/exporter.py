@@ -25,7 +25,8 @@ from cadbcnn_runtime.spec import OUTPUT_NAME, ModelSpec
 from cadbcnn_train.checkpoint import Checkpoint, load_checkpoint, weights_sha256
 
 from .formats import FORMATS
-from .gates import Artifact, ExportOptions, Gate, _atomic_write, _check_variant, _fail, _finish, _gate_ood, _gate_top1, _ood_output_gate, variant_path
+from .gates import (Artifact, ExportOptions, Gate, _atomic_write, _check_variant, _fail, _finish, _gate_ood, _gate_top1,
+                    _ood_output_gate, conclude, gate_accuracy_drop, variant_path)
 from .graph import fp16_weight_storage, set_spec, to_fp16, to_int8, torch_to_onnx
 from .images import load_image_set
 from .parity import compare, ort_outputs, ort_session, torch_outputs
@@ -155,21 +156,11 @@ def export_checkpoint(checkpoint: Path, out: Path, opts: ExportOptions | None = 
         _check_variant(art, s8, random_cases, base_random, eval_set, base_real, ck, fmt, ood_thr)
         p8, with_ood = _ood_output_gate(art, p8, fmt, ood_thr, opts, log)
         set_spec(p8, build_spec(ck, "int8", with_ood=with_ood))
-        if eval_set is not None and eval_set.labelled:
-            case = art.parity["images"]
-            drop = case["accuracy_ref"] - case["accuracy"]
-            art.gates.append(Gate("images accuracy drop (points)", drop * 100 <= 0.3, drop * 100, 0.3, "<="))
-            worst = max((c["accuracy_ref"] - c["accuracy"]) * 100 for c in case["per_class"].values())
-            art.gates.append(Gate("worst per-class accuracy drop (points)", worst <= 1.0, worst, 1.0, "<="))
+        gate_accuracy_drop(art, fmt, eval_set)
         failures += _finish(art, p8, opts, log)
         report["artifacts"].append(art)
 
-    if failures:
-        _fail(report, failures, t0)
-    report["seconds"] = time.time() - t0
-    report["passed"] = True
-    report["artifacts"] = [a.to_dict() for a in report["artifacts"]]
-    return report
+    return conclude(report, report["artifacts"], failures, t0)
 
 
 def _gate_runtime_probabilities(art: Artifact, proto: onnx.ModelProto, out: Path, x: np.ndarray,

@@ -21,6 +21,9 @@ class Format:
     # Derived variants keep the OOD output only if its flag agrees with the FP32 model's on at least this fraction
     # of the real parity images; otherwise the output is removed from that file (classification is unaffected).
     min_ood_flag_agreement: float | None = None
+    # With labelled parity images: the most accuracy (percentage points) a derived variant may lose vs FP32.
+    max_accuracy_drop_points: float | None = None
+    max_class_drop_points: float | None = None
 
 
 FORMATS: dict[str, Format] = {
@@ -29,5 +32,5 @@ FORMATS: dict[str, Format] = {
                                ("cpu", "cuda"), 5e-2, 1.0),
     "fp16": Format("fp16", ".fp16", "ONNX FP16 for the CUDA EP (fp32 I/O; softmax/LayerNorm/head in fp32)",
                    ("cuda", "cpu"), None, 0.995, 0.97),
-    "int8": Format("int8", ".int8", "ONNX INT8 static QDQ for CPUs with VNNI", ("cpu",), None, 0.99, 0.97),
+    "int8": Format("int8", ".int8", "ONNX INT8 static QDQ for CPUs with VNNI", ("cpu",), None, 0.99, 0.97, 0.3, 1.0),
 }

@@ -7,8 +7,8 @@ reference is ONNX Runtime FP32 on the source file itself (the checkpoint is not 
 2. FP16-stored weights are turned back into FP32 initializers (lossless) so the quantiser sees constants;
 3. static INT8 (QDQ, U8S8, per-channel) calibrated on ``--calibration-data`` — the layers the OOD score reads
    and the attention products stay in float, exactly as ``cadbcnn-export`` does from a checkpoint;
-4. the INT8 format's gates against the source (``formats.FORMATS["int8"]``): top-1 agreement on the
-   ``--parity-data`` images, and with labelled images (class sub-folders named as in the spec's
+4. the INT8 format's gates against the source (thresholds in ``formats.FORMATS["int8"]``): top-1 agreement on
+   the ``--parity-data`` images, and with labelled images (class sub-folders named as in the spec's
    ``training.class_folders``) ≤ 0.3 points accuracy loss overall and ≤ 1 point per class; the OOD output is
    kept only if its flag agrees with FP32's on ≥ 97 % of the images, otherwise left out (and said);
 5. the file gets the source's spec with ``variant: int8`` (calibration, thresholds and classes unchanged),
@@ -34,7 +34,8 @@ from cadbcnn_runtime.spec import ModelSpec
 from cadbcnn_runtime.variants import variant_key
 
 from .formats import FORMATS
-from .gates import Artifact, ExportOptions, Gate, _check_variant, _fail, _finish, _ood_output_gate
+from .gates import (Artifact, ExportOptions, _check_variant, _finish, _ood_output_gate, conclude,
+                    gate_accuracy_drop)
 from .graph import set_spec, to_int8, unfold_fp16_weights
 from .images import load_image_set
 from .parity import ort_outputs, ort_session
@@ -85,20 +86,9 @@ def int8_from_onnx(source: Path, out: Path, opts: ExportOptions, log=print) -> d
     _check_variant(art, s8, random_cases, base_random, eval_set, base_real,
                    SimpleNamespace(class_names=spec.class_names), fmt, ood_thr)
     p8, with_ood = _ood_output_gate(art, p8, fmt, ood_thr, opts, log)
-    if eval_set is not None and eval_set.labelled:
-        case = art.parity["images"]
-        drop = case["accuracy_ref"] - case["accuracy"]
-        art.gates.append(Gate("images accuracy drop (points)", drop * 100 <= 0.3, drop * 100, 0.3, "<="))
-        worst = max((c["accuracy_ref"] - c["accuracy"]) * 100 for c in case["per_class"].values())
-        art.gates.append(Gate("worst per-class accuracy drop (points)", worst <= 1.0, worst, 1.0, "<="))
+    gate_accuracy_drop(art, fmt, eval_set)
     software = {**dict(spec.software), "onnx": onnx.__version__, "onnxruntime": ort.__version__,
                 "int8_from_onnx": source.name}
     set_spec(p8, spec.replace(variant="int8", ood=spec.ood if with_ood else None, software=software))
     failures = _finish(art, p8, opts, log)
-    report["artifacts"].append(art)
-    if failures:
-        _fail(report, failures, t0)
-    report["seconds"] = time.time() - t0
-    report["passed"] = True
-    report["artifacts"] = [a.to_dict() for a in report["artifacts"]]
-    return report
+    return conclude(report, [art], failures, t0)

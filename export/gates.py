@@ -184,3 +184,27 @@ def _finish(art: Artifact, proto: onnx.ModelProto, opts: ExportOptions, log) -> 
     art.written, art.size_bytes, art.sha256 = True, art.path.stat().st_size, file_sha256(art.path)
     log(f"wrote {art.path} ({art.size_bytes / 1e6:.1f} MB, {art.variant})")
     return []
+
+
+def gate_accuracy_drop(art: Artifact, fmt: Format, eval_set) -> None:
+    """With labelled parity images: the format's overall and worst per-class accuracy-drop gates."""
+    if eval_set is None or not eval_set.labelled or fmt.max_accuracy_drop_points is None:
+        return
+    case = art.parity["images"]
+    drop = (case["accuracy_ref"] - case["accuracy"]) * 100
+    art.gates.append(Gate("images accuracy drop (points)", drop <= fmt.max_accuracy_drop_points, drop,
+                          fmt.max_accuracy_drop_points, "<="))
+    worst = max((c["accuracy_ref"] - c["accuracy"]) * 100 for c in case["per_class"].values())
+    art.gates.append(Gate("worst per-class accuracy drop (points)", worst <= fmt.max_class_drop_points, worst,
+                          fmt.max_class_drop_points, "<="))
+
+
+def conclude(report: dict[str, Any], artifacts: list, failures: list[str], t0: float) -> dict[str, Any]:
+    """The export's report: raises the gate error (with the report) when any gate failed."""
+    report["artifacts"] = artifacts
+    if failures:
+        _fail(report, failures, t0)
+    report["seconds"] = time.time() - t0
+    report["passed"] = True
+    report["artifacts"] = [a.to_dict() for a in report["artifacts"]]
+    return report
