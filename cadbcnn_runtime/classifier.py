@@ -27,6 +27,7 @@ from .quality import content_scores
 from .reliability import softmax
 from .session import CPU_EP, CUDA_EP, make_session, resolve_threads
 from .spec import METADATA_KEY, ModelSpec, canonical_spec_json
+from .variants import check_same_model, choose, variant_key
 _ONNX_DTYPES = {"uint8": "tensor(uint8)", "float32": "tensor(float)"}
 
 
@@ -82,8 +83,6 @@ class Classifier:
         self.review_threshold = spec.review_threshold if review_threshold is None else float(review_threshold)
         if not 0.0 <= self.review_threshold <= 1.0:
             raise ArgumentError(f"review_threshold must be in [0, 1], got {self.review_threshold}")
-        from .variants import variant_key
-
         self.precision = variant_key(spec)  # fp32 | int8 | fp16: what this file computes in
         self.precision_reason = "the file given"
         self.temperature = temperature_of(spec.calibration)  # logits / T before the softmax (1.0: uncalibrated)
@@ -105,8 +104,6 @@ class Classifier:
         ``"fp32"``, ``"int8"``, ``"fp16"`` ask for one. The choice: ``.precision``, ``.precision_reason``.
         """
         import onnxruntime as ort
-
-        from .variants import check_same_model, choose, variant_key
 
         path = Path(path) if path is not None else default_model_path()
         _check_device(device)
@@ -169,9 +166,8 @@ class Classifier:
         if device == "cuda" and used != "cuda" and not allow_fallback:
             raise DeviceError(f"{path}: the CUDA EP could not be initialised (session providers: "
                               f"{session.get_providers()}); check the CUDA/cuDNN libraries or use --device cpu.")
-        clf = cls(session, spec, path, used, review_threshold=review_threshold, ood_threshold=ood_threshold,
-                  threads=n_threads)
-        return clf
+        return cls(session, spec, path, used, review_threshold=review_threshold, ood_threshold=ood_threshold,
+                   threads=n_threads)
 
     @property
     def providers(self) -> list[str]:

@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from .results import printable
 from .variants import PRECISIONS
 
 EXIT_HELP = """
@@ -21,13 +22,8 @@ interrupted (finished rows are kept in OUT.partial — rerun with --resume).
 app = typer.Typer(add_completion=False)
 
 
-def _shown(text: str) -> str:
-    """Text safe for any terminal encoding: undecodable file-name bytes shown as \\xNN escapes."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
 def _say(text: str, *, err: bool = True) -> None:
-    typer.echo(_shown(text), err=err)
+    typer.echo(printable(text), err=err)
 
 
 def _table(rows: list[dict], class_names) -> str:
@@ -41,8 +37,8 @@ def _table(rows: list[dict], class_names) -> str:
         if r.get("low_content") is True:
             review = "blank"
         status = "ok" if r["status"] == "ok" else f"error: {r['error']}"
-        path = _shown(r["path"]).replace("\r", "\\r").replace("\n", "\\n")
-        lines.append(f"{path[-40:]:<40} {r['label']:<12} {conf:>6} {review:>6}  {_shown(status)}")
+        path = printable(r["path"]).replace("\r", "\\r").replace("\n", "\\n")
+        lines.append(f"{path[-40:]:<40} {r['label']:<12} {conf:>6} {review:>6}  {printable(status)}")
     return "\n".join(lines)
 
 

@@ -110,6 +110,8 @@ class RayEngine:
                                     f"({str(exc).strip().splitlines()[0][:300]}). Start a cluster with "
                                     "`ray start --head` and pass --address auto (or ray://HOST:10001)") from None
             self.started_here = True
+        # Needed: without it a Ray Data INFO record fails to format ("TypeError: not all arguments converted
+        # during string formatting") under pytest's log capture and the job fails (seen with Ray 2.60).
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         ctx = self.ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False

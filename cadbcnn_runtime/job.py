@@ -22,7 +22,8 @@ from typing import Callable
 from .errors import ArgumentError, ModelRunError
 from .folder import Summary, classify_items, columns
 from .progress import Progress
-from .results import OutputLock, ResultsWriter, check_not_foreign, check_output_path, read_previous, row_key
+from .results import (OutputLock, ResultsWriter, check_not_foreign, check_output_path, printable, read_previous,
+                      row_key)
 from .sources import describe, list_items, read_item
 
 ENGINES = ("local", "ray")
@@ -50,7 +51,7 @@ def default_output(source: str | os.PathLike) -> Path:
 
 
 def _stderr(text: str) -> None:
-    print(text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"), file=sys.stderr)
+    print(printable(text), file=sys.stderr)
 
 
 def _check_html(html) -> Path | None:
@@ -93,7 +94,7 @@ def classify_to_file(source: str | os.PathLike, out: str | os.PathLike | None = 
         from .distributed import RayEngine  # raises ArgumentError naming the extra when Ray is not installed
 
         ray_engine = RayEngine(address=address, actors=actors, threads=threads, workers=workers, batch=batch)
-    describe(source)
+    kind = describe(source)
     html_path = _check_html(html)
     to_stdout = out is not None and os.fspath(out) == "-"
     out_path = None if to_stdout else (Path(out) if out is not None else default_output(source))
@@ -146,7 +147,7 @@ def classify_to_file(source: str | os.PathLike, out: str | os.PathLike | None = 
                 ray_engine.run(todo, on_rows=on_rows, summary=summary, progress=progress)
             else:
                 classify_items(clf, todo, batch=batch, workers=workers, on_rows=on_rows, summary=summary,
-                               progress=progress, read=None if describe(source) == "folder" else read_item)
+                               progress=progress, read=None if kind == "folder" else read_item)
             finished = True
         except KeyboardInterrupt:
             pass

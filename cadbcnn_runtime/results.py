@@ -48,9 +48,13 @@ def unescape_cell(value: str) -> str:
     return value[1:] if value.startswith("'") and value[1:].startswith(_DANGEROUS) else value
 
 
-def row_key(path: str) -> str:
-    """A row's identity for resume: its path, with bytes that are not UTF-8 as ``\\xNN`` (as Parquet stores it)."""
-    return path.encode(ENCODING, ERRORS).decode(ENCODING, "backslashreplace")
+def printable(text: str) -> str:
+    """TEXT with undecodable file-name bytes (surrogate escapes) as ``\\xNN``: safe for any terminal encoding,
+    for Parquet's UTF-8 strings, and the row key of resume."""
+    return text.encode(ENCODING, ERRORS).decode(ENCODING, "backslashreplace")
+
+
+row_key = printable  # a row's identity for resume: its path as Parquet stores it
 
 
 def _pyarrow(what: str):

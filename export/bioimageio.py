@@ -86,6 +86,7 @@ from cadbcnn_runtime.calibration import temperature_of
 from cadbcnn_runtime.decode import IMAGE_SUFFIXES
 from cadbcnn_runtime.errors import ArgumentError, ExportError, ModelLoadError
 from cadbcnn_runtime.reliability import softmax
+from cadbcnn_runtime.session import make_session
 from cadbcnn_runtime.spec import DATASET_CITATION, ModelSpec
 
 EXTRA_HINT = "pip install 'cadbcnn[bioimageio]'"
@@ -210,9 +211,7 @@ def probability_graph(model: Path, spec: ModelSpec, *, source_sha256: str | None
 
 
 def _run_onnx(path: Path, x: np.ndarray) -> list[np.ndarray]:
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = make_session(path)  # the runtime's one session factory
     return sess.run(None, {sess.get_inputs()[0].name: x})
 
 

@@ -114,9 +114,7 @@ def _fail(report: dict[str, Any], failures: list[str], t0: float) -> None:
     report["passed"] = False
     report["failures"] = failures
     report["artifacts"] = [a.to_dict() if isinstance(a, Artifact) else a for a in report["artifacts"]]
-    exc = ExportError("; ".join(failures))
-    exc.report = report
-    raise exc
+    raise ExportError("; ".join(failures), report=report)
 
 
 def _gate_ood(art: Artifact, case: dict, label: str, tol: float) -> None:
