@@ -51,7 +51,8 @@ Precision = Enum("Precision", {p: p for p in PRECISIONS}, type=str)
 
 
 @app.command(help="Classify every image in SOURCE (a folder, a list file of paths/URIs, or a URI) with a cadbcnn "
-                  "ONNX model.\n" + EXIT_HELP)
+                  "ONNX model. (`cadbcnn-infer validate FOLDER`: is the model safe on your images? See its --help.)"
+                  "\n" + EXIT_HELP)
 def infer(
     source: str = typer.Argument(..., metavar="SOURCE",
                                  help="Folder of images (jpg, jpeg, png, bmp, tif, tiff); or a .txt/.lst list with "
@@ -129,8 +130,63 @@ def _report(result) -> int:
     return result.exit_code
 
 
-def main() -> None:
-    app()
+validate_app = typer.Typer(add_completion=False)
+
+
+@validate_app.command(help="Is the model safe on your images? Accuracy (with labels), review rate, OOD rate, silent "
+                           "errors and a plain verdict with its rule, as FOLDER_validation/validation.md + .json + "
+                           "PNGs. Exit codes: 0 the report was written (whatever the verdict); 2 bad arguments, "
+                           "model or folder.")
+def validate(
+    folder: Path = typer.Argument(..., help="Your images: class sub-folders (labelled), or a flat folder "
+                                  "(unlabelled; with --healthy: all healthy)."),
+    model: Optional[Path] = typer.Option(None, help="ONNX model (default: the released model)."),
+    out: Optional[Path] = typer.Option(None, help="Report folder (default: FOLDER_validation next to FOLDER)."),
+    class_map: list[str] = typer.Option([], "--class-map", help="LOCAL=CLASS for a sub-folder named otherwise "
+                                        "than the model's classes, e.g. healthy=Benign (repeatable)."),
+    healthy: bool = typer.Option(False, "--healthy", help="Every image is healthy: any malignant label is an error."),
+    batch: int = typer.Option(32, min=1, help="Images per inference batch."),
+    threads: Optional[int] = typer.Option(None, min=1, help="ONNX Runtime intra-op threads."),
+    device: str = typer.Option("cpu", help="cpu | cuda | auto"),
+    precision: Precision = typer.Option("auto", help="Which variant of the model to validate (as cadbcnn-infer)."),
+    figures: bool = typer.Option(True, "--figures/--no-figures", help="Write the PNGs (needs matplotlib: "
+                                 "pip install 'cadbcnn[report]')."),
+) -> None:
+    from .errors import CadbcnnError
+    from .exits import exit_code_of
+    from .validate import parse_class_map
+    from .validate import validate as run_validation
+
+    try:
+        mapping = parse_class_map(class_map)
+        dest = out or folder.resolve().parent / f"{folder.resolve().name}_validation"
+        r = run_validation(model, folder, dest, class_map=mapping, healthy=healthy, batch=batch, threads=threads,
+                           device=device, figures=figures, precision=precision.value)
+    except CadbcnnError as exc:
+        _say(f"error: {exc}")
+        raise typer.Exit(exit_code_of(exc))
+    st = r["stats"]
+    pct = lambda v: "–" if v is None else f"{100 * v:.2f} %"  # noqa: E731
+    typer.echo(f"{r['kind']} set, {st['n']} images: accuracy {pct(st['accuracy'])}, review {pct(st['review_rate'])}, "
+               f"OOD {pct(st['ood_rate'])}, silent errors {pct(st['silent_error_rate'])}")
+    typer.echo(f"verdict: {r['verdict'] or 'none'}{'' if r['verified'] else ' (unverified: no labels)'} — "
+               f"{r['verdict_rule']}")
+    if r["unreadable"]:
+        _say(f"warning: {len(r['unreadable'])} file(s) could not be read (listed in the report)")
+    _say(f"report → {dest / 'validation.md'}")
+
+
+SUBCOMMANDS = {"validate": validate_app}  # `cadbcnn-infer validate …`; anything else is classification
+
+
+def main(argv: list[str] | None = None) -> None:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in SUBCOMMANDS:
+        SUBCOMMANDS[argv[0]](args=argv[1:], prog_name=f"cadbcnn-infer {argv[0]}")
+    else:
+        app(args=argv, prog_name="cadbcnn-infer")
 
 
 if __name__ == "__main__":

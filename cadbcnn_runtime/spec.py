@@ -67,6 +67,7 @@ class ModelSpec:
     quality: Mapping[str, Any] | None = None  # field-content check: {"measure", "min_content", ...}
     training: Mapping[str, Any] = field(default_factory=dict)
     metrics: Mapping[str, Any] | None = None
+    adaptation: tuple[Mapping[str, Any], ...] = ()  # local changes after release, oldest first (refit-ood, …)
     software: Mapping[str, str] = field(default_factory=dict)
     git_commit: str | None = None
     weights_sha256: str | None = None   # the PyTorch weights it was exported from (provenance)
@@ -82,6 +83,7 @@ class ModelSpec:
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
         object.__setattr__(self, "training", copy.deepcopy(dict(self.training)))
         object.__setattr__(self, "software", dict(self.software))
+        object.__setattr__(self, "adaptation", tuple(copy.deepcopy(dict(a)) for a in self.adaptation))
         if self.metrics is not None:
             object.__setattr__(self, "metrics", copy.deepcopy(dict(self.metrics)))
         if self.ood is not None:
@@ -147,7 +149,7 @@ class ModelSpec:
     # -- (de)serialisation --------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        for key in ("class_names", "image_size", "mean", "std"):
+        for key in ("class_names", "image_size", "mean", "std", "adaptation"):
             d[key] = list(d[key])
         return d
 
@@ -258,5 +260,7 @@ def _check_shapes(spec: ModelSpec) -> None:
             problems.append(f"{key} must be a JSON object" + (" or null" if key in _NULLABLE else ""))
     if not isinstance(spec.software, Mapping) or not all(isinstance(v, str) for v in spec.software.values()):
         problems.append("software must map names to version strings")
+    if not isinstance(spec.adaptation, (list, tuple)) or not all(isinstance(a, Mapping) for a in spec.adaptation):
+        problems.append("adaptation must be a list of JSON objects")
     if problems:
         raise ModelSpecError("invalid model spec: " + "; ".join(problems))

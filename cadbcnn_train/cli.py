@@ -12,7 +12,7 @@ import typer
 
 from cadbcnn_runtime.exits import cli_errors
 
-from .config import MODEL_NAMES, PRECISIONS, SPLITS
+from .config import FREEZE_CHOICES, MODEL_NAMES, PRECISIONS, SPLITS
 
 
 def _choices(name: str, values) -> type[Enum]:
@@ -23,6 +23,7 @@ def _choices(name: str, values) -> type[Enum]:
 ModelName = _choices("ModelName", MODEL_NAMES)
 SplitKind = _choices("SplitKind", SPLITS)
 Precision = _choices("Precision", PRECISIONS)
+FreezeChoice = _choices("FreezeChoice", FREEZE_CHOICES)
 EvalSplit = _choices("EvalSplit", ("test", "val", "train", "all"))
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -57,6 +58,11 @@ def fit(
     workers: int = typer.Option(0, help="DataLoader worker processes."),
     threads: Optional[int] = typer.Option(None, help="torch intra-op threads."),
     pretrained: Optional[str] = typer.Option(None, help="'imagenet': torchvision weights from the local torch cache."),
+    init: Optional[Path] = typer.Option(None, help="Start from an exported model's weights (e.g. "
+                                        "models/cadbcnn.onnx) to fine-tune it on your images; class folders and "
+                                        "--image-size must match the model's."),
+    freeze: FreezeChoice = typer.Option("none", help="With --init: none | early (each branch's stem and first two "
+                                        "stages stay fixed) | backbone (only the fusion and the head learn)."),
     max_steps: Optional[int] = typer.Option(None, help="Stop each epoch after N steps (smoke tests)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Decode images every epoch instead of caching in RAM."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from OUT/last.pt."),
@@ -79,6 +85,7 @@ def fit(
                       block_size=block_size, max_per_class=max_per_class, augment=not no_augment,
                       class_weights=not no_class_weights, precision=precision.value, patience=patience,
                       workers=workers, threads=threads, pretrained=pretrained, max_steps=max_steps,
+                      init=str(init) if init else None, freeze=freeze.value,
                       cache=not no_cache, fit_ood=not no_ood, bn_recal_images=bn_recal_images,
                       calibrate=not no_calibrate, review_target_risk=review_target_risk,
                       augment_parts=parse_parts(augment_parts))  # ArgumentError (exit 2) before any work

@@ -14,6 +14,7 @@ from cadbcnn_runtime.errors import ArgumentError
 MODEL_NAMES = ("cadbcnn", "dual_concat", "resnet18", "resnet34", "resnet50", "efficientnet_b0")
 SPLITS = ("stratified", "grouped")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+FREEZE_CHOICES = ("none", "early", "backbone")
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,8 @@ class TrainConfig:
     workers: int = 0
     threads: int | None = None
     pretrained: str | None = None      # None | "imagenet"
+    init: str | None = None            # start from an exported model's weights (MODEL.onnx), e.g. the released one
+    freeze: str = "none"               # none | early | backbone (with --init: what stays fixed)
     cache: bool = True
     max_steps: int | None = None       # stop each epoch after N steps (smoke tests)
     fit_ood: bool = True               # fit the OOD statistics at the end of training
@@ -69,6 +72,13 @@ class TrainConfig:
             raise ArgumentError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if not 0.0 <= self.review_target_risk <= 1.0:
             raise ArgumentError(f"review_target_risk must be in [0, 1], got {self.review_target_risk}")
+        if self.freeze not in FREEZE_CHOICES:
+            raise ArgumentError(f"freeze must be one of {', '.join(FREEZE_CHOICES)}, got {self.freeze!r}")
+        if self.init is not None:
+            if self.pretrained is not None:
+                raise ArgumentError("--init and --pretrained both set the starting weights; pass one of them")
+            if not str(self.init).endswith(".onnx") or not Path(self.init).is_file():
+                raise ArgumentError(f"--init {self.init}: needs an exported model file (MODEL.onnx) that exists")
         if self.pretrained not in (None, "imagenet"):
             raise ArgumentError(f"pretrained must be 'imagenet' or unset, got {self.pretrained!r}")
 

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from cadbcnn_runtime.evaluation import save_png
+
 from . import data as D
 from .checkpoint import load_checkpoint
 
@@ -65,19 +67,6 @@ def features(model: nn.Module, loader: DataLoader) -> dict[str, np.ndarray]:
         out["fused"].append(f.numpy())
         out["logits"].append(model.forward_head(f).numpy())
     return {k: np.concatenate(v) for k, v in out.items() if v}
-
-
-def save_png(fig, path: Path) -> None:
-    """Write a figure as a 256-colour palette PNG (about 4x smaller than matplotlib's RGBA output; these
-    figures are committed under docs/)."""
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    buf.seek(0)
-    Image.open(buf).convert("RGB").quantize(256, method=Image.Quantize.FASTOCTREE).save(path, optimize=True)
 
 
 def explain(checkpoint: Path, data: Path, out: Path, *, split_file: Path | None = None, split: str = "test",

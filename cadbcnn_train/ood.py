@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
-
-from cadbcnn_runtime.spec import OOD_OUTPUT_NAME
 from torch.utils.data import DataLoader
 
-METHOD = "mahalanobis-shared-cov"
+from cadbcnn_runtime import oodstats
+from cadbcnn_runtime.spec import OOD_OUTPUT_NAME
+
+METHOD = oodstats.METHOD
 OUTPUT_NAME = OOD_OUTPUT_NAME
 
 
@@ -59,22 +59,16 @@ def collect_features(model: nn.Module, loader: DataLoader, device=torch.device("
     return torch.cat(feats), torch.cat(labels)
 
 
-def fit_statistics(feats: Tensor, labels: Tensor, num_classes: int, shrinkage: float = 0.01) -> tuple[Tensor, Tensor]:
-    """Class means and a shrunk shared covariance → (whitening Σ^-1/2, whitened means)."""
-    f = feats.double()
-    present = [k for k in range(num_classes) if (labels == k).any()]
-    means = torch.stack([f[labels == k].mean(0) for k in present])
-    centered = f - means[[present.index(int(k)) for k in labels]]
-    cov = centered.T @ centered / max(len(f) - 1, 1)
-    d = cov.shape[0]
-    cov = (1 - shrinkage) * cov + shrinkage * torch.trace(cov) / d * torch.eye(d, dtype=cov.dtype)
-    evals, evecs = torch.linalg.eigh(cov)
-    whitening = evecs @ torch.diag(evals.clamp_min(1e-12).rsqrt()) @ evecs.T
-    return whitening.float(), (means @ whitening).float()
+def fit_statistics(feats: Tensor, labels: Tensor, num_classes: int, shrinkage: float = oodstats.SHRINKAGE
+                   ) -> tuple[Tensor, Tensor]:
+    """Class means and a shrunk shared covariance → (whitening Σ^-1/2, whitened means); the math lives in
+    ``cadbcnn_runtime.oodstats`` (shared with the torch-free refit of exported models)."""
+    st = oodstats.fit_statistics(feats.double().numpy(), labels.numpy(), num_classes, shrinkage=shrinkage)
+    return torch.from_numpy(st.whitening).float(), torch.from_numpy(st.means_w).float()
 
 
 def fit_ood(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, num_classes: int, *,
-            flag_rate: float = 0.02, device=torch.device("cpu")) -> dict[str, Any]:
+            flag_rate: float = oodstats.FLAG_RATE, device=torch.device("cpu")) -> dict[str, Any]:
     """Fit on the training split, choose the threshold on the validation split (≤ flag_rate flagged)."""
     ftr, ytr = collect_features(model, train_loader, device)
     whitening, means_w = fit_statistics(ftr, ytr, num_classes)
@@ -82,7 +76,7 @@ def fit_ood(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, 
     fval, _ = collect_features(model, val_loader, device)
     with torch.no_grad():
         val_scores = head(fval).numpy()
-    threshold = float(np.quantile(val_scores, 1 - flag_rate, method="higher"))
+    threshold = oodstats.threshold_for(val_scores, flag_rate)
     return {
         "method": METHOD,
         "feature": "forward_features (fused, pooled)",
@@ -90,7 +84,8 @@ def fit_ood(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, 
         "means_w": means_w,
         "threshold": threshold,
         "fitted_on": f"train split ({len(ftr)} images)",
-        "threshold_rule": f"{100 * (1 - flag_rate):.0f}th percentile of the validation split ({len(fval)} images)",
+        "threshold_rule": oodstats.threshold_rule(flag_rate, len(fval), "the validation split"),
+        "flag_rate": flag_rate,
         "val_flagged": float((val_scores > threshold).mean()),
     }
 

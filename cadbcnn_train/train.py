@@ -38,6 +38,8 @@ from .checkpoint import load_checkpoint, save_checkpoint, weights_sha256
 from .config import TrainConfig
 from .metrics import compute_metrics, metrics_summary, write_metrics
 from .model import PRETRAINED_SOURCES, TRUNK_LAYERS, create_model
+from .onnx_init import (check_init_matches, freeze, init_adaptation, init_provenance, keep_frozen_bn_eval,
+                        load_onnx_weights, rederive_batchnorm)
 from .ood import fit_ood, spec_entry
 from cadbcnn_runtime.machine import git_commit
 from cadbcnn_runtime.progress import Progress
@@ -155,7 +157,9 @@ def make_spec(cfg: TrainConfig, ds: D.LoadedDataset, split_counts: dict, *, metr
             "seed": cfg.seed,
             "pretrained": cfg.pretrained,
             "augment_parts": list(cfg.augment_parts),
+            **({"init": init_provenance(cfg.init), "freeze": cfg.freeze} if cfg.init else {}),
         },
+        adaptation=init_adaptation(cfg.init, Path(cfg.data).name, len(ds.samples)) if cfg.init else (),
         metrics=metrics,
         ood=spec_entry(ood) if ood else None,
         calibration=calibration,
@@ -240,6 +244,16 @@ def fit(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> FitRe
     model = create_model(cfg.model, num_classes=num_classes, **cfg.model_kwargs)
     if cfg.pretrained == "imagenet":
         load_imagenet_weights(model, cfg.model)
+    frozen: list[str] = []
+    if cfg.init and not (resume and (out / "last.pt").is_file()):
+        check_init_matches(cfg, ds.class_names)
+        info = load_onnx_weights(model, Path(cfg.init))
+        used = rederive_batchnorm(model, bn_loader(-1), torch.device("cpu"))
+        say(f"init: {info['modules']} modules from {cfg.init} ({info['folded_batchnorms']} folded BatchNorms "
+            f"re-derived on {used} training images)")
+    if cfg.freeze != "none":
+        frozen = freeze(model, cfg.freeze)
+        say(f"frozen ({cfg.freeze}): {', '.join(frozen)}")
     model = model.to(device).to(memory_format=torch.channels_last)
     net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if di.world > 1 else model
@@ -249,8 +263,8 @@ def fit(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> FitRe
         if cfg.class_weights else None
     criterion = nn.CrossEntropyLoss(weight=weight.to(device) if weight is not None else None,
                                     label_smoothing=cfg.label_smoothing)
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and p.requires_grad]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1 and p.requires_grad]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     steps_per_epoch = len(train_loader) if cfg.max_steps is None else min(len(train_loader), cfg.max_steps)
@@ -289,6 +303,7 @@ def fit(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> FitRe
         if sampler is not None:
             sampler.set_epoch(epoch)
         net.train()
+        keep_frozen_bn_eval(model)
         t0 = time.time()
         seen = correct = 0
         loss_sum = 0.0

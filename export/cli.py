@@ -76,6 +76,9 @@ def main_cmd(
 
     Exit codes: 0 every written model passed every gate; 3 a gate failed (a model
     that failed is not left on disk); 2 bad checkpoint, arguments or data.
+
+    Also: `cadbcnn-export refit-ood MODEL.onnx --data DIR -o LOCAL.onnx` refits the
+    OOD flag on your own images (torch-free; see its --help).
     """
     import time
 
@@ -120,8 +123,19 @@ def main_cmd(
     raise typer.Exit(code)
 
 
-def main() -> None:
-    app()
+SUBCOMMANDS = {"refit-ood": "refit_cli"}  # `cadbcnn-export refit-ood …`; anything else is the export itself
+
+
+def main(argv: list[str] | None = None) -> None:
+    import importlib
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in SUBCOMMANDS:
+        sub = importlib.import_module(f"{__package__}.{SUBCOMMANDS[argv[0]]}")
+        sub.app(args=argv[1:], prog_name=f"cadbcnn-export {argv[0]}")
+    else:
+        app(args=argv, prog_name="cadbcnn-export")
 
 
 if __name__ == "__main__":

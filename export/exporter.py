@@ -19,14 +19,28 @@ import torch
 
 from cadbcnn_runtime._onnxmeta import file_sha256
 from cadbcnn_runtime.errors import CadbcnnError, ExportError
-from cadbcnn_runtime.reliability import softmax
 from cadbcnn_runtime.machine import git_commit
+from cadbcnn_runtime.reliability import softmax
 from cadbcnn_runtime.spec import OUTPUT_NAME, ModelSpec
 from cadbcnn_train.checkpoint import Checkpoint, load_checkpoint, weights_sha256
 
 from .formats import FORMATS
-from .gates import (Artifact, ExportOptions, Gate, _atomic_write, _check_variant, _fail, _finish, _gate_ood, _gate_top1,
-                    _ood_output_gate, conclude, gate_accuracy_drop, variant_path)
+from .gates import (
+    Artifact,
+    ExportOptions,
+    Gate,
+    _atomic_write,
+    _check_variant,
+    _fail,
+    _finish,
+    _gate_ood,
+    _gate_top1,
+    _ood_output_gate,
+    conclude,
+    gate_accuracy_drop,
+    refit_variant_ood,
+    variant_path,
+)
 from .graph import fp16_weight_storage, set_spec, to_fp16, to_int8, torch_to_onnx
 from .images import load_image_set
 from .parity import compare, ort_outputs, ort_session, torch_outputs
@@ -53,7 +67,8 @@ def export_checkpoint(checkpoint: Path, out: Path, opts: ExportOptions | None = 
     output_names = [OUTPUT_NAME]
     ood_thr = None
     if ck.ood:  # the OOD score travels inside the graph as a second output
-        from cadbcnn_train.ood import OUTPUT_NAME as OOD_OUTPUT, WithOOD, head_from
+        from cadbcnn_train.ood import OUTPUT_NAME as OOD_OUTPUT
+        from cadbcnn_train.ood import WithOOD, head_from
 
         model = WithOOD(model, head_from(ck.ood)).eval()
         output_names.append(OOD_OUTPUT)
@@ -152,10 +167,15 @@ def export_checkpoint(checkpoint: Path, out: Path, opts: ExportOptions | None = 
             onnx.save_model(proto32, str(src))
             to_int8(src, q, calib.x, method=opts.calibration_method)
             p8 = onnx.load(str(q))
+        p8, ood8 = refit_variant_ood(art, p8, calib, eval_set, base_real, ood_thr,
+                                     lambda x: ort_outputs(ort_session(proto32.SerializeToString()), x)[1], opts,
+                                     len(ck.class_names), log)
         s8 = ort_session(p8.SerializeToString())
-        _check_variant(art, s8, random_cases, base_random, eval_set, base_real, ck, fmt, ood_thr)
+        _check_variant(art, s8, random_cases, base_random, eval_set, base_real, ck, fmt, ood_thr,
+                       ood8 and ood8["threshold"])
         p8, with_ood = _ood_output_gate(art, p8, fmt, ood_thr, opts, log)
-        set_spec(p8, build_spec(ck, "int8", with_ood=with_ood))
+        spec8 = build_spec(ck, "int8", with_ood=with_ood)
+        set_spec(p8, spec8.replace(ood={**dict(spec8.ood), **ood8}) if spec8.ood and ood8 else spec8)
         gate_accuracy_drop(art, fmt, eval_set)
         failures += _finish(art, p8, opts, log)
         report["artifacts"].append(art)

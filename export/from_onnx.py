@@ -6,12 +6,14 @@ reference is ONNX Runtime FP32 on the source file itself (the checkpoint is not 
 1. the source is loaded and verified as the runtime loads it (spec, content hash); it must be an FP32 model;
 2. FP16-stored weights are turned back into FP32 initializers (lossless) so the quantiser sees constants;
 3. static INT8 (QDQ, U8S8, per-channel) calibrated on ``--calibration-data`` — the layers the OOD score reads
-   and the attention products stay in float, exactly as ``cadbcnn-export`` does from a checkpoint;
+   and the attention products stay in float, exactly as ``cadbcnn-export`` does from a checkpoint; the OOD
+   statistics are then refitted on the INT8 model's own features (``gates.refit_variant_ood``);
 4. the INT8 format's gates against the source (thresholds in ``formats.FORMATS["int8"]``): top-1 agreement on
    the ``--parity-data`` images, and with labelled images (class sub-folders named as in the spec's
    ``training.class_folders``) ≤ 0.3 points accuracy loss overall and ≤ 1 point per class; the OOD output is
    kept only if its flag agrees with FP32's on ≥ 97 % of the images, otherwise left out (and said);
-5. the file gets the source's spec with ``variant: int8`` (calibration, thresholds and classes unchanged),
+5. the file gets the source's spec with ``variant: int8`` (calibration, review threshold and classes unchanged;
+   the ``ood`` entry carries the INT8 statistics' threshold and how they were fitted),
    stamped, written only after every gate passed (exit 3 and nothing written otherwise).
 """
 
@@ -34,8 +36,16 @@ from cadbcnn_runtime.spec import ModelSpec
 from cadbcnn_runtime.variants import variant_key
 
 from .formats import FORMATS
-from .gates import (Artifact, ExportOptions, _check_variant, _finish, _ood_output_gate, conclude,
-                    gate_accuracy_drop)
+from .gates import (
+    Artifact,
+    ExportOptions,
+    _check_variant,
+    _finish,
+    _ood_output_gate,
+    conclude,
+    gate_accuracy_drop,
+    refit_variant_ood,
+)
 from .graph import set_spec, to_int8, unfold_fp16_weights
 from .images import load_image_set
 from .parity import ort_outputs, ort_session
@@ -76,19 +86,23 @@ def int8_from_onnx(source: Path, out: Path, opts: ExportOptions, log=print) -> d
         onnx.save_model(proto32, str(src))
         to_int8(src, q, calib.x, method=opts.calibration_method)
         p8 = onnx.load(str(q))
-    s32, s8 = ort_session(proto32.SerializeToString()), ort_session(p8.SerializeToString())
+    s32 = ort_session(proto32.SerializeToString())
     rng = np.random.default_rng(opts.seed)
     random_cases = {f"random_b{b}": rng.integers(0, 256, (b, 3, *spec.image_size), dtype=np.uint8) for b in (1, 8)}
     base_random = {k: ort_outputs(s32, v) for k, v in random_cases.items()}
     eval_set = load_image_set(opts.parity_data, spec, class_folders, limit=opts.parity_limit, seed=opts.seed) \
         if opts.parity_data else None
     base_real = ort_outputs(s32, eval_set.x) if eval_set is not None else None
+    p8, ood8 = refit_variant_ood(art, p8, calib, eval_set, base_real, ood_thr, lambda x: ort_outputs(s32, x)[1],
+                                 opts, len(spec.class_names), log)
+    s8 = ort_session(p8.SerializeToString())
     _check_variant(art, s8, random_cases, base_random, eval_set, base_real,
-                   SimpleNamespace(class_names=spec.class_names), fmt, ood_thr)
+                   SimpleNamespace(class_names=spec.class_names), fmt, ood_thr, ood8 and ood8["threshold"])
     p8, with_ood = _ood_output_gate(art, p8, fmt, ood_thr, opts, log)
     gate_accuracy_drop(art, fmt, eval_set)
     software = {**dict(spec.software), "onnx": onnx.__version__, "onnxruntime": ort.__version__,
                 "int8_from_onnx": source.name}
-    set_spec(p8, spec.replace(variant="int8", ood=spec.ood if with_ood else None, software=software))
+    ood = {**dict(spec.ood), **ood8} if with_ood and ood8 else None
+    set_spec(p8, spec.replace(variant="int8", ood=ood, software=software))
     failures = _finish(art, p8, opts, log)
     return conclude(report, [art], failures, t0)

@@ -9,8 +9,9 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 import onnx
 
 from cadbcnn_runtime._onnxmeta import file_sha256
@@ -156,19 +157,50 @@ def _ood_output_gate(art: Artifact, proto: onnx.ModelProto, fmt: Format, ood_thr
 
 
 def _check_variant(art: Artifact, session, random_cases, base_random, eval_set, base_real, ck, fmt: Format,
-                   ood_thr: float | None = None):
+                   ood_thr: float | None = None, got_ood_thr: float | None = None):
     """Compare a derived variant with the ORT FP32 model (random inputs reported, real images gated)."""
     for name, x in random_cases.items():
-        art.parity[name] = compare(base_random[name], ort_outputs(session, x), ood_threshold=ood_thr)
+        art.parity[name] = compare(base_random[name], ort_outputs(session, x), ood_threshold=ood_thr,
+                                   got_ood_threshold=got_ood_thr)
     if eval_set is not None:
         case = compare(base_real, ort_outputs(session, eval_set.x),
-                       eval_set.labels if eval_set.labelled else None, ck.class_names, ood_thr)
+                       eval_set.labels if eval_set.labelled else None, ck.class_names, ood_thr, got_ood_thr)
         art.parity["images"] = case
         _gate_top1(art, case, fmt.min_top1_agreement, "images vs fp32")
     else:
         art.parity["note"] = "no --parity-data: top-1 agreement gated on random inputs only"
         case = art.parity["random_b8"]
         _gate_top1(art, case, 0.0, "random_b8 vs fp32 (informational)")
+
+
+def refit_variant_ood(art: Artifact, proto: onnx.ModelProto, calib, eval_set, base_real, ood_thr: float | None,
+                      reference: Callable[[np.ndarray], np.ndarray], opts: ExportOptions, num_classes: int, log
+                      ) -> tuple[onnx.ModelProto, dict[str, Any] | None]:
+    """INT8: fit the OOD statistics on the quantised model's own features of its calibration images (FP32's
+    statistics misjudge them: every image looks foreign), with a threshold that flags as many held-out images as
+    FP32 does — the parity images, or a held-out quarter of the calibration images when there are none.
+    REFERENCE(x) gives FP32's OOD scores. The refit's own parity (logits untouched, the graph's score equal to
+    the numpy reference) is a gate. Returns (the refitted graph, the ``ood`` fields of its spec) or, without an
+    OOD output, (PROTO, None)."""
+    if ood_thr is None:
+        return proto, None
+    from .ood_refit import HOLDOUT, refit_variant, split_holdout
+
+    fit = calib
+    if eval_set is not None:
+        held_x, ref_scores = eval_set.x, base_real[1]
+    else:
+        fit_idx, held_idx = split_holdout(len(calib.x), HOLDOUT, opts.seed)
+        fit, held_x = calib.subset(fit_idx), calib.x[held_idx]
+        ref_scores = reference(held_x)
+    proto, entry, check = refit_variant(proto, fit, held_x, ref_scores > ood_thr, num_classes=num_classes)
+    art.parity["ood_refit"] = {**check, "threshold": entry["threshold"], "fitted_on": entry["fitted_on"],
+                               "threshold_rule": entry["threshold_rule"]}
+    art.gates.append(Gate("OOD refit: logits untouched, score matches its statistics (max rel diff)",
+                          check["passed"], check["ood_max_rel_diff"], check["ood_tolerance"], "<="))
+    log(f"{art.variant}: OOD statistics refitted on its own features ({entry['fitted_on']}); threshold "
+        f"{entry['threshold']:.4g} ({entry['threshold_rule']})")
+    return proto, entry
 
 
 def _finish(art: Artifact, proto: onnx.ModelProto, opts: ExportOptions, log) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -25,14 +25,18 @@ class ImageSet:
     labels: np.ndarray
     paths: list[str]
 
+    def subset(self, idx: np.ndarray) -> "ImageSet":
+        return ImageSet(self.x[idx], self.labels[idx], [self.paths[i] for i in idx])
+
     @property
     def labelled(self) -> bool:
         return len(self.labels) > 0 and bool((self.labels >= 0).all())
 
 
-def load_image_set(folder: Path, spec: ModelSpec, class_folders: Sequence[str], *, limit: int | None = None,
-                   seed: int = 0) -> ImageSet:
-    """Images from DIR (recursively). Sub-folders named like the model's class folders give labels."""
+def load_image_set(folder: Path, spec: ModelSpec, class_folders: Sequence[str] | Mapping[str, int], *,
+                   limit: int | None = None, seed: int = 0) -> ImageSet:
+    """Images from DIR (recursively). Sub-folders named like the model's class folders (or mapped to a class index
+    by CLASS_FOLDERS) give labels; images elsewhere get −1."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DatasetError(f"{folder}: image folder not found")
@@ -42,7 +46,7 @@ def load_image_set(folder: Path, spec: ModelSpec, class_folders: Sequence[str], 
     if limit is not None and len(files) > limit:
         rng = np.random.default_rng(seed)
         files = sorted(files[i] for i in rng.choice(len(files), limit, replace=False))
-    index = {name: i for i, name in enumerate(class_folders)}
+    index = dict(class_folders) if isinstance(class_folders, Mapping) else {n: i for i, n in enumerate(class_folders)}
     xs, labels, paths = [], [], []
     for f in files:
         try:

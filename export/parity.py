@@ -52,8 +52,9 @@ def ort_outputs(session: ort.InferenceSession, x: np.ndarray, batch: int = 32):
 
 
 def compare(ref, got, labels: np.ndarray | None = None, class_names: Sequence[str] = (),
-            ood_threshold: float | None = None) -> dict[str, Any]:
-    """Compare (logits, ood) pairs; plain logits arrays are accepted too."""
+            ood_threshold: float | None = None, got_ood_threshold: float | None = None) -> dict[str, Any]:
+    """Compare (logits, ood) pairs; plain logits arrays are accepted too. GOT's OOD flag uses GOT_OOD_THRESHOLD
+    when it has statistics of its own (a refitted INT8 variant), else OOD_THRESHOLD."""
     ref, ref_ood = ref if isinstance(ref, tuple) else (ref, None)
     got, got_ood = got if isinstance(got, tuple) else (got, None)
     d = np.abs(ref.astype(np.float64) - got.astype(np.float64))
@@ -68,8 +69,10 @@ def compare(ref, got, labels: np.ndarray | None = None, class_names: Sequence[st
         rel = np.abs(ref_ood.astype(np.float64) - got_ood) / np.maximum(1.0, np.abs(ref_ood))
         r["ood_max_rel_diff"] = float(rel.max())
         if ood_threshold is not None:
-            r["ood_flag_agreement"] = float(((ref_ood > ood_threshold) == (got_ood > ood_threshold)).mean())
-            r["ood_flagged"] = float((got_ood > ood_threshold).mean())
+            got_thr = ood_threshold if got_ood_threshold is None else got_ood_threshold
+            r["ood_flag_agreement"] = float(((ref_ood > ood_threshold) == (got_ood > got_thr)).mean())
+            r["ood_flagged_ref"] = float((ref_ood > ood_threshold).mean())
+            r["ood_flagged"] = float((got_ood > got_thr).mean())
     if labels is not None and len(labels) and (labels >= 0).all():
         r["accuracy_ref"] = float((ref.argmax(1) == labels).mean())
         r["accuracy"] = float((got.argmax(1) == labels).mean())

@@ -1,6 +1,7 @@
 """Out-of-distribution score: fitted at the end of training, carried in the ONNX graph, applied by the runtime."""
 
 import csv
+import json
 
 import cv2
 import numpy as np
@@ -268,3 +269,95 @@ def test_int8_leaves_the_feature_vector_unquantized(trained, tmp_path):
     producer = next(n for n in p8.graph.node if feature in n.output)
     assert producer.op_type != "DequantizeLinear"
     assert not any(n.op_type == "QuantizeLinear" and feature in n.input for n in p8.graph.node)
+
+
+# -- refitting the OOD statistics of an exported model, torch-free (#14 item 2, #13 item 3) -------------------
+def test_numpy_statistics_are_the_training_statistics_and_ledoit_wolf_matches_sklearn():
+    from sklearn.covariance import ledoit_wolf
+
+    from cadbcnn_runtime import oodstats
+
+    rng = np.random.default_rng(1)
+    f = rng.normal(size=(300, 8)) @ rng.normal(size=(8, 8))
+    y = rng.integers(0, 3, 300)
+    w, mw = fit_statistics(torch.tensor(f, dtype=torch.float32), torch.tensor(y), 3)
+    st = oodstats.fit_statistics(f.astype(np.float32), y, 3)
+    np.testing.assert_allclose(w.numpy(), st.whitening, rtol=1e-5, atol=1e-6)
+    centered = f - np.stack([f[y == k].mean(0) for k in range(3)])[y]
+    assert oodstats.ledoit_wolf(centered) == pytest.approx(ledoit_wolf(centered, assume_centered=True)[1], rel=1e-6)
+    assert oodstats.fit_statistics(f, y, 3, shrinkage="auto").shrinkage >= oodstats.SHRINKAGE
+    scores = np.arange(100.0)
+    assert oodstats.threshold_for(scores, 0.02) == 98.0 and (scores > 98.0).mean() == 0.01
+
+
+def test_refit_ood_writes_a_locally_adapted_model_that_passes_parity(trained, tmp_path):
+    import onnx
+
+    from cadbcnn_export.cli import main as export_main
+    from cadbcnn_export.ood_refit import locate, stored_statistics
+
+    data, d, foreign = trained
+    src = d / "m.onnx"
+    out = tmp_path / "local.onnx"
+    with pytest.raises(SystemExit) as e:
+        export_main(["refit-ood", str(src), "--data", str(data), "-o", str(out), "--flag-rate", "0.05",
+                     "--report", str(tmp_path / "r.json")])
+    assert e.value.code == 0
+    before, after = ModelSpec.from_onnx(src), ModelSpec.from_onnx(out)
+    step = after.adaptation[-1]
+    assert step["step"] == "refit-ood" and step["images_fit"] + step["images_threshold"] == 120
+    assert step["source_sha256"] and step["labels"] == "class folders"
+    assert after.ood["threshold"] != before.ood["threshold"] and after.ood["flag_rate"] == 0.05
+    assert after.class_names == before.class_names and after.calibration == before.calibration
+    p0, p1 = onnx.load(str(src)), onnx.load(str(out))
+    assert locate(p1).feature == after.ood["feature_tensor"]
+    assert not np.allclose(stored_statistics(p0)[0], stored_statistics(p1)[0])
+    assert [n.op_type for n in p0.graph.node] == [n.op_type for n in p1.graph.node]  # graph untouched
+    a, b = Classifier.from_file(src, device="cpu"), Classifier.from_file(out, device="cpu")
+    x = np.random.default_rng(0).integers(0, 256, (6, 3, 32, 32), dtype=np.uint8)
+    np.testing.assert_array_equal(a.run(x), b.run(x))
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["parity"]["passed"] and rep["parity"]["logits_identical"]
+    # foreign inputs stay flagged after the refit
+    assert np.mean([b.predict(p).out_of_distribution for p in sorted(foreign.iterdir())]) >= 0.9
+
+
+def test_refit_ood_refuses_bad_input_before_writing(trained, tmp_path):
+    from typer.testing import CliRunner
+
+    from cadbcnn_export.refit_cli import app as refit_app
+
+    data, d, _ = trained
+    out = tmp_path / "x.onnx"
+    for args, message in ((["--class-map", "healthy"], "LOCAL_FOLDER=CLASS"),
+                          (["--class-map", "healthy=Normal"], "not one of the model's classes"),
+                          (["--flag-rate", "0.9"], "--flag-rate"),
+                          (["--limit", "20"], "need at least")):
+        r = CliRunner().invoke(refit_app, [str(d / "m.onnx"), "--data", str(data), "-o", str(out), *args])
+        assert r.exit_code == 2 and message in r.output, (args, r.output)
+        assert not out.exists()
+    r = CliRunner().invoke(refit_app, [str(d / "m.onnx"), "--data", str(data), "-o", str(d / "m.onnx")])
+    assert r.exit_code == 2 and "overwrite the source" in r.output
+
+
+def test_int8_refits_its_ood_statistics_on_its_own_features(trained, tmp_path):
+    """The INT8 file keeps an OOD output fitted on the quantised model's features; its threshold reproduces the
+    FP32 flag rate on the parity images; the spec says how it was fitted; the refit's parity is a gate."""
+    from cadbcnn_export.exporter import ExportOptions
+
+    data, d, foreign = trained
+    rep = export_checkpoint(d / "run" / "best.pt", tmp_path / "m.onnx",
+                            ExportOptions(int8=True, calibration_data=data, parity_data=data, no_gate=True),
+                            log=lambda *a: None)
+    art = next(a for a in rep["artifacts"] if a["variant"] == "int8")
+    refit = art["parity"]["ood_refit"]
+    assert refit["passed"] and refit["logits_identical"]
+    assert any(g["name"].startswith("OOD refit") and g["passed"] for g in art["gates"])
+    images = art["parity"]["images"]
+    assert images["ood_flagged"] == pytest.approx(images["ood_flagged_ref"], abs=1 / images["n"])
+    s8, s32 = ModelSpec.from_onnx(tmp_path / "m.int8.onnx"), ModelSpec.from_onnx(tmp_path / "m.onnx")
+    assert s8.ood is not None and s8.ood["threshold"] != s32.ood["threshold"]
+    assert "own features" in s8.ood["fitted_on"] and "FP32" in s8.ood["threshold_rule"]
+    c8 = Classifier.from_file(tmp_path / "m.int8.onnx", device="cpu")
+    assert c8.ood_threshold == s8.ood["threshold"]
+    assert np.mean([c8.predict(p).out_of_distribution for p in sorted(foreign.iterdir())]) >= 0.9

@@ -1,0 +1,318 @@
+"""Refit an exported model's OOD statistics on other images — torch-free (onnx + onnxruntime + numpy).
+
+The OOD head in the graph (``cadbcnn_train.ood.OODHead``) reads one intermediate tensor, the fused pooled
+feature vector, and two constants: the whitening matrix Σ^-1/2 and the whitened class means. This module
+
+- finds those three in any exported file, FP32, FP16-stored or INT8 (``locate``); the feature tensor's name
+  is recorded in the spec (``ood.feature_tensor``) and ``with_feature_output`` exposes it as an extra output,
+  so any ONNX Runtime session can read the features;
+- fits new statistics on the model's own features of a set of images (``cadbcnn_runtime.oodstats``), writes
+  them into the constants (same dtype as stored; the graph is otherwise untouched), and picks the threshold
+  on held-out images by the flag-rate rule (``refit``);
+- checks the result: logits identical to the source's, and the graph's OOD output equal to the numpy
+  reference computed from the stored statistics (``parity``).
+
+``refit_model`` is ``cadbcnn-export refit-ood`` (a lab adapts the flag to its own microscope); the INT8
+export uses ``refit`` to fit the statistics on the quantised model's own features.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from cadbcnn_runtime import oodstats
+from cadbcnn_runtime._onnxmeta import file_sha256, metadata_of, read_model_bytes
+from cadbcnn_runtime.errors import (
+    ArgumentError,
+    CadbcnnError,
+    DatasetError,
+    ExportError,
+)
+from cadbcnn_runtime.spec import INPUT_NAME, OOD_OUTPUT_NAME, ModelSpec
+
+from .images import ImageSet, load_image_set
+from .parity import ort_session
+
+HOLDOUT = 0.25            # share of the local images kept out of the fit to set the threshold
+OOD_PARITY_TOL = 1e-4     # max relative |graph OOD score − numpy reference|
+
+
+@dataclass(frozen=True)
+class OODGraph:
+    """Where the OOD head lives in a graph: the feature tensor it reads and its two constants (initializers,
+    possibly FP16-stored behind a Cast)."""
+
+    feature: str
+    whitening: str
+    means: str
+
+
+def _producers(proto: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {o: n for n in proto.graph.node for o in n.output}
+
+
+def _const_source(proto: onnx.ModelProto, tensor: str) -> str | None:
+    """The initializer holding TENSOR's value: TENSOR itself or the input of the Cast that produces it."""
+    inits = {i.name for i in proto.graph.initializer}
+    if tensor in inits:
+        return tensor
+    node = _producers(proto).get(tensor)
+    if node is not None and node.op_type == "Cast" and node.input[0] in inits:
+        return node.input[0]
+    return None
+
+
+def locate(proto: onnx.ModelProto) -> OODGraph:
+    """The OOD head of PROTO: its first MatMul reads (features, Σ^-1/2); a Sub then takes the whitened class means."""
+    g = proto.graph
+    if OOD_OUTPUT_NAME not in {o.name for o in g.output}:
+        raise ArgumentError(f"the model has no {OOD_OUTPUT_NAME!r} output: it was exported without an OOD head "
+                            "(fit one with `cadbcnn-train fit-ood` and export again)")
+    for n in g.node:
+        if n.op_type != "MatMul":
+            continue
+        srcs = [_const_source(proto, i) for i in n.input]
+        if srcs[1] is not None and srcs[1].startswith("ood.whitening") and srcs[0] is None:
+            feature, whitening = n.input[0], srcs[1]
+            frontier, seen = {n.output[0]}, set()
+            while frontier:
+                nxt = set()
+                for m in g.node:
+                    if m.name in seen or not frontier.intersection(m.input):
+                        continue
+                    seen.add(m.name)
+                    if m.op_type == "Sub":
+                        other = next(i for i in m.input if i not in frontier)
+                        means = _const_source(proto, other)
+                        if means is None:
+                            break
+                        return OODGraph(feature, whitening, means)
+                    nxt.update(m.output)
+                frontier = nxt
+    raise ExportError("could not find the OOD head (MatMul with ood.whitening, then Sub with the class means) in "
+                      "the graph; was it exported by cadbcnn-export?")
+
+
+def _init(proto: onnx.ModelProto, name: str) -> onnx.TensorProto:
+    return next(i for i in proto.graph.initializer if i.name == name)
+
+
+def stored_statistics(proto: onnx.ModelProto, where: OODGraph | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(whitening (D, D), whitened means (K, D)) as stored in the graph, in float64."""
+    where = where or locate(proto)
+    w = numpy_helper.to_array(_init(proto, where.whitening)).astype(np.float64)
+    m = numpy_helper.to_array(_init(proto, where.means)).astype(np.float64)
+    return w, m.reshape(-1, w.shape[0])
+
+
+def with_feature_output(proto: onnx.ModelProto, where: OODGraph | None = None) -> onnx.ModelProto:
+    """A copy of PROTO with the OOD head's feature tensor as an extra (last) output."""
+    where = where or locate(proto)
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    out.graph.output.append(helper.make_tensor_value_info(where.feature, TensorProto.FLOAT, None))
+    return out
+
+
+def run_with_features(proto: onnx.ModelProto, x: np.ndarray, *, batch: int = 32, threads: int | None = None
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(logits, ood_score, features) of the preprocessed images X through PROTO (the runtime's session options)."""
+    where = locate(proto)
+    session = ort_session(with_feature_output(proto, where).SerializeToString(), threads=threads)
+    names = [session.get_outputs()[0].name, OOD_OUTPUT_NAME, where.feature]
+    outs = [session.run(names, {INPUT_NAME: x[i:i + batch]}) for i in range(0, len(x), batch)]
+    return tuple(np.concatenate([o[k] for o in outs]) for k in range(3))  # type: ignore[return-value]
+
+
+def install(proto: onnx.ModelProto, stats: oodstats.OODStatistics, where: OODGraph | None = None) -> onnx.ModelProto:
+    """Write STATS into PROTO's OOD constants (in place, each in its stored dtype and layout)."""
+    where = where or locate(proto)
+    for name, value in ((where.whitening, stats.whitening), (where.means, stats.means_w)):
+        init = _init(proto, name)
+        old = numpy_helper.to_array(init)
+        shape = old.shape if value.size == old.size else (*old.shape[:-2], *value.shape)
+        init.CopyFrom(numpy_helper.from_array(value.reshape(shape).astype(old.dtype), name))
+    # A different number of class means changes the head's intermediate shapes: let ORT infer them again.
+    head = set()
+    for n in proto.graph.node:
+        if head.intersection(n.input) or where.whitening in n.input or n.output[0] == where.whitening:
+            head.update(n.output)
+    kept = [v for v in proto.graph.value_info if v.name not in head]
+    del proto.graph.value_info[:]
+    proto.graph.value_info.extend(kept)
+    return proto
+
+
+def parity(source_logits: np.ndarray, logits: np.ndarray, ood: np.ndarray, features: np.ndarray,
+           proto: onnx.ModelProto) -> dict[str, Any]:
+    """The refit's parity: identical logits, and the graph's OOD output vs the numpy score of the stored statistics."""
+    w, m = stored_statistics(proto)
+    ref = oodstats.OODStatistics(w, m, tuple(range(len(m))), 0.0).scores(features)
+    rel = np.abs(ood.astype(np.float64) - ref) / np.maximum(1.0, np.abs(ref))
+    return {"n": int(len(ood)), "logits_identical": bool(np.array_equal(source_logits, logits)),
+            "ood_max_rel_diff": float(rel.max()), "ood_tolerance": OOD_PARITY_TOL,
+            "passed": bool(np.array_equal(source_logits, logits) and rel.max() <= OOD_PARITY_TOL)}
+
+
+def split_holdout(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (fit, held out) of N images: a seeded random HOLDOUT share is kept out of the fit."""
+    order = np.random.default_rng(seed).permutation(n)
+    k = int(round(n * holdout))
+    return np.sort(order[k:]), np.sort(order[:k])
+
+
+def _fit_and_install(proto: onnx.ModelProto, fit: ImageSet, *, num_classes: int, shrinkage: float | str,
+                     threads: int | None) -> tuple[onnx.ModelProto, oodstats.OODStatistics, OODGraph, str]:
+    """A copy of PROTO with OOD statistics fitted on its own features of FIT: class labels where the images have
+    them, the model's own predictions elsewhere. Returns (copy, statistics, head, how the labels were chosen)."""
+    if len(fit.x) < 2 * num_classes:
+        raise DatasetError(f"{len(fit.x)} images are too few to fit class means and a covariance")
+    where = locate(proto)
+    logits, _, feats = run_with_features(proto, fit.x, threads=threads)
+    known = fit.labels >= 0 if len(fit.labels) else np.zeros(len(fit.x), bool)
+    labels = np.where(known, fit.labels if len(fit.labels) else -1, logits.argmax(1))
+    stats = oodstats.fit_statistics(feats, labels, num_classes, shrinkage=shrinkage)
+    new = onnx.ModelProto()
+    new.CopyFrom(proto)
+    install(new, stats, where)
+    n = int(known.sum())
+    how = ("class folders" if n == len(fit.x) else "the model's own predictions" if n == 0 else
+           f"class folders ({n}) and the model's own predictions ({len(fit.x) - n})")
+    return new, stats, where, how
+
+
+def _entry(threshold: float, stats: oodstats.OODStatistics, where: OODGraph, how: str, flagged: float
+           ) -> dict[str, Any]:
+    return {"threshold": threshold, "method": oodstats.METHOD, "feature_tensor": where.feature,
+            "shrinkage": stats.shrinkage, "classes_fitted": [int(k) for k in stats.classes], "labels": how,
+            "val_flagged": flagged}
+
+
+def refit(proto: onnx.ModelProto, fit: ImageSet, held: ImageSet, *, num_classes: int,
+          flag_rate: float = oodstats.FLAG_RATE, shrinkage: float | str = "auto",
+          threads: int | None = None) -> tuple[onnx.ModelProto, dict[str, Any], dict[str, Any]]:
+    """New OOD statistics for PROTO fitted on its own features of FIT and a threshold flagging FLAG_RATE of HELD
+    (held-out images of the same kind). Returns (a refitted copy, the spec's new ``ood`` fields, the parity
+    check on HELD)."""
+    min_held = int(np.ceil(1 / flag_rate))
+    if len(held.x) < min_held:
+        raise DatasetError(f"{len(held.x)} held-out images cannot set a threshold that flags {100 * flag_rate:g} % "
+                           f"of them: need at least {min_held} (give more images or a larger --flag-rate)")
+    new, stats, where, how = _fit_and_install(proto, fit, num_classes=num_classes, shrinkage=shrinkage,
+                                              threads=threads)
+    src_logits = run_with_features(proto, held.x, threads=threads)[0]
+    logits, scores, feats = run_with_features(new, held.x, threads=threads)
+    threshold = oodstats.threshold_for(scores, flag_rate)
+    entry = {**_entry(threshold, stats, where, how, float((scores > threshold).mean())), "flag_rate": flag_rate}
+    return new, entry, parity(src_logits, logits, scores, feats, new)
+
+
+def refit_variant(proto: onnx.ModelProto, fit: ImageSet, held_x: np.ndarray, reference_flags: np.ndarray, *,
+                  num_classes: int, threads: int | None = None
+                  ) -> tuple[onnx.ModelProto, dict[str, Any], dict[str, Any]]:
+    """A derived variant (INT8) with OOD statistics fitted on its own features of FIT (its calibration images),
+    and a threshold that flags as many of HELD_X as the FP32 model does (REFERENCE_FLAGS): the variant's
+    features differ from FP32's, so FP32's statistics would misjudge them. Returns (copy, ood fields, parity)."""
+    new, stats, where, how = _fit_and_install(proto, fit, num_classes=num_classes, shrinkage="auto",
+                                              threads=threads)
+    src_logits = run_with_features(proto, held_x, threads=threads)[0]
+    logits, scores, feats = run_with_features(new, held_x, threads=threads)
+    k = int(np.sum(reference_flags))
+    rate = k / len(held_x)
+    threshold = oodstats.threshold_flagging(scores, min(k, len(scores) - 1))
+    entry = {**_entry(threshold, stats, where, how, float((scores > threshold).mean())),
+             "fitted_on": f"the variant's own features of its {len(fit.x)} calibration images ({how})",
+             "threshold_rule": f"flags as many of {len(held_x)} held-out images as the FP32 model "
+                               f"({100 * rate:.2f} %)"}
+    return new, entry, parity(src_logits, logits, scores, feats, new)
+
+
+def class_index(spec: ModelSpec, class_map: Mapping[str, str] | None) -> dict[str, int]:
+    """Local folder name → class index: the spec's class folders and class names, plus CLASS_MAP (folder → class)."""
+    folders = (spec.training or {}).get("class_folders") or spec.class_names
+    index = {name: k for k, name in enumerate(folders)}
+    index.update({name: k for k, name in enumerate(spec.class_names)})
+    for local, ours in (class_map or {}).items():
+        if ours not in index:
+            raise ArgumentError(f"--class-map {local}={ours}: {ours!r} is not one of the model's classes "
+                                f"({', '.join(spec.class_names)})")
+        index[local] = index[ours]
+    return index
+
+
+def refit_model(source: Path, out: Path, data: Path, *, class_map: Mapping[str, str] | None = None,
+                flag_rate: float = oodstats.FLAG_RATE, holdout: float = HOLDOUT, shrinkage: float | str = "auto",
+                limit: int | None = None, seed: int = 0, threads: int | None = None,
+                log: Callable[[str], None] = print) -> dict[str, Any]:
+    """``cadbcnn-export refit-ood``: SOURCE's OOD statistics refitted on the in-distribution images in DATA
+    (class sub-folders optional), written to OUT with the spec's ``ood`` entry and ``adaptation`` provenance
+    updated; the graph is otherwise unchanged. Written only after the parity check passed. Returns the report."""
+    from cadbcnn_runtime.classifier import Classifier
+
+    source, out, data = Path(source), Path(out), Path(data)
+    if out.suffix != ".onnx":
+        raise ArgumentError(f"{out}: the output file must end in .onnx")
+    if out.resolve() == source.resolve():
+        raise ArgumentError(f"{out}: would overwrite the source model; choose another -o")
+    if not 0 < flag_rate < 0.5 or not 0 < holdout < 1:
+        raise ArgumentError("--flag-rate must be in (0, 0.5) and --holdout in (0, 1)")
+    if not data.is_dir():
+        raise ArgumentError(f"--data {data}: folder not found")
+    try:
+        with Classifier.from_file(source, device="cpu", precision="fp32"):  # the runtime's own checks
+            pass
+    except CadbcnnError as exc:
+        raise ArgumentError(f"{source}: {exc}") from None
+    raw = read_model_bytes(source)
+    spec = ModelSpec.from_metadata(metadata_of(raw, source), source=str(source))
+    if spec.ood is None:
+        raise ArgumentError(f"{source}: the model has no OOD output to refit")
+    index = class_index(spec, class_map)
+    images = load_image_set(data, spec, index, limit=limit, seed=seed)
+    fit_idx, held_idx = split_holdout(len(images.x), holdout, seed)
+    fit, held = images.subset(fit_idx), images.subset(held_idx)
+    log(f"{source.name}: refitting the OOD statistics on {len(fit.x)} images of {data}, threshold on "
+        f"{len(held.x)} held out …")
+    proto = onnx.load_from_string(raw)
+    new, entry, check = refit(proto, fit, held, num_classes=len(spec.class_names), flag_rate=flag_rate,
+                              shrinkage=shrinkage, threads=threads)
+    old_thr = float(spec.ood["threshold"])
+    src_scores = run_with_features(proto, held.x, threads=threads)[1]
+    when = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+    ood = {**dict(spec.ood), **entry,
+           "fitted_on": f"{len(fit.x)} local images from {data.name} ({entry['labels']})",
+           "threshold_rule": oodstats.threshold_rule(flag_rate, len(held.x), f"held-out local images from {data.name}")}
+    step = {"step": "refit-ood", "date": when, "data": str(data), "images_fit": len(fit.x),
+            "images_threshold": len(held.x), "labels": entry["labels"], "source": source.name,
+            "source_sha256": file_sha256(source), "source_threshold": old_thr,
+            "source_flagged_held_out": float((src_scores > old_thr).mean()),
+            "flagged_held_out": entry["val_flagged"]}
+    new_spec = spec.replace(ood=ood, adaptation=(*spec.adaptation, step))
+    report = {"source": str(source), "output": str(out), "torch_free": True, "parity": check, "adaptation": step,
+              "ood": {k: ood[k] for k in ("threshold", "flag_rate", "shrinkage", "fitted_on", "threshold_rule")}}
+    if not check["passed"]:
+        raise ExportError(f"{out}: the refitted model failed its parity check (logits identical: "
+                          f"{check['logits_identical']}, OOD max rel diff {check['ood_max_rel_diff']:.2e} > "
+                          f"{OOD_PARITY_TOL:g}); nothing written", report=report)
+    from .gates import _atomic_write
+    from .graph import set_spec
+
+    _atomic_write(set_spec(new, new_spec), out)
+    with Classifier.from_file(out, device="cpu", precision="fp32") as clf:  # loads as users will
+        got = clf.run_all(held.x[:8])
+    if not np.array_equal(got[0], run_with_features(proto, held.x[:8], threads=threads)[0]):
+        out.unlink(missing_ok=True)
+        raise ExportError(f"{out}: the written model does not reproduce the source's logits; removed", report=report)
+    log(f"held-out local images flagged: {100 * step['source_flagged_held_out']:.1f} % with the source's statistics "
+        f"→ {100 * entry['val_flagged']:.1f} % refitted (threshold {old_thr:.4g} → {entry['threshold']:.4g}); "
+        f"parity: logits identical, OOD max rel diff {check['ood_max_rel_diff']:.1e} → {out}")
+    report["size_bytes"] = out.stat().st_size
+    return report
+

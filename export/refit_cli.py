@@ -1,0 +1,58 @@
+"""`cadbcnn-export refit-ood MODEL.onnx --data DIR -o LOCAL.onnx`: the OOD flag refitted on a lab's own images,
+torch-free (see ``ood_refit``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from cadbcnn_runtime import oodstats
+from cadbcnn_runtime.errors import CadbcnnError
+from cadbcnn_runtime.exits import exit_code_of
+from cadbcnn_runtime.validate import parse_class_map
+
+from .ood_refit import HOLDOUT
+
+app = typer.Typer(add_completion=False)
+
+
+@app.command()
+def refit_ood(
+    model: Path = typer.Argument(..., help="The exported model (FP32, e.g. models/cadbcnn.onnx)."),
+    data: Path = typer.Option(..., "--data", help="Your in-distribution images (searched recursively). Class "
+                              "sub-folders give class means; without them the model's own predictions are used."),
+    output: Path = typer.Option(..., "-o", "--output", help="The adapted model to write (LOCAL.onnx)."),
+    class_map: list[str] = typer.Option([], "--class-map", help="LOCAL=CLASS: a local folder name for one of "
+                                        "the model's classes, e.g. healthy=Benign (repeatable)."),
+    flag_rate: float = typer.Option(oodstats.FLAG_RATE, help="Share of your held-out images the new threshold "
+                                    "flags."),
+    holdout: float = typer.Option(HOLDOUT, help="Share of the images kept out of the fit to set the threshold."),
+    limit: Optional[int] = typer.Option(None, help="Use at most N images (a seeded random subset)."),
+    seed: int = typer.Option(0, help="Seed of the held-out split and of --limit."),
+    report: Optional[Path] = typer.Option(None, help="Write the refit report as JSON."),
+) -> None:
+    """Refit the out-of-distribution statistics and threshold of MODEL on your own images.
+
+    The graph is unchanged except the OOD constants; the spec records the new threshold and, under
+    `adaptation`, which images were used and when. The new file must reproduce the source's logits exactly
+    and its OOD output must match the fitted statistics, or nothing is written.
+
+    Exit codes: 0 written; 3 the parity check failed; 2 bad arguments, model or data.
+    """
+    from .ood_refit import refit_model
+
+    code = 0
+    try:
+        rep = refit_model(model, output, data, class_map=parse_class_map(class_map), flag_rate=flag_rate,
+                          holdout=holdout, limit=limit, seed=seed, log=typer.echo)
+    except CadbcnnError as exc:
+        rep = getattr(exc, "report", None)
+        typer.echo(f"error: {exc}", err=True)
+        code = exit_code_of(exc)
+    if report and rep is not None:
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(json.dumps(rep, indent=2, default=str) + "\n")
+    raise typer.Exit(code)
