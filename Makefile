@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_PIN)
-	$(BIN)/pip install -q -e ".[train,dev,distributed,napari,bioimageio,bench]"
+	$(BIN)/pip install -q -e ".[train,dev,distributed,napari,bioimageio,bench,report]"
 	touch $@
 
 # A second environment with the runtime's dependencies only — no torch at all.

@@ -57,7 +57,8 @@ def main_cmd(
     fp16_weights: bool = typer.Option(False, "--fp16-weights", help="Store the FP32 model's weights as FP16 "
                                       "(half the file size; compute stays FP32)."),
     calibration_data: Optional[Path] = typer.Option(None, help="Images for INT8 calibration (searched recursively)."),
-    calibration_size: int = typer.Option(256, help="How many calibration images to use."),
+    calibration_size: int = typer.Option(256, help="How many calibration images set the INT8 activation ranges "
+                                         "(its OOD statistics use all of --calibration-data, up to 4096)."),
     calibration_method: CalibrationMethod = typer.Option("minmax", help="INT8 activation-range calibration."),
     parity_data: Optional[Path] = typer.Option(None, help="Real images for the parity gates; class sub-folders "
                                                "(as in training) make it labelled and enable accuracy gates."),

@@ -24,7 +24,7 @@ from cadbcnn_runtime.reliability import softmax
 from cadbcnn_runtime.spec import OUTPUT_NAME, ModelSpec
 from cadbcnn_train.checkpoint import Checkpoint, load_checkpoint, weights_sha256
 
-from .formats import FORMATS
+from .formats import FORMATS, MAX_OOD_FIT_IMAGES
 from .gates import (
     Artifact,
     ExportOptions,
@@ -158,8 +158,9 @@ def export_checkpoint(checkpoint: Path, out: Path, opts: ExportOptions | None = 
     if opts.int8:
         fmt = FORMATS["int8"]
         art = Artifact("int8", variant_path(out, fmt))
-        calib = load_image_set(opts.calibration_data, spec, ck.class_folders, limit=opts.calibration_size,
-                               seed=opts.seed)
+        calib_all = load_image_set(opts.calibration_data, spec, ck.class_folders, limit=MAX_OOD_FIT_IMAGES,
+                                   seed=opts.seed)
+        calib = calib_all.sample(opts.calibration_size, opts.seed)
         art.parity["calibration_images"] = int(len(calib.x))
         with tempfile.TemporaryDirectory() as tmp:
             src = Path(tmp) / "fp32.onnx"
@@ -167,7 +168,7 @@ def export_checkpoint(checkpoint: Path, out: Path, opts: ExportOptions | None = 
             onnx.save_model(proto32, str(src))
             to_int8(src, q, calib.x, method=opts.calibration_method)
             p8 = onnx.load(str(q))
-        p8, ood8 = refit_variant_ood(art, p8, calib, eval_set, base_real, ood_thr,
+        p8, ood8 = refit_variant_ood(art, p8, calib_all, eval_set, base_real, ood_thr,
                                      lambda x: ort_outputs(ort_session(proto32.SerializeToString()), x)[1], opts,
                                      len(ck.class_names), log)
         s8 = ort_session(p8.SerializeToString())

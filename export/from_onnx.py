@@ -35,7 +35,7 @@ from cadbcnn_runtime.errors import ArgumentError, CadbcnnError
 from cadbcnn_runtime.spec import ModelSpec
 from cadbcnn_runtime.variants import variant_key
 
-from .formats import FORMATS
+from .formats import FORMATS, MAX_OOD_FIT_IMAGES
 from .gates import (
     Artifact,
     ExportOptions,
@@ -78,7 +78,8 @@ def int8_from_onnx(source: Path, out: Path, opts: ExportOptions, log=print) -> d
                               "software": {"onnx": onnx.__version__, "onnxruntime": ort.__version__}}
 
     proto32 = unfold_fp16_weights(onnx.load_from_string(data))
-    calib = load_image_set(opts.calibration_data, spec, class_folders, limit=opts.calibration_size, seed=opts.seed)
+    calib_all = load_image_set(opts.calibration_data, spec, class_folders, limit=MAX_OOD_FIT_IMAGES, seed=opts.seed)
+    calib = calib_all.sample(opts.calibration_size, opts.seed)
     art.parity["calibration_images"] = int(len(calib.x))
     log(f"{source.name}: INT8 calibration on {len(calib.x)} images ({opts.calibration_method}) …")
     with tempfile.TemporaryDirectory() as tmp:
@@ -93,7 +94,7 @@ def int8_from_onnx(source: Path, out: Path, opts: ExportOptions, log=print) -> d
     eval_set = load_image_set(opts.parity_data, spec, class_folders, limit=opts.parity_limit, seed=opts.seed) \
         if opts.parity_data else None
     base_real = ort_outputs(s32, eval_set.x) if eval_set is not None else None
-    p8, ood8 = refit_variant_ood(art, p8, calib, eval_set, base_real, ood_thr, lambda x: ort_outputs(s32, x)[1],
+    p8, ood8 = refit_variant_ood(art, p8, calib_all, eval_set, base_real, ood_thr, lambda x: ort_outputs(s32, x)[1],
                                  opts, len(spec.class_names), log)
     s8 = ort_session(p8.SerializeToString())
     _check_variant(art, s8, random_cases, base_random, eval_set, base_real,

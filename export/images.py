@@ -28,6 +28,12 @@ class ImageSet:
     def subset(self, idx: np.ndarray) -> "ImageSet":
         return ImageSet(self.x[idx], self.labels[idx], [self.paths[i] for i in idx])
 
+    def sample(self, limit: int | None, seed: int = 0) -> "ImageSet":
+        """At most LIMIT images, the seeded choice ``load_image_set(…, limit=LIMIT, seed=SEED)`` makes."""
+        if limit is None or len(self.x) <= limit:
+            return self
+        return self.subset(np.sort(np.random.default_rng(seed).choice(len(self.x), limit, replace=False)))
+
     @property
     def labelled(self) -> bool:
         return len(self.labels) > 0 and bool((self.labels >= 0).all())

@@ -228,7 +228,7 @@ def refit_variant(proto: onnx.ModelProto, fit: ImageSet, held_x: np.ndarray, ref
     rate = k / len(held_x)
     threshold = oodstats.threshold_flagging(scores, min(k, len(scores) - 1))
     entry = {**_entry(threshold, stats, where, how, float((scores > threshold).mean())),
-             "fitted_on": f"the variant's own features of its {len(fit.x)} calibration images ({how})",
+             "fitted_on": f"the variant's own features of {len(fit.x)} calibration images ({how})",
              "threshold_rule": f"flags as many of {len(held_x)} held-out images as the FP32 model "
                                f"({100 * rate:.2f} %)"}
     return new, entry, parity(src_logits, logits, scores, feats, new)
