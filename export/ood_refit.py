@@ -247,9 +247,37 @@ def class_index(spec: ModelSpec, class_map: Mapping[str, str] | None) -> dict[st
     return index
 
 
+def check_classifier_first(source: Path, images: ImageSet, spec: ModelSpec, *, force: bool, threads: int | None,
+                           log: Callable[[str], None]) -> float | None:
+    """With labelled local images: refuse (unless FORCE) to refit the flag of a model that misclassifies them.
+
+    A refitted flag stops flagging the site's images — including the ones the classifier gets wrong, which
+    then pass as confident, unreviewed calls. Measured on the simulated site (docs/SITE_ADAPTATION.md):
+    silent errors 6.1 % → 29.0 % after a refit on a model that was 65 % accurate there. The bar is the
+    validate rule's (``validate.RULES["min_accuracy"]``). Returns the accuracy (None when unlabelled)."""
+    from cadbcnn_runtime.validate import FINE_TUNE, RULES
+
+    if not images.labelled:
+        log("note: the images are unlabelled, so the classifier's accuracy here is unknown; a refitted flag stops "
+            "flagging these images whether or not they are classified right — validate on labelled images first")
+        return None
+    from onnx import load_from_string
+
+    logits = run_with_features(load_from_string(read_model_bytes(source)), images.x, threads=threads)[0]
+    acc = float((logits.argmax(1) == images.labels).mean())
+    if acc < RULES["min_accuracy"]:
+        msg = (f"{source.name} classifies only {100 * acc:.1f} % of these labelled images correctly (the bar is "
+               f"{100 * RULES['min_accuracy']:g} %): a refitted OOD flag would let its errors through as confident, "
+               f"unreviewed calls. {FINE_TUNE.capitalize()} (`cadbcnn-train fit --init {source}`), or pass --force")
+        if not force:
+            raise ExportError(msg, report={"source": str(source), "accuracy": acc, "refused": True})
+        log(f"WARNING (--force): {msg}")
+    return acc
+
+
 def refit_model(source: Path, out: Path, data: Path, *, class_map: Mapping[str, str] | None = None,
                 flag_rate: float = oodstats.FLAG_RATE, holdout: float = HOLDOUT, shrinkage: float | str = "auto",
-                limit: int | None = None, seed: int = 0, threads: int | None = None,
+                limit: int | None = None, seed: int = 0, threads: int | None = None, force: bool = False,
                 log: Callable[[str], None] = print) -> dict[str, Any]:
     """``cadbcnn-export refit-ood``: SOURCE's OOD statistics refitted on the in-distribution images in DATA
     (class sub-folders optional), written to OUT with the spec's ``ood`` entry and ``adaptation`` provenance
@@ -276,6 +304,7 @@ def refit_model(source: Path, out: Path, data: Path, *, class_map: Mapping[str, 
         raise ArgumentError(f"{source}: the model has no OOD output to refit")
     index = class_index(spec, class_map)
     images = load_image_set(data, spec, index, limit=limit, seed=seed)
+    check_classifier_first(source, images, spec, force=force, threads=threads, log=log)
     fit_idx, held_idx = split_holdout(len(images.x), holdout, seed)
     fit, held = images.subset(fit_idx), images.subset(held_idx)
     log(f"{source.name}: refitting the OOD statistics on {len(fit.x)} images of {data}, threshold on "

@@ -33,6 +33,8 @@ def refit_ood(
     limit: Optional[int] = typer.Option(None, help="Use at most N images (a seeded random subset)."),
     seed: int = typer.Option(0, help="Seed of the held-out split and of --limit."),
     report: Optional[Path] = typer.Option(None, help="Write the refit report as JSON."),
+    force: bool = typer.Option(False, "--force", help="Refit even though the model misclassifies the labelled "
+                               "images (the flag would then hide those errors)."),
 ) -> None:
     """Refit the out-of-distribution statistics and threshold of MODEL on your own images.
 
@@ -40,14 +42,19 @@ def refit_ood(
     `adaptation`, which images were used and when. The new file must reproduce the source's logits exactly
     and its OOD output must match the fitted statistics, or nothing is written.
 
-    Exit codes: 0 written; 3 the parity check failed; 2 bad arguments, model or data.
+    With labelled images (class sub-folders) the model must first classify them at least as well as
+    `cadbcnn-infer validate` requires (97 %): a refitted flag no longer flags this site's images, so
+    its errors would pass silently. Fine-tune first (`cadbcnn-train fit --init`), or --force.
+
+    Exit codes: 0 written; 3 the parity check failed or the model misclassifies the labelled
+    images; 2 bad arguments, model or data.
     """
     from .ood_refit import refit_model
 
     code = 0
     try:
         rep = refit_model(model, output, data, class_map=parse_class_map(class_map), flag_rate=flag_rate,
-                          holdout=holdout, limit=limit, seed=seed, log=typer.echo)
+                          holdout=holdout, limit=limit, seed=seed, force=force, log=typer.echo)
     except CadbcnnError as exc:
         rep = getattr(exc, "report", None)
         typer.echo(f"error: {exc}", err=True)

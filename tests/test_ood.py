@@ -361,3 +361,20 @@ def test_int8_refits_its_ood_statistics_on_its_own_features(trained, tmp_path):
     c8 = Classifier.from_file(tmp_path / "m.int8.onnx", device="cpu")
     assert c8.ood_threshold == s8.ood["threshold"]
     assert np.mean([c8.predict(p).out_of_distribution for p in sorted(foreign.iterdir())]) >= 0.9
+
+
+def test_refit_ood_refuses_a_model_that_misclassifies_the_labelled_images(trained, tmp_path, monkeypatch):
+    """A refitted flag stops flagging the site's images, errors included: fine-tune first (or --force)."""
+    from typer.testing import CliRunner
+
+    from cadbcnn_export.refit_cli import app as refit_app
+    from cadbcnn_runtime import validate
+
+    data, d, _ = trained
+    monkeypatch.setitem(validate.RULES, "min_accuracy", 1.01)  # no model can meet it
+    out = tmp_path / "x.onnx"
+    r = CliRunner().invoke(refit_app, [str(d / "m.onnx"), "--data", str(data), "-o", str(out)])
+    assert r.exit_code == 3 and "Fine-tune first" in r.output and "--force" in r.output, r.output
+    assert not out.exists()
+    r = CliRunner().invoke(refit_app, [str(d / "m.onnx"), "--data", str(data), "-o", str(out), "--force"])
+    assert r.exit_code == 0 and "WARNING (--force)" in r.output and out.exists(), r.output
