@@ -376,5 +376,6 @@ def test_refit_ood_refuses_a_model_that_misclassifies_the_labelled_images(traine
     r = CliRunner().invoke(refit_app, [str(d / "m.onnx"), "--data", str(data), "-o", str(out)])
     assert r.exit_code == 3 and "Fine-tune first" in r.output and "--force" in r.output, r.output
     assert not out.exists()
-    r = CliRunner().invoke(refit_app, [str(d / "m.onnx"), "--data", str(data), "-o", str(out), "--force"])
+    r = CliRunner().invoke(refit_app, [str(d / "m.onnx"), "--data", str(data), "-o", str(out), "--force",
+                                       "--flag-rate", "0.05"])
     assert r.exit_code == 0 and "WARNING (--force)" in r.output and out.exists(), r.output
