@@ -379,3 +379,19 @@ def test_refit_ood_refuses_a_model_that_misclassifies_the_labelled_images(traine
     r = CliRunner().invoke(refit_app, [str(d / "m.onnx"), "--data", str(data), "-o", str(out), "--force",
                                        "--flag-rate", "0.05"])
     assert r.exit_code == 0 and "WARNING (--force)" in r.output and out.exists(), r.output
+
+
+def test_refit_ood_is_torch_free(trained, tmp_path):
+    """refit-ood needs onnx + onnxruntime + numpy only (not the runtime-only environment: onnx is an export
+    dependency), and never imports torch or the training package."""
+    import subprocess
+    import sys
+
+    data, d, _ = trained
+    code = ("import sys\nfrom pathlib import Path\nfrom cadbcnn_export.ood_refit import refit_model\n"
+            f"rep = refit_model(Path({str(d / 'm.onnx')!r}), Path({str(tmp_path / 'l.onnx')!r}), "
+            f"Path({str(data)!r}), flag_rate=0.05, log=lambda *a: None)\n"
+            "assert rep['parity']['passed']\n"
+            "assert 'torch' not in sys.modules and 'cadbcnn_train' not in sys.modules, sorted(sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
