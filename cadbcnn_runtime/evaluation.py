@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import numpy as np
 
-from .classifier import Classifier
+from .classifier import Classifier, _chunks
 from .errors import ArgumentError
 from .reliability import (
     brier,
@@ -40,28 +40,21 @@ class Outputs:
     probs: np.ndarray          # (N, K) in the spec's class order
 
 
-def _batches(images: Iterable[np.ndarray], n: int) -> Iterator[list[np.ndarray]]:
-    chunk: list[np.ndarray] = []
-    for img in images:
-        chunk.append(img)
-        if len(chunk) == n:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+def outputs_of(preds: list, class_names, has_ood: bool) -> Outputs:
+    """The per-image arrays of a list of ``Prediction``s."""
+    return Outputs(np.array([p.index for p in preds], np.int64), np.array([p.confidence for p in preds]),
+                   np.array([p.needs_review for p in preds], bool),
+                   np.array([p.out_of_distribution for p in preds], bool) if has_ood else None,
+                   np.array([[p.probabilities[n] for n in class_names] for p in preds]).reshape(len(preds),
+                                                                                             len(class_names)))
 
 
 def run_model(clf: Classifier, images: Iterable[np.ndarray], *, batch: int = BATCH) -> Outputs:
     """The runtime's predictions (``Classifier.preprocess`` + ``classify``) for RGB uint8 images."""
     preds = []
-    for chunk in _batches(images, batch):
+    for chunk in _chunks(images, batch):
         preds += clf.classify(np.stack([clf.preprocess(im) for im in chunk]))
-    names = clf.spec.class_names
-    has_ood = clf.spec.ood is not None
-    return Outputs(np.array([p.index for p in preds], np.int64), np.array([p.confidence for p in preds]),
-                   np.array([p.needs_review for p in preds], bool),
-                   np.array([p.out_of_distribution for p in preds], bool) if has_ood else None,
-                   np.array([[p.probabilities[n] for n in names] for p in preds]).reshape(len(preds), len(names)))
+    return outputs_of(preds, clf.spec.class_names, clf.spec.ood is not None)
 
 
 # ---------------------------------------------------------------------------

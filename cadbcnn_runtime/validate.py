@@ -18,7 +18,7 @@ import numpy as np
 
 from .classifier import Classifier
 from .errors import ArgumentError, CadbcnnError, DatasetError
-from .evaluation import Outputs, clean_metrics, plot_reliability, plot_risk_coverage
+from .evaluation import Outputs, clean_metrics, outputs_of, plot_reliability, plot_risk_coverage
 from .preprocess import IMAGE_SUFFIXES
 from .reliability import macro_f1, silent_error_stats
 
@@ -126,11 +126,7 @@ def _run(clf: Classifier, paths: list[Path], batch: int) -> tuple[Outputs, np.nd
         if len(chunk) == batch:
             flush()
     flush()
-    names = clf.spec.class_names
-    out = Outputs(np.array([p.index for p in preds], np.int64), np.array([p.confidence for p in preds]),
-                  np.array([p.needs_review for p in preds], bool),
-                  np.array([p.out_of_distribution for p in preds], bool) if clf.spec.ood is not None else None,
-                  np.array([[p.probabilities[n] for n in names] for p in preds]).reshape(len(preds), len(names)))
+    out = outputs_of(preds, clf.spec.class_names, clf.spec.ood is not None)
     return out, np.array(scores, np.float64), kept, errors
 
 

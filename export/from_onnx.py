@@ -29,10 +29,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from cadbcnn_runtime._onnxmeta import metadata_of, read_model_bytes
-from cadbcnn_runtime.classifier import Classifier
-from cadbcnn_runtime.errors import ArgumentError, CadbcnnError
-from cadbcnn_runtime.spec import ModelSpec
+from cadbcnn_runtime.errors import ArgumentError
 from cadbcnn_runtime.variants import variant_key
 
 from .formats import FORMATS, MAX_OOD_FIT_IMAGES
@@ -48,6 +45,7 @@ from .gates import (
 )
 from .graph import set_spec, to_int8, unfold_fp16_weights
 from .images import load_image_set
+from .ood_refit import load_checked
 from .parity import ort_outputs, ort_session
 
 
@@ -61,13 +59,7 @@ def int8_from_onnx(source: Path, out: Path, opts: ExportOptions, log=print) -> d
         raise ArgumentError("--from-onnx derives an INT8 model: pass --int8 and --calibration-data DIR")
     if out.resolve() == source.resolve():
         raise ArgumentError(f"{out}: would overwrite the source model; choose another -o (e.g. X.int8.onnx)")
-    try:
-        with Classifier.from_file(source, device="cpu", precision="fp32"):  # the runtime's own checks
-            pass
-    except CadbcnnError as exc:
-        raise ArgumentError(f"--from-onnx {source}: {exc}") from None
-    data = read_model_bytes(source)
-    spec = ModelSpec.from_metadata(metadata_of(data, source), source=str(source))
+    data, spec = load_checked(source, f"--from-onnx {source}")
     if variant_key(spec) != "fp32":
         raise ArgumentError(f"--from-onnx {source}: is a {spec.variant} model; derive INT8 from the FP32 one")
     class_folders = tuple((spec.training or {}).get("class_folders") or spec.class_names)

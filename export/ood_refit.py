@@ -247,23 +247,21 @@ def class_index(spec: ModelSpec, class_map: Mapping[str, str] | None) -> dict[st
     return index
 
 
-def check_classifier_first(source: Path, images: ImageSet, spec: ModelSpec, *, force: bool, threads: int | None,
+def check_classifier_first(source: Path, images: ImageSet, logits: np.ndarray, *, force: bool,
                            log: Callable[[str], None]) -> float | None:
     """With labelled local images: refuse (unless FORCE) to refit the flag of a model that misclassifies them.
 
     A refitted flag stops flagging the site's images — including the ones the classifier gets wrong, which
     then pass as confident, unreviewed calls. Measured on the simulated site (docs/SITE_ADAPTATION.md):
     silent errors 6.1 % → 29.0 % after a refit on a model that was 65 % accurate there. The bar is the
-    validate rule's (``validate.RULES["min_accuracy"]``). Returns the accuracy (None when unlabelled)."""
+    validate rule's (``validate.RULES["min_accuracy"]``). LOGITS: the source model's on IMAGES. Returns the
+    accuracy (None when unlabelled)."""
     from cadbcnn_runtime.validate import FINE_TUNE, RULES
 
     if not images.labelled:
         log("note: the images are unlabelled, so the classifier's accuracy here is unknown; a refitted flag stops "
             "flagging these images whether or not they are classified right — validate on labelled images first")
         return None
-    from onnx import load_from_string
-
-    logits = run_with_features(load_from_string(read_model_bytes(source)), images.x, threads=threads)[0]
     acc = float((logits.argmax(1) == images.labels).mean())
     if acc < RULES["min_accuracy"]:
         msg = (f"{source.name} classifies only {100 * acc:.1f} % of these labelled images correctly (the bar is "
@@ -273,6 +271,20 @@ def check_classifier_first(source: Path, images: ImageSet, spec: ModelSpec, *, f
             raise ExportError(msg, report={"source": str(source), "accuracy": acc, "refused": True})
         log(f"WARNING (--force): {msg}")
     return acc
+
+
+def load_checked(source: Path, what: str) -> tuple[bytes, ModelSpec]:
+    """SOURCE's bytes and spec, after the runtime's own load checks (spec, content hash, I/O); a model the runtime
+    would refuse is a bad argument (WHAT names it in the message)."""
+    from cadbcnn_runtime.classifier import Classifier
+
+    try:
+        with Classifier.from_file(source, device="cpu", precision="fp32"):
+            pass
+    except CadbcnnError as exc:
+        raise ArgumentError(f"{what}: {exc}") from None
+    raw = read_model_bytes(source)
+    return raw, ModelSpec.from_metadata(metadata_of(raw, source), source=str(source))
 
 
 def refit_model(source: Path, out: Path, data: Path, *, class_map: Mapping[str, str] | None = None,
@@ -293,27 +305,21 @@ def refit_model(source: Path, out: Path, data: Path, *, class_map: Mapping[str, 
         raise ArgumentError("--flag-rate must be in (0, 0.5) and --holdout in (0, 1)")
     if not data.is_dir():
         raise ArgumentError(f"--data {data}: folder not found")
-    try:
-        with Classifier.from_file(source, device="cpu", precision="fp32"):  # the runtime's own checks
-            pass
-    except CadbcnnError as exc:
-        raise ArgumentError(f"{source}: {exc}") from None
-    raw = read_model_bytes(source)
-    spec = ModelSpec.from_metadata(metadata_of(raw, source), source=str(source))
+    raw, spec = load_checked(source, str(source))
     if spec.ood is None:
         raise ArgumentError(f"{source}: the model has no OOD output to refit")
     index = class_index(spec, class_map)
     images = load_image_set(data, spec, index, limit=limit, seed=seed)
-    check_classifier_first(source, images, spec, force=force, threads=threads, log=log)
+    proto = onnx.load_from_string(raw)
+    src_logits, src_scores, _ = run_with_features(proto, images.x, threads=threads)  # the source, once
+    check_classifier_first(source, images, src_logits, force=force, log=log)
     fit_idx, held_idx = split_holdout(len(images.x), holdout, seed)
     fit, held = images.subset(fit_idx), images.subset(held_idx)
     log(f"{source.name}: refitting the OOD statistics on {len(fit.x)} images of {data}, threshold on "
         f"{len(held.x)} held out …")
-    proto = onnx.load_from_string(raw)
     new, entry, check = refit(proto, fit, held, num_classes=len(spec.class_names), flag_rate=flag_rate,
                               shrinkage=shrinkage, threads=threads)
     old_thr = float(spec.ood["threshold"])
-    src_scores = run_with_features(proto, held.x, threads=threads)[1]
     when = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
     ood = {**dict(spec.ood), **entry,
            "fitted_on": f"{len(fit.x)} local images from {data.name} ({entry['labels']})",
@@ -321,7 +327,7 @@ def refit_model(source: Path, out: Path, data: Path, *, class_map: Mapping[str, 
     step = {"step": "refit-ood", "date": when, "data": str(data), "images_fit": len(fit.x),
             "images_threshold": len(held.x), "labels": entry["labels"], "source": source.name,
             "source_sha256": file_sha256(source), "source_threshold": old_thr,
-            "source_flagged_held_out": float((src_scores > old_thr).mean()),
+            "source_flagged_held_out": float((src_scores[held_idx] > old_thr).mean()),
             "flagged_held_out": entry["val_flagged"]}
     new_spec = spec.replace(ood=ood, adaptation=(*spec.adaptation, step))
     report = {"source": str(source), "output": str(out), "torch_free": True, "parity": check, "adaptation": step,
@@ -336,7 +342,7 @@ def refit_model(source: Path, out: Path, data: Path, *, class_map: Mapping[str, 
     _atomic_write(set_spec(new, new_spec), out)
     with Classifier.from_file(out, device="cpu", precision="fp32") as clf:  # loads as users will
         got = clf.run_all(held.x[:8])
-    if not np.array_equal(got[0], run_with_features(proto, held.x[:8], threads=threads)[0]):
+    if not np.array_equal(got[0], src_logits[held_idx[:8]]):
         out.unlink(missing_ok=True)
         raise ExportError(f"{out}: the written model does not reproduce the source's logits; removed", report=report)
     log(f"held-out local images flagged: {100 * step['source_flagged_held_out']:.1f} % with the source's statistics "
