@@ -25,7 +25,7 @@ from .calibration import temperature_of
 from .preprocess import ImageSource, load_and_preprocess
 from .quality import content_scores
 from .reliability import softmax
-from .session import CPU_EP, CUDA_EP, make_session, resolve_threads
+from .session import CPU_EP, CUDA_EP, make_verified_session, resolve_threads
 from .spec import METADATA_KEY, ModelSpec, canonical_spec_json
 from .variants import check_same_model, choose, variant_key
 _ONNX_DTYPES = {"uint8": "tensor(uint8)", "float32": "tensor(float)"}
@@ -85,6 +85,7 @@ class Classifier:
             raise ArgumentError(f"review_threshold must be in [0, 1], got {self.review_threshold}")
         self.precision = variant_key(spec)  # fp32 | int8 | fp16: what this file computes in
         self.precision_reason = "the file given"
+        self.session_cache = "off (session given)"  # optimised-graph cache: hit | miss | off (why); session_cache.py
         self.temperature = temperature_of(spec.calibration)  # logits / T before the softmax (1.0: uncalibrated)
         self.ood_threshold = None if spec.ood is None else (
             float(spec.ood["threshold"]) if ood_threshold is None else float(ood_threshold))
@@ -156,7 +157,8 @@ class Classifier:
         verify_content(data, spec, json.loads(meta[METADATA_KEY]), path)
         n_threads = resolve_threads(threads)
         try:  # built from the very bytes that were verified: no second read of the file
-            session = make_session(data, providers=providers, threads=n_threads)
+            session, cache_status = make_verified_session(data, spec.content_sha256, providers=providers,
+                                                          threads=n_threads)
         except Exception as exc:  # ORT raises its own exception types
             raise ModelLoadError(f"{path}: ONNX Runtime cannot load this file ({str(exc).splitlines()[0][:300]}). "
                                  "Is it an ONNX model exported with cadbcnn-export?") from None
@@ -166,8 +168,10 @@ class Classifier:
         if device == "cuda" and used != "cuda" and not allow_fallback:
             raise DeviceError(f"{path}: the CUDA EP could not be initialised (session providers: "
                               f"{session.get_providers()}); check the CUDA/cuDNN libraries or use --device cpu.")
-        return cls(session, spec, path, used, review_threshold=review_threshold, ood_threshold=ood_threshold,
-                   threads=n_threads)
+        clf = cls(session, spec, path, used, review_threshold=review_threshold, ood_threshold=ood_threshold,
+                  threads=n_threads)
+        clf.session_cache = cache_status
+        return clf
 
     @property
     def providers(self) -> list[str]:

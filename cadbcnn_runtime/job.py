@@ -114,7 +114,8 @@ def classify_to_file(source: str | os.PathLike, out: str | os.PathLike | None = 
         if device == "cuda" and clf.device != "cuda":
             say("warning: CUDA is not available; falling back to the CPU (--allow-fallback)")
         say(f"model {clf.path} ({clf.spec.name} {clf.spec.version}, {clf.spec.variant}) on {clf.device} "
-            f"[{', '.join(clf.providers)}]; precision {clf.precision}: {clf.precision_reason}")
+            f"[{', '.join(clf.providers)}]; precision {clf.precision}: {clf.precision_reason}; "
+            f"optimised-graph cache: {clf.session_cache}")
         if ray_engine is not None:  # connect and check the pool against the cluster before any image is read
             info = ray_engine.start(clf)
             clf.close()  # the actors load their own copies; this one only validated the model up front

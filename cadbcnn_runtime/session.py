@@ -76,3 +76,24 @@ def make_session(model: str | os.PathLike | bytes, *, providers=(CPU_EP,), threa
     source = bytes(model) if isinstance(model, (bytes, bytearray, memoryview)) else str(model)
     return ort.InferenceSession(source, sess_options=session_options(threads=threads, spinning=spinning),
                                 providers=list(providers))
+
+
+def make_verified_session(data: bytes, content_sha256: str, *, providers=(CPU_EP,), threads: int | None = None,
+                          spinning: bool = False):
+    """``make_session`` for bytes whose content hash was verified, through the optimised-graph cache on CPU.
+
+    Returns ``(session, cache_status)``: ``"hit"``, ``"miss"`` or ``"off (…)"`` (``session_cache``).
+    """
+    import onnxruntime as ort
+
+    from .session_cache import cached_cpu_session
+
+    if list(providers) != [CPU_EP]:
+        return make_session(data, providers=providers, threads=threads, spinning=spinning), "off (not CPU-only)"
+
+    def build(source, so):
+        return ort.InferenceSession(source, sess_options=so, providers=[CPU_EP])
+
+    r = cached_cpu_session(bytes(data), content_sha256, build,
+                           lambda: session_options(threads=threads, spinning=spinning))
+    return r.session, r.status

@@ -25,10 +25,22 @@ def _torch_importable() -> bool:
 
 # In the runtime-only environment (no torch) only the torch-free test module is collected.
 RUNTIME_MODULES = {"test_runtime.py", "test_hardening.py", "test_reliability.py", "test_quality.py", "test_variants.py",
-                   "test_distributed.py", "test_hooks.py", "test_report_html.py", "test_validate.py"}
+                   "test_distributed.py", "test_hooks.py", "test_report_html.py", "test_validate.py", "test_session_cache.py"}
 if not _torch_importable():
     collect_ignore = [p.name for p in Path(__file__).parent.glob("*.py")
                       if p.name not in RUNTIME_MODULES and p.name != "conftest.py"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache_in_tmp(tmp_path_factory):
+    """Sessions cache their optimised graphs (cadbcnn_runtime.session_cache): in a temporary folder, not ~/.cache."""
+    old = os.environ.get("CADBCNN_CACHE_DIR")
+    os.environ["CADBCNN_CACHE_DIR"] = str(tmp_path_factory.mktemp("ort-cache"))
+    yield
+    if old is None:
+        os.environ.pop("CADBCNN_CACHE_DIR", None)
+    else:
+        os.environ["CADBCNN_CACHE_DIR"] = old
 
 
 @pytest.fixture

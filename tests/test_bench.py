@@ -49,3 +49,12 @@ def test_bench_smoke_report_structure(tmp_path):
         assert abs(res["accuracy"]["openvino-fp32-f32"]["agreement_with_fp32"] - 1.0) < 1e-9
     assert "Fastest format per batch size" in report and "×best peer" in report
     assert (tmp_path / "b" / "latency.png").is_file() and (tmp_path / "b" / "throughput.png").is_file()
+
+
+def test_cold_start_reports_the_first_start_and_the_cached_starts(onnx_model):
+    from cadbcnn_bench.bench import cold_start
+
+    r = cold_start(onnx_model, "cpu", repeats=1)
+    assert "error" not in r, r
+    assert r["first_session_cache"] == "miss" and r["session_cache"] == "hit"
+    assert r["first_start_s"] > 0 and r["process_total_s"] > 0 and not r["torch_loaded"]
