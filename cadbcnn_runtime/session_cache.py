@@ -8,7 +8,8 @@ files, one per (verified model content, onnxruntime version, CPU), so only the f
 
 * Where: ``$CADBCNN_CACHE_DIR``, else ``$XDG_CACHE_HOME/cadbcnn/ort``, else ``~/.cache/cadbcnn/ort``
   (created with mode 0700). ``CADBCNN_SESSION_CACHE=0`` turns it off. Each entry is ≈ 134 MB for the released
-  FP32 model (weights stored as FP32), ≈ 37 MB for INT8; delete the folder to reclaim the space.
+  FP32 model (weights stored as FP32), ≈ 37 MB for INT8. It keeps the ``MAX_ENTRIES`` most recently written
+  graphs (older ones are deleted when a new one is written); delete the folder to reclaim the space.
 * Key: the model's **verified** content hash (``ModelSpec.content_sha256``, checked against the bytes before
   this module is called), the onnxruntime version and the CPU's name and flags — the optimised graph uses the
   blocked layout of this CPU's instruction set and is only valid on the same kind of machine.
@@ -30,6 +31,7 @@ from pathlib import Path
 
 ENV_DIR, ENV_SWITCH = "CADBCNN_CACHE_DIR", "CADBCNN_SESSION_CACHE"
 OFF_VALUES = {"0", "off", "false", "no"}
+MAX_ENTRIES = 8
 
 
 @dataclass(frozen=True)
@@ -104,4 +106,20 @@ def cached_cpu_session(data: bytes, content_sha256: str, build, options) -> Cach
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         return CacheResult(session, f"off (cannot write {folder}: {exc.strerror or exc})")
+    _prune(folder)
     return CacheResult(session, "miss")
+
+
+def _prune(folder: Path) -> None:
+    """Delete all but the ``MAX_ENTRIES`` most recently written entries (best effort: processes may race)."""
+    records = []
+    for rec in folder.glob("*.json"):
+        if ".tmp." in rec.name:
+            continue
+        try:
+            records.append((rec.stat().st_mtime_ns, rec))
+        except OSError:
+            pass
+    for _, rec in sorted(records, reverse=True)[MAX_ENTRIES:]:
+        for f in (rec, rec.with_suffix(".onnx")):
+            f.unlink(missing_ok=True)

@@ -4,6 +4,7 @@ never trusting a changed entry, and never in the way (off by switch, unwritable 
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -98,3 +99,15 @@ def test_cache_folder_defaults_and_switch(monkeypatch, tmp_path):
     for off in ("0", "off", "False"):
         monkeypatch.setenv(sc.ENV_SWITCH, off)
         assert sc.cache_dir() is None
+
+
+def test_only_the_newest_entries_are_kept(onnx_model, cache, monkeypatch):
+    monkeypatch.setattr(sc, "MAX_ENTRIES", 2)
+    cache.mkdir(parents=True)
+    for i in range(3):  # three older entries of other models
+        (cache / f"old{i}.onnx").write_bytes(b"x")
+        (cache / f"old{i}.json").write_text("{}")
+        os.utime(cache / f"old{i}.json", ns=(10**18 + i, 10**18 + i))
+    assert Classifier.from_file(onnx_model, device="cpu").session_cache == "miss"
+    names = sorted(p.name for p in cache.iterdir())
+    assert len(names) == 4 and "old2.json" in names and "old0.json" not in names and "old1.onnx" not in names
