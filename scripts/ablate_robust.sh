@@ -3,6 +3,8 @@
 # each variant trained, exported and run through the shift report (test split + other labs' healthy images).
 #
 #   scripts/ablate_robust.sh SPLIT_CSV VARIANT...      VARIANT = std | robust | a comma list of augment parts
+#   LIMIT=N: the shift report on N evenly strided test images per set (quicker; compare only runs with the same N)
+#   SKIP_TRAIN=1: only the shift report of an existing run (e.g. std again with a LIMIT)
 #
 # Writes runs/ablate/<variant>/ (checkpoint, model.onnx, shift/shift_report.{md,json}).
 set -euo pipefail
@@ -14,9 +16,11 @@ for v in "$@"; do
   run=runs/ablate/${v//,/+}
   parts=()
   [[ "$v" != std ]] && parts=(--augment-parts "$v")
+  if [[ -z "${SKIP_TRAIN:-}" ]]; then
   $B/cadbcnn-train fit --data "$DATA" --out "$run" --split-file "$split" --seed 0 --image-size 112 --epochs 8 \
       --batch-size 32 --patience 8 "${parts[@]}"
   $B/cadbcnn-export "$run/best.pt" -o "$run/model.onnx" --report "$run/export-report.json"
+  fi
   $B/cadbcnn-train shift-report "$run/model.onnx" --data "$DATA" --split-file "$split" --split test \
-      --external "$EXT/bccd-fields:healthy" --external "$EXT/pbc-cells:healthy" --out "$run/shift"
+      --external "$EXT/bccd-fields:healthy" --external "$EXT/pbc-cells:healthy" ${LIMIT:+--limit "$LIMIT"} --out "$run/shift${LIMIT:+-$LIMIT}"
 done
