@@ -169,13 +169,18 @@ def split_holdout(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.nda
 
 
 def _fit_and_install(proto: onnx.ModelProto, fit: ImageSet, *, num_classes: int, shrinkage: float | str,
-                     threads: int | None) -> tuple[onnx.ModelProto, oodstats.OODStatistics, OODGraph, str]:
+                     threads: int | None, fit_pass: tuple[np.ndarray, np.ndarray] | None = None
+                     ) -> tuple[onnx.ModelProto, oodstats.OODStatistics, OODGraph, str]:
     """A copy of PROTO with OOD statistics fitted on its own features of FIT: class labels where the images have
-    them, the model's own predictions elsewhere. Returns (copy, statistics, head, how the labels were chosen)."""
+    them, the model's own predictions elsewhere. ``fit_pass``: PROTO's (logits, features) of FIT when the caller
+    already has them. Returns (copy, statistics, head, how the labels were chosen)."""
     if len(fit.x) < 2 * num_classes:
         raise DatasetError(f"{len(fit.x)} images are too few to fit class means and a covariance")
     where = locate(proto)
-    logits, _, feats = run_with_features(proto, fit.x, threads=threads)
+    if fit_pass is None:
+        logits, _, feats = run_with_features(proto, fit.x, threads=threads)
+    else:
+        logits, feats = fit_pass
     known = fit.labels >= 0 if len(fit.labels) else np.zeros(len(fit.x), bool)
     labels = np.where(known, fit.labels if len(fit.labels) else -1, logits.argmax(1))
     stats = oodstats.fit_statistics(feats, labels, num_classes, shrinkage=shrinkage)
@@ -196,18 +201,20 @@ def _entry(threshold: float, stats: oodstats.OODStatistics, where: OODGraph, how
 
 
 def refit(proto: onnx.ModelProto, fit: ImageSet, held: ImageSet, *, num_classes: int,
-          flag_rate: float = oodstats.FLAG_RATE, shrinkage: float | str = "auto",
-          threads: int | None = None) -> tuple[onnx.ModelProto, dict[str, Any], dict[str, Any]]:
+          flag_rate: float = oodstats.FLAG_RATE, shrinkage: float | str = "auto", threads: int | None = None,
+          fit_pass: tuple[np.ndarray, np.ndarray] | None = None, held_logits: np.ndarray | None = None
+          ) -> tuple[onnx.ModelProto, dict[str, Any], dict[str, Any]]:
     """New OOD statistics for PROTO fitted on its own features of FIT and a threshold flagging FLAG_RATE of HELD
-    (held-out images of the same kind). Returns (a refitted copy, the spec's new ``ood`` fields, the parity
-    check on HELD)."""
+    (held-out images of the same kind). ``fit_pass`` (PROTO's logits and features of FIT) and ``held_logits``
+    (PROTO's logits of HELD) skip re-running PROTO when the caller has them. Returns (a refitted copy, the
+    spec's new ``ood`` fields, the parity check on HELD)."""
     min_held = int(np.ceil(1 / flag_rate))
     if len(held.x) < min_held:
         raise DatasetError(f"{len(held.x)} held-out images cannot set a threshold that flags {100 * flag_rate:g} % "
                            f"of them: need at least {min_held} (give more images or a larger --flag-rate)")
     new, stats, where, how = _fit_and_install(proto, fit, num_classes=num_classes, shrinkage=shrinkage,
-                                              threads=threads)
-    src_logits = run_with_features(proto, held.x, threads=threads)[0]
+                                              threads=threads, fit_pass=fit_pass)
+    src_logits = held_logits if held_logits is not None else run_with_features(proto, held.x, threads=threads)[0]
     logits, scores, feats = run_with_features(new, held.x, threads=threads)
     threshold = oodstats.threshold_for(scores, flag_rate)
     entry = {**_entry(threshold, stats, where, how, float((scores > threshold).mean())), "flag_rate": flag_rate}
@@ -311,14 +318,15 @@ def refit_model(source: Path, out: Path, data: Path, *, class_map: Mapping[str, 
     index = class_index(spec, class_map)
     images = load_image_set(data, spec, index, limit=limit, seed=seed)
     proto = onnx.load_from_string(raw)
-    src_logits, src_scores, _ = run_with_features(proto, images.x, threads=threads)  # the source, once
+    src_logits, src_scores, src_feats = run_with_features(proto, images.x, threads=threads)  # the source, once
     check_classifier_first(source, images, src_logits, force=force, log=log)
     fit_idx, held_idx = split_holdout(len(images.x), holdout, seed)
     fit, held = images.subset(fit_idx), images.subset(held_idx)
     log(f"{source.name}: refitting the OOD statistics on {len(fit.x)} images of {data}, threshold on "
         f"{len(held.x)} held out …")
     new, entry, check = refit(proto, fit, held, num_classes=len(spec.class_names), flag_rate=flag_rate,
-                              shrinkage=shrinkage, threads=threads)
+                              shrinkage=shrinkage, threads=threads, held_logits=src_logits[held_idx],
+                              fit_pass=(src_logits[fit_idx], src_feats[fit_idx]))
     old_thr = float(spec.ood["threshold"])
     when = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
     ood = {**dict(spec.ood), **entry,
