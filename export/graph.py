@@ -4,6 +4,7 @@ output's nodes, static INT8 (QDQ) quantisation. Pure functions of ONNX protos an
 
 from __future__ import annotations
 
+import heapq
 import tempfile
 from pathlib import Path
 from typing import Sequence
@@ -116,8 +117,39 @@ def to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     block = ["Softmax", "LayerNormalization", "ReduceMean", "Gemm"]
-    return convert_float_to_float16(proto, keep_io_types=True, op_block_list=block, node_block_list=ood_nodes(proto),
+    half = convert_float_to_float16(proto, keep_io_types=True, op_block_list=block, node_block_list=ood_nodes(proto),
                                     disable_shape_infer=False)
+    return topological_sort(half)  # the converter appends its I/O Casts at the end of the node list
+
+
+def topological_sort(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Order PROTO's nodes so every node comes after the producers of its inputs (as the ONNX standard requires and
+    ``drop_output`` assumes), keeping the existing order wherever it is already valid. In place; returns PROTO."""
+    g = proto.graph
+    nodes = list(g.node)
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    deps = [{producer[x] for x in n.input if x in producer} - {i} for i, n in enumerate(nodes)]
+    users: dict[int, list[int]] = {i: [] for i in range(len(nodes))}
+    for i, d in enumerate(deps):
+        for j in d:
+            users[j].append(i)
+    waiting = [len(d) for d in deps]
+    ready = [i for i, w in enumerate(waiting) if w == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for u in users[i]:
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                heapq.heappush(ready, u)
+    if len(order) != len(nodes):
+        stuck = [nodes[i].name or nodes[i].op_type for i in range(len(nodes)) if waiting[i] > 0][:5]
+        raise ExportError(f"the graph has a cycle through nodes {stuck}; it cannot be written as ONNX")
+    del g.node[:]
+    g.node.extend(nodes[i] for i in order)
+    return proto
 
 
 def ood_nodes(proto: onnx.ModelProto) -> list[str]:
@@ -148,7 +180,7 @@ def ood_feature_readers(proto: onnx.ModelProto) -> list[str]:
 
 def drop_output(proto: onnx.ModelProto, name: str) -> onnx.ModelProto:
     """Remove graph output NAME and every node and initializer that only it needed."""
-    g = proto.graph
+    g = topological_sort(proto).graph
     outputs = [o for o in g.output if o.name != name]
     del g.output[:]
     g.output.extend(outputs)

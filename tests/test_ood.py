@@ -254,6 +254,31 @@ def test_derived_variants_keep_the_ood_output_only_when_its_flag_agrees(trained,
     np.testing.assert_array_equal(kept.run_all(x)[0], i8.run_all(x)[0])
 
 
+def test_fp16_files_are_valid_onnx_with_or_without_the_ood_output(trained, tmp_path):
+    """The FP16 converter appends its I/O Casts at the end of the node list; the file must still be topologically
+    sorted ONNX, and leaving out an unverified OOD output (no --parity-data) must keep the logits' producers."""
+    import onnx
+
+    from cadbcnn_export.cli import app as export_app
+
+    data, d, _ = trained
+    ck = d / "run" / "best.pt"
+    r = CliRunner().invoke(export_app, [str(ck), "-o", str(tmp_path / "m.onnx"), "--half"])  # no parity data
+    assert r.exit_code == 0, r.output
+    assert "the OOD output is left out of m.fp16.onnx" in r.output
+    r = CliRunner().invoke(export_app, [str(ck), "-o", str(tmp_path / "k.onnx"), "--half", "--parity-data", str(data)])
+    assert r.exit_code == 0, r.output
+    for name, outputs in (("m.fp16.onnx", ["logits"]), ("k.fp16.onnx", ["logits", "ood_score"])):
+        proto = onnx.load(str(tmp_path / name))
+        onnx.checker.check_model(proto)  # raises on an unsorted graph or a missing producer
+        assert [o.name for o in proto.graph.output] == outputs
+    x = np.random.default_rng(0).integers(0, 256, (3, 3, 32, 32), dtype=np.uint8)
+    dropped = Classifier.from_file(tmp_path / "m.fp16.onnx", device="cpu")
+    kept = Classifier.from_file(tmp_path / "k.fp16.onnx", device="cpu")
+    assert dropped.spec.ood is None and kept.spec.ood is not None
+    np.testing.assert_array_equal(dropped.run_all(x)[0], kept.run_all(x)[0])
+
+
 def test_int8_leaves_the_feature_vector_unquantized(trained, tmp_path):
     """No Quantize/Dequantize pair on the features the OOD head whitens (its rounding noise swamps the score)."""
     import onnx
