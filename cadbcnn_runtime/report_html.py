@@ -55,8 +55,6 @@ import base64
 import hashlib
 import html
 import math
-import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -64,6 +62,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 from urllib.parse import quote
 
+from .atomic import write_atomic
 from .decode import cv2
 from .errors import ArgumentError, OutputError
 from .preprocess import ImageSource, read_image
@@ -569,33 +568,18 @@ def render_html(entries: Sequence[Entry], *, class_names: Sequence[str], thumbs:
 # ---------------------------------------------------------------- writing
 
 def _write_atomic(out: Path, text: str) -> None:
-    """Temp file in the same folder, fsync, ``os.replace``: readers see the old file or the new one."""
+    """``atomic.write_atomic`` with the HTML report's own errors: readers see the old file or the new one."""
     folder = out.parent if str(out.parent) else Path(".")
     if out.is_dir():
         raise OutputError(f"{out} is a folder; give a file name for the HTML report, e.g. {out / 'report.html'}")
+    if not folder.is_dir():
+        raise OutputError(f"cannot write the HTML report in {folder} (no such folder); check that the folder "
+                          "exists and is writable")
     try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{out.name}.", suffix=".tmp")
+        write_atomic(out, text.encode("utf-8"))
     except OSError as exc:
-        raise OutputError(f"cannot write the HTML report in {folder} ({exc.strerror}); check that the folder "
-                          "exists and is writable") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, out)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(exc, OSError):
-            raise OutputError(f"cannot write the HTML report {out} ({exc.strerror or exc}); check free space "
-                              "and permissions") from None
-        raise
+        raise OutputError(f"cannot write the HTML report {out} ({exc.strerror or exc}); check free space "
+                          "and permissions") from None
 
 
 def write_html_report(out: Path, rows: list[dict], *, class_names: Sequence[str],

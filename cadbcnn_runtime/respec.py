@@ -9,13 +9,13 @@ images of a model that exists only as ONNX (e.g. the released one).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
 from ._onnxmeta import _METADATA_PROPS, _fields, _records, content_digest, read_model_bytes
+from .atomic import write_atomic
 from .calibration import TARGET_RISK, fit_calibration
 from .errors import ArgumentError, ExportError
 from .quality import content_scores, fit_quality
@@ -60,18 +60,6 @@ def replace_spec(data: bytes, spec: ModelSpec) -> bytes:
     return _with_metadata(data, stamped.to_json().encode("utf-8"))
 
 
-def _atomic_write(data: bytes, dest: Path) -> None:
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def calibrate_model(model: Path, out: Path, *, val: Sequence[tuple[Path, int]], train: Sequence[Path],
                     target_risk: float = TARGET_RISK, log: Callable[[str], None] = print) -> ModelSpec:
     """Fit temperature + review threshold (VAL: labelled held-out images) and the field-content check (TRAIN
@@ -96,7 +84,7 @@ def calibrate_model(model: Path, out: Path, *, val: Sequence[tuple[Path, int]], 
     quality = fit_quality(np.concatenate([content_scores(x) for x in inputs(list(train))]),
                           fitted_on=f"training split ({len(train)} images)")
     spec = clf.spec.replace(calibration=entry, review_threshold=review, quality=quality)
-    _atomic_write(replace_spec(read_model_bytes(model), spec), Path(out))
+    write_atomic(Path(out), replace_spec(read_model_bytes(model), spec))
     with Classifier.from_file(out, device="cpu") as new:
         x = next(inputs([p for p, _ in val[:16]]))
         if not np.array_equal(new.run(x), clf.run(x)) or new.spec != spec.replace(content_sha256=new.spec.content_sha256):

@@ -5,7 +5,6 @@ Used by ``exporter`` (from a checkpoint) and ``from_onnx`` (INT8 from an exporte
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ import numpy as np
 import onnx
 
 from cadbcnn_runtime._onnxmeta import file_sha256
+from cadbcnn_runtime.atomic import write_atomic
 from cadbcnn_runtime.errors import ArgumentError, ExportError
 from cadbcnn_runtime.spec import OOD_OUTPUT_NAME
 
@@ -95,12 +95,7 @@ class ExportOptions:
 
 
 def _atomic_write(proto: onnx.ModelProto, dest: Path) -> None:
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    try:
-        onnx.save_model(proto, str(tmp))
-        tmp.replace(dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(dest, proto.SerializeToString())
 
 
 def variant_path(out: Path, fmt: Format) -> Path:

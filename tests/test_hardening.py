@@ -401,3 +401,27 @@ def test_an_unwritable_output_folder_is_a_clean_exit_2(tmp_path, onnx_model):
     out = Path("/proc/cadbcnn-test-results.csv")  # a folder nobody, root included, can create files in
     r = runner.invoke(app, [str(d), "--model", str(onnx_model), "--out", str(out), "-q"])
     assert r.exit_code == 2 and "lock file" in r.output and "Traceback" not in r.output, r.output
+
+
+def test_write_atomic_replaces_whole_files_and_leaves_nothing_on_failure(tmp_path, monkeypatch):
+    """The one atomic writer (models, specs, HTML reports): new content in full, the umask's permissions, and on a
+    failed write the old file intact with no temporary file left."""
+    from cadbcnn_runtime import atomic
+
+    dest = tmp_path / "m.onnx"
+    dest.write_bytes(b"old")
+    old_umask = os.umask(0o027)
+    try:
+        atomic.write_atomic(dest, b"new" * 1000)
+    finally:
+        os.umask(old_umask)
+    assert dest.read_bytes() == b"new" * 1000 and (dest.stat().st_mode & 0o777) == 0o640
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+
+    def fail(*_):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(atomic.os, "fsync", fail)
+    with pytest.raises(OSError, match="No space"):
+        atomic.write_atomic(dest, b"partial")
+    assert dest.read_bytes() == b"new" * 1000 and [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
