@@ -18,6 +18,9 @@ Rules (higher score = more foreign):
   maha-stages    one Gaussian per stage and branch on [mean, std] of the stage's feature maps, each score
                  standardised on validation, the maximum over stages (Lee et al. 2018, several layers)
   maha-cat+stages  max of the standardised maha-cat and maha-stages scores
+  shipped|stages   the shipped flag, or maha-stages above a strict threshold (--strict-rate of validation, 0.5 %):
+                 it flags a superset of the shipped flag, so it can never add a silent error, and the stages only
+                 have to catch what is far away (noise, blank fields, other material)
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from cadbcnn_runtime.reliability import softmax  # noqa: E402
 from cadbcnn_train.shift_report import SHIFTS, blank_fields, shifted  # noqa: E402
 
 BLOCKS = {"a": (2, 2, 2, 2), "b": (3, 4, 6, 3)}  # ResNet18 and ResNet34 basic blocks per stage
-RULES = ("shipped", "maha-cat", "knn-cat", "maha-stages", "maha-cat+stages")
+RULES = ("shipped", "maha-cat", "knn-cat", "maha-stages", "maha-cat+stages", "shipped|stages")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
 
@@ -100,7 +103,7 @@ class Rules:
     """Every candidate rule fitted on TRAIN features (with labels) and standardised/thresholded on VAL."""
 
     def __init__(self, tr: dict, tr_labels: np.ndarray, va: dict, n_classes: int, stages: list[str], *,
-                 shipped_threshold: float, k: int = 10):
+                 shipped_threshold: float, strict_rate: float = 0.005, k: int = 10):
         self.shipped_threshold = shipped_threshold
         self.stages = stages
         self.k = k
@@ -113,6 +116,7 @@ class Rules:
         comb = self.combined(raw_va)
         self.thr = {r: oodstats.threshold_for(comb[r]) for r in comb}
         self.thr["shipped"] = shipped_threshold
+        self.thr["stages-strict"] = oodstats.threshold_for(comb["maha-stages"], strict_rate)
 
     @staticmethod
     def _norm(f: np.ndarray) -> np.ndarray:
@@ -139,6 +143,7 @@ class Rules:
         comb = self.combined(self.raw(d))
         out = {r: comb[r] > self.thr[r] for r in comb}
         out["shipped"] = d["ood"] > self.shipped_threshold
+        out["shipped|stages"] = out["shipped"] | (comb["maha-stages"] > self.thr["stages-strict"])
         return out
 
 
@@ -159,7 +164,7 @@ def load_folder(folder: Path) -> list[np.ndarray]:
 
 
 def study(name: str, model: Path, images: dict, train_labels: np.ndarray, truth: dict[str, np.ndarray], *,
-          min_flagged: float, threads: int) -> dict:
+          min_flagged: float, threads: int, strict_rate: float) -> dict:
     """Flag rates of every rule on every set; for labelled sets (TRUTH) also review and silent-error rates, with
     review = confidence below the spec's review threshold (calibrated softmax) or flagged by the rule."""
     proto = onnx.load(str(model))
@@ -172,7 +177,7 @@ def study(name: str, model: Path, images: dict, train_labels: np.ndarray, truth:
         feats[set_name] = run(session, names, x)
         print(f"  {name}: {set_name} ({len(imgs)})", flush=True)
     rules = Rules(feats["train"], train_labels, feats["val"], len(spec.class_names), names[1:],
-                  shipped_threshold=float(spec.ood["threshold"]))
+                  shipped_threshold=float(spec.ood["threshold"]), strict_rate=strict_rate)
     res = {"model": str(model), "sets": {}, "review": {}, "silent": {}}
     temperature, review_thr = temperature_of(spec.calibration), float(spec.review_threshold)
     for set_name, f in feats.items():
@@ -201,6 +206,8 @@ def main() -> None:
     ap.add_argument("--train-images", type=int, default=1024, help="Training images the rules are fitted on.")
     ap.add_argument("--min-flagged", type=float, default=0.9, help="The release gate's bar for every foreign set.")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--strict-rate", type=float, default=0.005,
+                    help="shipped|stages: share of validation the stages' strict threshold flags.")
     ap.add_argument("--shift-stride", type=int, default=3, help="Shifted sets use every N-th test image.")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
@@ -233,7 +240,8 @@ def main() -> None:
             if (a.external / ext).is_dir():
                 images[f"external: {ext}"] = load_folder(a.external / ext)
         print(f"{name}: {path}", flush=True)
-        results[name] = study(name, Path(path), images, labels, truth, min_flagged=a.min_flagged, threads=a.threads)
+        results[name] = study(name, Path(path), images, labels, truth, min_flagged=a.min_flagged, threads=a.threads,
+                              strict_rate=a.strict_rate)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "ood_rules.json").write_text(json.dumps(results, indent=2) + "\n")
     text = tables(results)
