@@ -71,6 +71,19 @@ class LocalSet:
     folders: dict[str, str]           # local sub-folder → model class (labelled sets)
 
 
+def local_class_names(class_names: Sequence[str], class_folders: Sequence[str],
+                      class_map: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Local sub-folder name → class name: the model's class names, its training folders (e.g. ``Early``) and
+    CLASS_MAP (``--class-map LOCAL=CLASS``, refused when CLASS is not one of the model's)."""
+    names = {**{f: c for f, c in zip(class_folders, class_names)}, **{c: c for c in class_names}}
+    for local, ours in (class_map or {}).items():
+        if ours not in class_names:
+            raise ArgumentError(f"--class-map {local}={ours}: {ours!r} is not one of the model's classes "
+                                f"({', '.join(class_names)})")
+        names[local] = ours
+    return names
+
+
 def scan(folder: Path, class_names: Sequence[str], class_folders: Sequence[str], *,
          class_map: Mapping[str, str] | None = None, healthy: bool = False) -> LocalSet:
     """The images under FOLDER and their labels: sub-folders named like a class (or its training folder, or
@@ -78,12 +91,7 @@ def scan(folder: Path, class_names: Sequence[str], class_folders: Sequence[str],
     folder = Path(folder)
     if not folder.is_dir():
         raise ArgumentError(f"{folder}: folder not found")
-    names = {**{f: c for f, c in zip(class_folders, class_names)}, **{c: c for c in class_names}}
-    for local, ours in (class_map or {}).items():
-        if ours not in class_names:
-            raise ArgumentError(f"--class-map {local}={ours}: {ours!r} is not one of the model's classes "
-                                f"({', '.join(class_names)})")
-        names[local] = ours
+    names = local_class_names(class_names, class_folders, class_map)
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise DatasetError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found")

@@ -242,16 +242,13 @@ def refit_variant(proto: onnx.ModelProto, fit: ImageSet, held_x: np.ndarray, ref
 
 
 def class_index(spec: ModelSpec, class_map: Mapping[str, str] | None) -> dict[str, int]:
-    """Local folder name → class index: the spec's class folders and class names, plus CLASS_MAP (folder → class)."""
+    """Local folder name → class index: the spec's class folders and class names, plus CLASS_MAP (folder → class),
+    by the same rule as ``cadbcnn-infer validate`` (``validate.local_class_names``)."""
+    from cadbcnn_runtime.validate import local_class_names
+
     folders = (spec.training or {}).get("class_folders") or spec.class_names
-    index = {name: k for k, name in enumerate(folders)}
-    index.update({name: k for k, name in enumerate(spec.class_names)})
-    for local, ours in (class_map or {}).items():
-        if ours not in index:
-            raise ArgumentError(f"--class-map {local}={ours}: {ours!r} is not one of the model's classes "
-                                f"({', '.join(spec.class_names)})")
-        index[local] = index[ours]
-    return index
+    names = local_class_names(spec.class_names, folders, class_map)
+    return {local: spec.class_names.index(ours) for local, ours in names.items()}
 
 
 def check_classifier_first(source: Path, images: ImageSet, logits: np.ndarray, *, force: bool,
