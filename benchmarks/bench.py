@@ -291,8 +291,13 @@ def run_benchmark(opts: BenchOptions, log=print) -> dict[str, Any]:
         s = labelled_set(Path(opts.data), spec, class_folders, opts.data_limit)
         acc: dict[str, Any] = {}
         ref = None
+        skipped = {}
         for name, r in runners.items():
             if isinstance(r, str):
+                continue
+            if name.startswith("torch-") and not opts.checkpoint and opts.models:
+                # timed on random weights while the ONNX files are trained ones: its accuracy would mislead
+                skipped[name] = "random weights (no --checkpoint): timed, accuracy not measured"
                 continue
             r.set_threads(opts.threads[-1])
             logits = np.concatenate([r.run(s.x[i:i + 32]) for i in range(0, len(s.x), 32)])
@@ -301,6 +306,8 @@ def run_benchmark(opts: BenchOptions, log=print) -> dict[str, Any]:
             acc[name] = logits
         result["accuracy"] = {k: accuracy(v, s.labels, acc.get("ort-fp32", acc.get("torch-fp32")), spec.num_classes)
                               for k, v in acc.items()}
+        if skipped:
+            result["accuracy_skipped"] = skipped
         log("accuracy: " + ", ".join(f"{k} {100 * v['top1']:.2f}%" for k, v in result["accuracy"].items()))
 
     # end-to-end through cadbcnn-infer's pipeline vs model-only at the best batch

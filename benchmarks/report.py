@@ -53,6 +53,8 @@ def write_report(res: dict[str, Any], out: Path) -> None:
         for k, a in res["accuracy"].items():
             lines.append(f"| {k} | {a['n']} | {100 * a['top1']:.2f} | {100 * a['f1_macro']:.2f} | "
                          f"{_f(100 * a['agreement_with_fp32'] if 'agreement_with_fp32' in a else None, '{:.2f}')} |")
+        for k, why in res.get("accuracy_skipped", {}).items():
+            lines.append(f"| {k} | — | — | — | — ({why}) |")
     if res.get("end_to_end"):
         lines += ["", "## End-to-end (decode + preprocess + infer, `cadbcnn-infer`'s pipeline)", "",
                   "| format | batch | images | end-to-end img/s | model-only img/s | ratio |", "|---|---:|---:|---:|---:|---:|"]

@@ -58,3 +58,19 @@ def test_cold_start_reports_the_first_start_and_the_cached_starts(onnx_model):
     assert "error" not in r, r
     assert r["first_session_cache"] == "miss" and r["session_cache"] == "hit"
     assert r["first_start_s"] > 0 and r["process_total_s"] > 0 and not r["torch_loaded"]
+
+
+def test_torch_rows_on_random_weights_get_no_accuracy_beside_trained_onnx_files(onnx_model, tmp_path):
+    """No --checkpoint but trained --model files: the PyTorch rows time a random-weight CADBCNN, so their accuracy
+    (≈ chance) is left out and the report says why, instead of a misleading number."""
+    from cadbcnn_bench.bench import BenchOptions, run_benchmark
+    from cadbcnn_runtime import ModelSpec
+
+    size = ModelSpec.from_onnx(onnx_model).image_size[0]
+    data = make_dataset(tmp_path / "data", per_class=2, size=size)
+    opts = BenchOptions(out=tmp_path / "b", models=[onnx_model], data=data, batches=[1], threads=[1],
+                        min_time=0.02, image_size=size, cold_start=False)
+    res = run_benchmark(opts, log=lambda *a: None)
+    assert "torch-fp32" not in res["accuracy"] and "ort-fp32" in res["accuracy"]
+    assert "random weights" in res["accuracy_skipped"]["torch-fp32"]
+    assert "| torch-fp32 | — | — | — | — (random weights" in (tmp_path / "b" / "report.md").read_text()
