@@ -290,7 +290,6 @@ def run_benchmark(opts: BenchOptions, log=print) -> dict[str, Any]:
     if opts.data:
         s = labelled_set(Path(opts.data), spec, class_folders, opts.data_limit)
         acc: dict[str, Any] = {}
-        ref = None
         skipped = {}
         for name, r in runners.items():
             if isinstance(r, str):
@@ -300,10 +299,7 @@ def run_benchmark(opts: BenchOptions, log=print) -> dict[str, Any]:
                 skipped[name] = "random weights (no --checkpoint): timed, accuracy not measured"
                 continue
             r.set_threads(opts.threads[-1])
-            logits = np.concatenate([r.run(s.x[i:i + 32]) for i in range(0, len(s.x), 32)])
-            if name == "ort-fp32":
-                ref = logits
-            acc[name] = logits
+            acc[name] = np.concatenate([r.run(s.x[i:i + 32]) for i in range(0, len(s.x), 32)])
         result["accuracy"] = {k: accuracy(v, s.labels, acc.get("ort-fp32", acc.get("torch-fp32")), spec.num_classes)
                               for k, v in acc.items()}
         if skipped:
