@@ -9,6 +9,9 @@ rotations, mild colour) plus any of these parts, each ablatable on its own (``--
 * ``exposure`` — brightness ×0.7–1.3, contrast ×0.6–1.4, gamma 0.6–1.6, white balance ±15 % per channel;
 * ``degrade``  — Gaussian blur σ 0.3–2.5, JPEG quality 15–90, sensor noise σ 2–12 (each 30 % of images).
 
+``p`` (``--robust-p``) is the share of training images that get the robust parts at all; the others get the
+standard augmentation only, so the model keeps seeing images as this lab makes them (1.0: every image).
+
 Deterministic for a given ``np.random.Generator``; RGB uint8 HWC in and out, same size.
 """
 
@@ -49,9 +52,16 @@ class RobustAugment:
     parts: tuple[str, ...] = PARTS
     base: Augment = field(default_factory=Augment)
     scale_range: tuple[float, float] = (0.5, 2.0)
+    p: float = 1.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.p <= 1.0:
+            raise ArgumentError(f"robust augmentation share p must be in [0, 1], got {self.p}")
 
     def __call__(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        p = self.parts
+        # p < 1: one draw decides whether this image is shifted at all (p = 1 draws nothing: the same images as
+        # before the option existed, so earlier ablations reproduce).
+        p = self.parts if self.p >= 1.0 or rng.random() < self.p else ()
         if "scalebar" in p and rng.random() < 0.5:
             img = T.erase_scalebar(img)
         if "scale" in p and rng.random() < 0.7:

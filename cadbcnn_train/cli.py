@@ -52,6 +52,8 @@ def fit(
     augment_parts: Optional[str] = typer.Option(None, help="Robust augmentation on top of the standard one: "
                                                 "'robust' (all parts) or a comma list of scalebar, scale, stain, "
                                                 "exposure, degrade."),
+    robust_p: float = typer.Option(1.0, min=0.0, max=1.0, help="With --augment-parts: the share of training images "
+                                   "that get them (the others: standard augmentation only)."),
     no_class_weights: bool = typer.Option(False, "--no-class-weights"),
     precision: Precision = typer.Option("auto", help="auto: bf16 on CPUs with AVX512-BF16, AMP on CUDA, else fp32."),
     patience: int = typer.Option(10, help="Early stopping patience in epochs (val macro-F1)."),
@@ -88,7 +90,7 @@ def fit(
                       init=str(init) if init else None, freeze=freeze.value,
                       cache=not no_cache, fit_ood=not no_ood, bn_recal_images=bn_recal_images,
                       calibrate=not no_calibrate, review_target_risk=review_target_risk,
-                      augment_parts=parse_parts(augment_parts))  # ArgumentError (exit 2) before any work
+                      augment_parts=parse_parts(augment_parts), robust_p=robust_p)  # ArgumentError (exit 2) before any work
     run_fit(cfg, resume=resume)
 
 

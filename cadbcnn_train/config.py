@@ -37,6 +37,7 @@ class TrainConfig:
     max_per_class: int | None = None
     augment: bool = True
     augment_parts: tuple[str, ...] = ()  # robust augmentation parts on top of the standard one (augment.PARTS)
+    robust_p: float = 1.0              # share of training images that get the robust parts (the rest: standard)
     crop_scale: float | None = 0.80
     class_weights: bool = True
     precision: str = "auto"           # auto | fp32 | bf16 | fp16
@@ -66,6 +67,8 @@ class TrainConfig:
         unknown = sorted(set(self.augment_parts) - set(PARTS))
         if unknown:
             raise ArgumentError(f"unknown augmentation part(s) {unknown}; choose from {', '.join(PARTS)}")
+        if not 0.0 <= self.robust_p <= 1.0:
+            raise ArgumentError(f"robust_p must be in [0, 1], got {self.robust_p}")
         if self.split not in SPLITS:
             raise ArgumentError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
         if self.precision not in PRECISIONS:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # How the released model in models/ was produced (after `make install`).
 #
-#   scripts/release.sh candidate SEED [SPLIT_CSV]   # train one seed (~58 min on the 2-core CPU) -> runs/release-sSEED
+#   scripts/release.sh candidate SEED [SPLIT_CSV]   # train one seed -> runs/release-sSEED (v0.1.0: ~58 min on a
+#                                                   # 2-core Xeon with AMX; v0.2.0: ~1.8 h on a 2-core EPYC, bf16)
 #   scripts/release.sh gate RUN                     # OOD fit + OOD release gate on validation images (~6 min)
 #   scripts/release.sh ship RUN                     # gate, exports with parity gates, figures, OOD report;
 #                                                   # writes models/ and docs/ only if every gate passes
@@ -14,13 +15,17 @@
 set -euo pipefail
 DATA=${DATA:-../shared/data/all-leukemia}
 B=.venv/bin
+# The training recipe. v0.1.0: the standard augmentation only (RECIPE=""). v0.2.0: every robust part (scale bar,
+# magnification, stain, exposure, degradation) on half of the training images (docs/SHIFT.md).
+RECIPE=${RECIPE-"--augment-parts robust --robust-p 0.5"}
+RUNS=${RUNS:-runs}
 
 candidate() {
-  local seed=$1 split=${2:-} run=runs/release-s$1
+  local seed=$1 split=${2:-} run=$RUNS/release-s$1
   local extra=()
   [[ -n "$split" ]] && extra=(--split-file "$split")
   # OOD statistics are fitted by `ship` for the chosen run only.
-  $B/cadbcnn-train fit --data "$DATA" --out "$run" --epochs 30 --patience 30 --seed "$seed" --no-ood "${extra[@]}"
+  $B/cadbcnn-train fit --data "$DATA" --out "$run" --epochs 30 --patience 30 --seed "$seed" --no-ood $RECIPE "${extra[@]}"
   # Precise BN for the best-on-validation and the last checkpoint, then keep the better one on validation.
   for c in best last; do
     $B/cadbcnn-train recalibrate-bn "$run/$c.pt" --data "$DATA" --out "$run/$c-bn.pt"

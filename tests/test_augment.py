@@ -48,3 +48,24 @@ def test_transforms_do_what_they_say():
     assert (T.white_balance(flat, (1.1, 1.0, 0.9))[0, 0] == (220, 200, 180)).all()
     erased = T.erase_scalebar(img)
     assert (erased[:80] == img[:80]).all() and len(np.unique(erased[-5:, -5:].reshape(-1, 3), axis=0)) == 1
+
+
+def test_robust_share_p_picks_which_images_are_shifted():
+    base = RobustAugment(parts=()).base
+    for seed in range(4):  # p = 0: one draw, then the standard augmentation only
+        rng = np.random.default_rng(seed)
+        rng.random()
+        np.testing.assert_array_equal(RobustAugment(parts=PARTS, p=0.0)(image(seed), np.random.default_rng(seed)),
+                                      base(image(seed), rng))
+    half = RobustAugment(parts=PARTS, p=0.5)
+    for seed in range(4):
+        a = half(image(seed), np.random.default_rng(seed))
+        assert a.dtype == np.uint8 and a.shape == (96, 96, 3)
+        np.testing.assert_array_equal(a, half(image(seed), np.random.default_rng(seed)))
+    # p = 1 draws nothing extra: the images of the ablations made before the option existed
+    np.testing.assert_array_equal(RobustAugment(parts=PARTS, p=1.0)(image(3), np.random.default_rng(3)),
+                                  RobustAugment(parts=PARTS)(image(3), np.random.default_rng(3)))
+    with pytest.raises(ValueError, match="p must be in"):
+        RobustAugment(parts=PARTS, p=1.5)
+    with pytest.raises(ValueError, match="robust_p"):
+        TrainConfig(data="d", out="o", robust_p=-0.1)
