@@ -1,8 +1,12 @@
 """Latency, throughput, memory and accuracy of every deployable format.
 
 Rows (formats): PyTorch eager FP32 and bf16 autocast, ONNX Runtime FP32 and
-INT8 on the CPU EP, FP32 and FP16 on the CUDA EP. A format that cannot run
-here still gets a row with its status and reason.
+INT8 on the CPU EP, FP32 and FP16 on the CUDA EP, the runtime's OpenVINO
+backend on the INT8 file, and the peer (OpenVINO on the same files). A format
+that cannot run here still gets a row with its status and reason.
+
+Latency is timed with nothing else running in this process; peak memory is
+measured afterwards, in a separate untimed pass (``measure``).
 """
 
 from __future__ import annotations
@@ -22,11 +26,16 @@ import numpy as np
 from cadbcnn_runtime.errors import DatasetError
 from cadbcnn_runtime.reliability import macro_f1
 from cadbcnn_runtime.spec import ModelSpec
+from cadbcnn_runtime.variants import variant_key
 
-from .conditions import PeakRSS, conditions
-from .runners import Runner, flops_per_image, openvino_runner, ort_runner, time_it, torch_runner
+from .conditions import PeakRSS, conditions, rss_mb
+from .runners import (Runner, flops_per_image, openvino_runner, ort_runner, runtime_openvino_runner, time_it,
+                      torch_runner)
 
 FORMAT_ORDER = ("torch-fp32", "torch-bf16", "ort-fp32", "ort-int8", "ort-cuda-fp32", "ort-cuda-fp16")
+# the formats that also get an end-to-end row (cadbcnn-infer's pipeline on their own file and backend)
+END_TO_END_FORMATS = ("ort-fp32", "ort-int8", "runtime-openvino-int8", "ort-cuda-fp32", "ort-cuda-fp16")
+MEM_RUNS = 3  # untimed runs inside the memory sampler, after the timed ones
 
 
 @dataclass
@@ -72,17 +81,42 @@ def accuracy(logits: np.ndarray, labels: np.ndarray, ref: np.ndarray | None, n_c
     return out
 
 
-def end_to_end(model_path: Path, images: Path, batch: int, threads: int, provider: str) -> dict[str, float]:
-    """Decode + preprocess + infer a folder through cadbcnn-infer's own pipeline (no output file)."""
+def measure(r: Runner, x: np.ndarray, threads: int, min_time: float) -> tuple[list[float], float]:
+    """(run times, peak memory MB above the process before the session was built).
+
+    The memory sampler is a Python thread that competes with the runs for the cores (≈ 10 % of the latency on
+    2 cores), so the runs are timed without it and the peak is taken in a separate, untimed pass of the same
+    runs after them (same input, same shapes: the same allocations).
+    """
+    base = rss_mb()
+    r.set_threads(threads)
+    times = time_it(lambda: r.run(x), min_time)
+    with PeakRSS(base=base) as mem:
+        for _ in range(MEM_RUNS):
+            r.run(x)
+    return times, mem.delta
+
+
+def end_to_end(model_path: Path, images: Path, batch: int, threads: int, provider: str,
+               backend: str = "onnxruntime") -> dict[str, Any]:
+    """Decode + preprocess + infer a folder through cadbcnn-infer's own pipeline (no output file).
+
+    Pinned to MODEL_PATH's own precision: with ``precision="auto"`` an FP32 file with an INT8 file next to it
+    runs as INT8 on a VNNI CPU, and its row would compare the INT8 pipeline with the FP32 model-only time.
+    """
     from cadbcnn_runtime.classifier import Classifier
     from cadbcnn_runtime.folder import classify_items, discover
 
     device = "cuda" if provider == "CUDAExecutionProvider" else "cpu"
-    clf = Classifier.from_file(model_path, device=device, threads=threads)
+    clf = Classifier.from_file(model_path, device=device, threads=threads, backend=backend,
+                               precision=variant_key(ModelSpec.from_onnx(model_path)))
+    if clf.path.resolve() != Path(model_path).resolve():
+        raise RuntimeError(f"the runtime chose {clf.path} instead of {model_path}")
     items = discover(images, recursive=True)
     classify_items(clf, items[: batch * 2], batch=batch, on_rows=lambda rows: None)  # warm-up
     s = classify_items(clf, items, batch=batch, on_rows=lambda rows: None)
-    return {"images": s.ok, "errors": s.errors, "seconds": s.seconds, "images_per_s": s.images_per_s}
+    return {"images": s.ok, "errors": s.errors, "seconds": s.seconds, "images_per_s": s.images_per_s,
+            "file": clf.path.name, "precision": clf.precision, "backend": clf.backend, "providers": clf.providers}
 
 
 COLD_START = r"""
@@ -124,6 +158,39 @@ def cold_start(model_path: Path, device: str, repeats: int = 3) -> dict[str, Any
     out["session_cache"] = later[-1]["session_cache"]
     out["first_start_s"], out["first_session_cache"] = first["process_total_s"], first["session_cache"]
     return out
+
+
+def end_to_end_rows(runners: dict[str, Runner | str], rows: list[Row], folder: Path, threads: int,
+                    log) -> dict[str, dict[str, Any]]:
+    """End-to-end vs model-only throughput per runtime format, at the format's best model-only batch.
+
+    A format that cannot run here (not installed, no file, every model-only run failed) or whose end-to-end
+    run fails gets an entry with its status and reason, never a crash.
+    """
+    e2e: dict[str, dict[str, Any]] = {}
+    for name, r in runners.items():
+        if isinstance(r, str):
+            if name in END_TO_END_FORMATS:
+                e2e[name] = {"status": "not available", "reason": r}
+            continue
+        if r.classifier_path is None:
+            continue
+        passed = [x for x in rows if x.format == name and x.status == "passed" and x.threads == threads]
+        if not passed:
+            e2e[name] = {"status": "failed", "reason": "no model-only measurement passed at these threads"}
+            continue
+        best = max(passed, key=lambda x: x.images_per_s)
+        try:
+            d = end_to_end(r.classifier_path, folder, best.batch, threads, r.provider, r.backend)
+        except Exception as exc:  # noqa: BLE001 — a format that fails end-to-end gets a failed entry
+            e2e[name] = {"status": "failed", "reason": f"{type(exc).__name__}: {str(exc)[:200]}"}
+            continue
+        d.update({"status": "passed", "batch": best.batch, "model_only_images_per_s": best.images_per_s,
+                  "ratio": d["images_per_s"] / best.images_per_s})
+        e2e[name] = d
+        log(f"end-to-end {name} ({d['file']}, {d['precision']}, {d['backend']}): {d['images_per_s']:.1f} img/s vs "
+            f"model-only {best.images_per_s:.1f} (×{d['ratio']:.2f}) at batch {best.batch}")
+    return e2e
 
 
 # ---------------------------------------------------------------------------
@@ -227,6 +294,9 @@ def run_benchmark(opts: BenchOptions, log=print) -> dict[str, Any]:
         "openvino-fp32-default": openvino_runner("openvino-fp32-default", files["fp32"]),
         "openvino-fp32-f32": openvino_runner("openvino-fp32-f32", files["fp32"], precision_hint="f32"),
         "openvino-int8": openvino_runner("openvino-int8", files["int8"]) if "int8" in files else "no INT8 model",
+        # the runtime's own OpenVINO backend (the adapter Classifier(backend="openvino") runs), on the INT8 file
+        "runtime-openvino-int8": runtime_openvino_runner("runtime-openvino-int8", files["int8"]) if "int8" in files
+        else "no INT8 model",
         "ort-cuda-fp32": ort_runner("ort-cuda-fp32", files["fp32"], "CUDAExecutionProvider") if cuda
         else "CUDA EP not available (install onnxruntime-gpu on a CUDA machine)",
         "ort-cuda-fp16": (ort_runner("ort-cuda-fp16", files["fp16"], "CUDAExecutionProvider") if "fp16" in files
@@ -249,9 +319,7 @@ def run_benchmark(opts: BenchOptions, log=print) -> dict[str, Any]:
             for b in opts.batches:
                 x = np.random.default_rng(b).integers(0, 256, (b, 3, *spec.image_size), dtype=np.uint8)
                 try:
-                    with PeakRSS() as mem:
-                        r.set_threads(threads)
-                        times = time_it(lambda: r.run(x), opts.min_time)
+                    times, mem_mb = measure(r, x, threads, opts.min_time)
                 except Exception as exc:  # noqa: BLE001 — a format that fails gets a failed row
                     rows.append(Row(name, "failed", f"{type(exc).__name__}: {str(exc)[:200]}", b, threads))
                     continue
@@ -264,7 +332,7 @@ def run_benchmark(opts: BenchOptions, log=print) -> dict[str, Any]:
                 ips = b / (p50 / 1000)
                 rows.append(Row(name, "passed", "", b, threads, r.provider, len(times), p50,
                                 float(np.percentile(t, 90)), float(np.percentile(t, 99)), p50 / b, ips,
-                                flops * ips / 1e9 if flops else None, mem.delta, r.size_mb))
+                                flops * ips / 1e9 if flops else None, mem_mb, r.size_mb))
                 log(f"{name:<14} batch {b:<3} threads {threads}: p50 {p50:8.1f} ms  {ips:7.1f} img/s")
     # ratios at the same batch and threads
     def lat(fmt, b, th):
@@ -308,20 +376,7 @@ def run_benchmark(opts: BenchOptions, log=print) -> dict[str, Any]:
 
     # end-to-end through cadbcnn-infer's pipeline vs model-only at the best batch
     if opts.images or opts.data:
-        e2e = {}
-        folder = Path(opts.images or opts.data)
-        for name, r in runners.items():
-            if isinstance(r, str) or r.classifier_path is None:
-                continue
-            passed = [x for x in rows if x.format == name and x.status == "passed" and x.threads == opts.threads[-1]]
-            best = max(passed, key=lambda x: x.images_per_s)
-            d = end_to_end(r.classifier_path, folder, best.batch, opts.threads[-1], r.provider)
-            d.update({"batch": best.batch, "model_only_images_per_s": best.images_per_s,
-                      "ratio": d["images_per_s"] / best.images_per_s})
-            e2e[name] = d
-            log(f"end-to-end {name}: {d['images_per_s']:.1f} img/s vs model-only {best.images_per_s:.1f} "
-                f"(×{d['ratio']:.2f}) at batch {best.batch}")
-        result["end_to_end"] = e2e
+        result["end_to_end"] = end_to_end_rows(runners, rows, Path(opts.images or opts.data), opts.threads[-1], log)
 
     if opts.cold_start:
         result["cold_start"] = {k: cold_start(files[k], "cpu") for k in ("fp32", "int8") if k in files}

@@ -29,10 +29,15 @@ def rss_mb() -> float:
 
 
 class PeakRSS:
-    """Samples this process's resident memory in a thread; reports the peak above a baseline."""
+    """Samples this process's resident memory in a thread; reports the peak above a baseline (``base``: taken
+    now unless given, e.g. before a session was built so that its memory counts).
 
-    def __init__(self, interval: float = 0.01):
-        self.interval, self.base, self.peak = interval, rss_mb(), 0.0
+    The sampling thread competes with the measured work for the cores (≈ 10 % of the latency on 2 cores), so
+    never time anything inside it: time first, then repeat a few runs inside it (``bench.measure``).
+    """
+
+    def __init__(self, interval: float = 0.01, base: float | None = None):
+        self.interval, self.base, self.peak = interval, rss_mb() if base is None else base, 0.0
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 

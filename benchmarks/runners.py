@@ -25,7 +25,8 @@ class Runner:
     provider: str
     size_mb: float | None = None
     load: Callable[[], None] = lambda: None
-    classifier_path: Path | None = None             # ORT formats: for end-to-end runs
+    classifier_path: Path | None = None             # runtime formats: the file end-to-end runs classify with
+    backend: str = "onnxruntime"                    # the runtime backend of the end-to-end run
 
 
 def torch_runner(model, precision: str, size_mb: float | None) -> Runner:
@@ -45,28 +46,53 @@ def torch_runner(model, precision: str, size_mb: float | None) -> Runner:
     return Runner(f"torch-{precision}", run, torch.set_num_threads, "torch-cpu", size_mb)
 
 
-def ort_runner(name: str, path: Path, provider: str) -> Runner:
-    from cadbcnn_runtime.session import make_session
-
+def session_runner(name: str, path: Path, provider: str, build: Callable[[int], Any], *,
+                   backend: str = "onnxruntime") -> Runner:
+    """A runner over a session-like object (``run(names, feeds)``) that ``build(threads)`` makes; rebuilt only
+    when the thread count changes. ``runner.session()`` is the session in use."""
     state: dict[str, Any] = {}
-
-    def make(threads: int):  # the very session options cadbcnn_runtime.Classifier uses
-        providers = [provider] + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [])
-        state["s"] = make_session(path, providers=providers, threads=threads)
-        state["threads"] = threads
-        if provider not in state["s"].get_providers():
-            raise RuntimeError(f"{provider} did not initialise (got {state['s'].get_providers()})")
 
     def set_threads(t):
         if state.get("threads") != t:
-            make(t)
+            state["s"], state["threads"] = build(t), t
 
     def run(x):
         return state["s"].run([OUTPUT_NAME], {INPUT_NAME: x})[0]
 
-    r = Runner(name, run, set_threads, provider, path.stat().st_size / 1e6, classifier_path=path)
+    r = Runner(name, run, set_threads, provider, path.stat().st_size / 1e6, classifier_path=path, backend=backend)
     r.session = lambda: state["s"]  # type: ignore[attr-defined]
     return r
+
+
+def ort_runner(name: str, path: Path, provider: str) -> Runner:
+    from cadbcnn_runtime.session import make_session
+
+    def build(threads: int):  # the very session options cadbcnn_runtime.Classifier uses
+        providers = [provider] + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [])
+        s = make_session(path, providers=providers, threads=threads)
+        if provider not in s.get_providers():
+            raise RuntimeError(f"{provider} did not initialise (got {s.get_providers()})")
+        return s
+
+    return session_runner(name, path, provider, build)
+
+
+def runtime_openvino_runner(name: str, path: Path) -> Runner | str:
+    """The runtime's own OpenVINO backend (``cadbcnn_runtime.openvino_backend``: the adapter ``Classifier`` runs,
+    FP32 inference precision), so that its end-to-end row is compared with the same path model-only. A string
+    when OpenVINO is not installed."""
+    from cadbcnn_runtime.errors import ArgumentError
+    from cadbcnn_runtime.openvino_backend import INSTALL_HINT, openvino_session, require_openvino
+    from cadbcnn_runtime.session import resolve_threads
+
+    try:
+        require_openvino()
+    except ArgumentError:
+        return f"OpenVINO not installed ({INSTALL_HINT})"
+    data = path.read_bytes()
+    return session_runner(name, path, "OpenVINO CPU (runtime backend)",
+                          lambda threads: openvino_session(data, threads=resolve_threads(threads), name=str(path)),
+                          backend="openvino")
 
 
 def time_it(fn: Callable[[], Any], min_time: float, warmup: int = 2, min_runs: int = 3) -> list[float]:

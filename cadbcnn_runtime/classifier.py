@@ -6,7 +6,11 @@
         print(p.label, p.confidence, p.needs_review)
 
 One ``Classifier`` may be shared by many threads (ONNX Runtime sessions are
-thread-safe for ``run``; nothing else here is mutated after construction).
+thread-safe for ``run``, the OpenVINO backend locks its request; nothing else here is
+mutated after construction).
+
+``backend="openvino"`` (extra ``cadbcnn[openvino]``) runs the same verified bytes on OpenVINO's CPU plugin in
+FP32 precision (``openvino_backend``); it is never chosen, nor fallen back to, on its own.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from .calibration import temperature_of
 from .preprocess import ImageSource, load_and_preprocess
 from .quality import content_scores
 from .reliability import softmax
-from .session import CPU_EP, CUDA_EP, make_verified_session, resolve_threads
+from .session import BACKEND_NAMES, CPU_EP, CUDA_EP, check_backend, make_verified_session, resolve_threads
 from .spec import METADATA_KEY, ModelSpec, canonical_spec_json
 from .variants import check_same_model, choose, variant_key
 _ONNX_DTYPES = {"uint8": "tensor(uint8)", "float32": "tensor(float)"}
@@ -45,6 +49,7 @@ class Prediction:
     out_of_distribution: bool = False
     content_score: float | None = None   # None when the spec has no field-content check
     low_content: bool = False            # blank / near-uniform field: always needs review
+    backend: str = "onnxruntime"         # what computed it: onnxruntime | openvino
 
 
 def default_model_path() -> Path:
@@ -71,11 +76,12 @@ def _cuda_available(ort) -> bool:
 
 
 class Classifier:
-    """A cadbcnn ONNX model with its spec, on the CPU or CUDA execution provider."""
+    """A cadbcnn ONNX model with its spec, on ONNX Runtime's CPU or CUDA execution provider, or on OpenVINO's CPU."""
 
     def __init__(self, session, spec: ModelSpec, path: Path, device: str, *, review_threshold: float | None = None,
-                 ood_threshold: float | None = None, threads: int | None = None):
+                 ood_threshold: float | None = None, threads: int | None = None, backend: str = "onnxruntime"):
         self.session = session
+        self.backend = backend  # onnxruntime | openvino: what runs the model
         self.spec = spec
         self.path = path
         self.device = device  # what is really used: "cpu" or "cuda"
@@ -95,7 +101,8 @@ class Classifier:
     @classmethod
     def from_file(cls, path: str | os.PathLike | None = None, device: str = "auto", threads: int | None = None,
                   *, allow_fallback: bool = False, review_threshold: float | None = None,
-                  ood_threshold: float | None = None, precision: str = "auto") -> "Classifier":
+                  ood_threshold: float | None = None, precision: str = "auto",
+                  backend: str = "onnxruntime") -> "Classifier":
         """Load and validate a model. ``path=None`` loads the released model.
 
         ``device``: ``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA when its EP is available). Asking for
@@ -103,11 +110,14 @@ class Classifier:
         ``precision``: ``"auto"`` runs the fastest variant of this model that the machine supports (INT8 on
         CPUs with VNNI, FP16 on CUDA, when those files sit next to it — ``cadbcnn_runtime.variants``);
         ``"fp32"``, ``"int8"``, ``"fp16"`` ask for one. The choice: ``.precision``, ``.precision_reason``.
+        ``backend``: ``"onnxruntime"`` or ``"openvino"`` (OpenVINO's CPU plugin in FP32 precision; refused with
+        ``device="cuda"`` or when OpenVINO is not installed). The choice: ``.backend``.
         """
         import onnxruntime as ort
 
         path = Path(path) if path is not None else default_model_path()
         _check_device(device)
+        check_backend(backend, device)
         if not path.is_file():
             raise ModelLoadError(f"{path}: model file not found. Check the path, or export one with "
                                  "`cadbcnn-export CHECKPOINT -o MODEL.onnx`.")
@@ -120,48 +130,41 @@ class Classifier:
                                     "pass the FP32 model (X.onnx) to choose among its variants")
             key, chosen, reason = named, path, "the file named"
         else:
-            cuda = device == "cuda" or (device == "auto" and _cuda_available(ort))
+            cuda = backend == "onnxruntime" and (device == "cuda" or (device == "auto" and _cuda_available(ort)))
             key, chosen, reason = choose(path, precision, cuda=cuda)
             if chosen != path:
                 data = read_model_bytes(chosen)
                 check_same_model(base, ModelSpec.from_metadata(metadata_of(data, chosen), source=str(chosen)), chosen)
         clf = cls.from_bytes(data, name=chosen, device=device, threads=threads, allow_fallback=allow_fallback,
-                             review_threshold=review_threshold, ood_threshold=ood_threshold)
+                             review_threshold=review_threshold, ood_threshold=ood_threshold, backend=backend)
         clf.precision, clf.precision_reason = key, reason
         return clf
 
     @classmethod
     def from_bytes(cls, data: bytes, *, name: str | os.PathLike = "<bytes>", device: str = "auto",
                    threads: int | None = None, allow_fallback: bool = False, review_threshold: float | None = None,
-                   ood_threshold: float | None = None) -> "Classifier":
+                   ood_threshold: float | None = None, backend: str = "onnxruntime") -> "Classifier":
         """Load and validate a model held in memory (e.g. shipped to a worker on another machine).
 
-        The same checks as ``from_file``: spec, content hash, graph inputs/outputs, device. ``name`` is the
-        model's origin, used in messages and as ``Classifier.path``.
+        The same checks as ``from_file``: spec, content hash, graph inputs/outputs, device, backend. ``name`` is
+        the model's origin, used in messages and as ``Classifier.path``.
         """
-        import onnxruntime as ort
-
         path = Path(name)
         _check_device(device)
-        want_cuda = device == "cuda" or (device == "auto" and _cuda_available(ort))
-        if device == "cuda" and not _cuda_available(ort) and not allow_fallback:
-            raise DeviceError(
-                "device 'cuda' requested but ONNX Runtime's CUDA execution provider is not available "
-                f"(available: {ort.get_available_providers()}). Install the GPU build "
-                "(`pip uninstall -y onnxruntime && pip install 'cadbcnn[gpu]'`) and check the CUDA/cuDNN "
-                "libraries, or use --device cpu / --allow-fallback.")
-        providers = [CUDA_EP, CPU_EP] if want_cuda and _cuda_available(ort) else [CPU_EP]
+        check_backend(backend, device)
+        providers = _ort_providers(device, allow_fallback) if backend == "onnxruntime" else None
 
         meta = metadata_of(data, path)
         spec = ModelSpec.from_metadata(meta, source=str(path))
         verify_content(data, spec, json.loads(meta[METADATA_KEY]), path)
         n_threads = resolve_threads(threads)
-        try:  # built from the very bytes that were verified: no second read of the file
-            session, cache_status = make_verified_session(data, spec.content_sha256, providers=providers,
-                                                          threads=n_threads)
-        except Exception as exc:  # ORT raises its own exception types
-            raise ModelLoadError(f"{path}: ONNX Runtime cannot load this file ({str(exc).splitlines()[0][:300]}). "
-                                 "Is it an ONNX model exported with cadbcnn-export?") from None
+        # built from the very bytes that were verified: no second read of the file
+        if backend == "openvino":
+            from .openvino_backend import openvino_session
+
+            session, cache_status = openvino_session(data, threads=n_threads, name=str(path)), "off (openvino backend)"
+        else:
+            session, cache_status = _ort_session(data, spec, path, providers, n_threads)
         del data
         _check_io(session, spec, path)
         used = "cuda" if CUDA_EP in session.get_providers() else "cpu"
@@ -169,7 +172,7 @@ class Classifier:
             raise DeviceError(f"{path}: the CUDA EP could not be initialised (session providers: "
                               f"{session.get_providers()}); check the CUDA/cuDNN libraries or use --device cpu.")
         clf = cls(session, spec, path, used, review_threshold=review_threshold, ood_threshold=ood_threshold,
-                  threads=n_threads)
+                  threads=n_threads, backend=backend)
         clf.session_cache = cache_status
         return clf
 
@@ -199,9 +202,9 @@ class Classifier:
             outs = session.run(self._outputs, {self.spec.input_name: batch})
         except Exception as exc:  # ORT raises its own types (e.g. allocation failures); not a per-image problem
             msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-            raise ModelRunError(f"{self.path}: ONNX Runtime failed while running the model on a batch of "
-                                f"{len(batch)} ({msg}). Try a smaller --batch, free memory, or re-export the "
-                                "model with cadbcnn-export.") from None
+            raise ModelRunError(f"{self.path}: {BACKEND_NAMES[self.backend]} failed while running the model on a "
+                                f"batch of {len(batch)} ({msg}). Try a smaller --batch, free memory, or re-export "
+                                "the model with cadbcnn-export.") from None
         return outs[0], (outs[1] if len(outs) > 1 else None)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
@@ -223,7 +226,8 @@ class Classifier:
             low = c is not None and min_content is not None and not c >= min_content
             out.append(Prediction(self.spec.class_names[k], k, conf,
                                   {n: float(v) for n, v in zip(self.spec.class_names, p)},
-                                  conf < self.review_threshold or is_ood or low, score, is_ood, c, low))
+                                  conf < self.review_threshold or is_ood or low, score, is_ood, c, low,
+                                  self.backend))
         return out
 
     def classify(self, batch: np.ndarray) -> list[Prediction]:
@@ -242,6 +246,29 @@ class Classifier:
         for chunk in _chunks(images, batch_size):
             out += self.classify(np.stack([self.preprocess(im) for im in chunk]))
         return out
+
+
+def _ort_providers(device: str, allow_fallback: bool) -> list[str]:
+    """ONNX Runtime's providers for DEVICE; DeviceError when CUDA is asked for, missing and no fallback allowed."""
+    import onnxruntime as ort
+
+    cuda = _cuda_available(ort)
+    if device == "cuda" and not cuda and not allow_fallback:
+        raise DeviceError(
+            "device 'cuda' requested but ONNX Runtime's CUDA execution provider is not available "
+            f"(available: {ort.get_available_providers()}). Install the GPU build "
+            "(`pip uninstall -y onnxruntime && pip install 'cadbcnn[gpu]'`) and check the CUDA/cuDNN "
+            "libraries, or use --device cpu / --allow-fallback.")
+    return [CUDA_EP, CPU_EP] if device in ("cuda", "auto") and cuda else [CPU_EP]
+
+
+def _ort_session(data: bytes, spec: ModelSpec, path: Path, providers: list[str], threads: int):
+    """(session, optimised-graph cache status) through the runtime's session factory; ModelLoadError if ORT fails."""
+    try:
+        return make_verified_session(data, spec.content_sha256, providers=providers, threads=threads)
+    except Exception as exc:  # ORT raises its own exception types
+        raise ModelLoadError(f"{path}: ONNX Runtime cannot load this file ({str(exc).splitlines()[0][:300]}). "
+                             "Is it an ONNX model exported with cadbcnn-export?") from None
 
 
 def _chunks(items: Iterable, n: int) -> Iterator[list]:

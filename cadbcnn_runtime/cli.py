@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from .results import printable
+from .session import BACKENDS
 from .variants import PRECISIONS
 
 EXIT_HELP = """
@@ -48,6 +49,7 @@ class Engine(str, Enum):
 
 
 Precision = Enum("Precision", {p: p for p in PRECISIONS}, type=str)
+Backend = Enum("Backend", {b: b for b in BACKENDS}, type=str)
 
 
 @app.command(help="Classify every image in SOURCE (a folder, a list file of paths/URIs, or a URI) with a cadbcnn "
@@ -63,7 +65,7 @@ def infer(
     device: str = typer.Option("auto", help="auto (CUDA if available) | cpu | cuda"),
     allow_fallback: bool = typer.Option(False, "--allow-fallback", help="Use the CPU if --device cuda is unavailable."),
     batch: int = typer.Option(16, min=1, help="Images per inference batch."),
-    threads: Optional[int] = typer.Option(None, min=1, help="ONNX Runtime intra-op threads (local engine: default and "
+    threads: Optional[int] = typer.Option(None, min=1, help="Inference threads (local engine: default and "
                                           "cap the CPUs this process may use; ray engine: per actor, default 1)."),
     workers: int = typer.Option(2, min=1, help="Decoding threads (per actor with --engine ray)."),
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Also look in sub-folders."),
@@ -85,6 +87,9 @@ def infer(
                                         "images that need review first, filters)."),
     precision: Precision = typer.Option("auto", help="auto: the fastest variant next to the model this machine "
                                         "supports (INT8 with VNNI, FP16 on CUDA, else FP32); or name one."),
+    backend: Backend = typer.Option("onnxruntime", help="onnxruntime | openvino: OpenVINO's CPU plugin in FP32 "
+                                    "precision on the same file (pip install 'cadbcnn[openvino]'; CPU, local "
+                                    "engine only)."),
 ) -> None:
     from .errors import CadbcnnError
     from .exits import exit_code_of
@@ -96,7 +101,7 @@ def infer(
                                   recursive=recursive, review_threshold=review_threshold,
                                   ood_threshold=ood_threshold, resume=resume, force=force, quiet=quiet,
                                   address=address, actors=actors, html=html, precision=precision.value,
-                                  say=_say)
+                                  backend=backend.value, say=_say)
     except CadbcnnError as exc:
         _say(f"error: {exc}")
         raise typer.Exit(exit_code_of(exc))
@@ -124,7 +129,7 @@ def _report(result) -> int:
          + (f" ({s.out_of_distribution} out of distribution)" if result.has_ood else "")
          + (f" ({s.low_content} blank or near-uniform)" if result.has_quality else "") + "; "
          f"{s.errors} errors; {s.skipped_resume} already done (--resume); "
-         f"{s.images_per_s:.1f} images/s" + (f" → {where}" if where else ""))
+         f"{s.images_per_s:.1f} images/s ({result.backend}, {result.precision})" + (f" → {where}" if where else ""))
     if s.errors:
         _say(f"warning: {s.errors} file(s) could not be read — see the rows with status=error")
     return result.exit_code

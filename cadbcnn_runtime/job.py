@@ -43,6 +43,7 @@ class JobResult:
     has_quality: bool = False
     precision: str = ""           # the variant that ran (fp32 | int8 | fp16) and why
     precision_reason: str = ""
+    backend: str = ""             # what ran it: onnxruntime | openvino
 
 
 def default_output(source: str | os.PathLike) -> Path:
@@ -72,13 +73,15 @@ def classify_to_file(source: str | os.PathLike, out: str | os.PathLike | None = 
                      review_threshold: float | None = None, ood_threshold: float | None = None,
                      resume: bool = False, force: bool = False, quiet: bool = True,
                      address: str | None = None, actors: int | None = None, html: str | os.PathLike | None = None,
-                     precision: str = "auto",
+                     precision: str = "auto", backend: str = "onnxruntime",
                      say: Callable[[str], None] = _stderr) -> JobResult:
     """Classify every image of SOURCE (folder, list file or URI) into OUT (.csv/.jsonl/.json/.parquet, '-').
 
     ``html``: also write a self-contained review report there (``report_html``) when the run finishes.
+    ``backend``: ``"onnxruntime"`` or ``"openvino"`` (``Classifier.from_file``; the local engine only).
     """
     from .classifier import Classifier
+    from .session import check_backend
 
     # -- everything that can be refused is refused before any work -------------------------------------------
     if engine not in ENGINES:
@@ -89,6 +92,10 @@ def classify_to_file(source: str | os.PathLike, out: str | os.PathLike | None = 
         raise ArgumentError(f"actors must be an integer >= 1, got {actors!r}")
     if engine == "local" and (address is not None or actors is not None):
         raise ArgumentError("--address and --actors are options of --engine ray")
+    check_backend(backend, device)
+    if engine == "ray" and backend != "onnxruntime":
+        raise ArgumentError(f"--engine ray runs its actors on ONNX Runtime only; --backend {backend} needs --engine "
+                            "local (or use --backend onnxruntime on Ray)")
     ray_engine = None
     if engine == "ray":
         from .distributed import RayEngine  # raises ArgumentError naming the extra when Ray is not installed
@@ -110,11 +117,11 @@ def classify_to_file(source: str | os.PathLike, out: str | os.PathLike | None = 
             check_not_foreign(out_path, force=force)
         clf = Classifier.from_file(model, device=device, threads=threads, allow_fallback=allow_fallback,
                                    review_threshold=review_threshold, ood_threshold=ood_threshold,
-                                   precision=precision)
+                                   precision=precision, backend=backend)
         if device == "cuda" and clf.device != "cuda":
             say("warning: CUDA is not available; falling back to the CPU (--allow-fallback)")
         say(f"model {clf.path} ({clf.spec.name} {clf.spec.version}, {clf.spec.variant}) on {clf.device} "
-            f"[{', '.join(clf.providers)}]; precision {clf.precision}: {clf.precision_reason}; "
+            f"[{', '.join(clf.providers)}]; backend {clf.backend}; precision {clf.precision}: {clf.precision_reason}; "
             f"optimised-graph cache: {clf.session_cache}")
         if ray_engine is not None:  # connect and check the pool against the cluster before any image is read
             info = ray_engine.start(clf)
@@ -172,8 +179,9 @@ def classify_to_file(source: str | os.PathLike, out: str | os.PathLike | None = 
         write_html_report(html_path, for_report, class_names=names,
                           source_of=lambda key: read_item(by_key[key]) if key in by_key else None,
                           title=f"cadbcnn review — {Path(os.fspath(source)).name or os.fspath(source)}",
-                          model_info=f"{clf.spec.name} {clf.spec.version} ({clf.path.name}, {clf.spec.variant}) · "
-                                     f"{thr}")
+                          model_info=f"{clf.spec.name} {clf.spec.version} ({clf.path.name}, {clf.spec.variant}, "
+                                     f"{clf.backend}) · {thr}")
         say(f"review report → {html_path}")
     return JobResult(code, summary, len(items), where, collected, info, failure, tuple(names),
-                     clf.spec.ood is not None, clf.spec.quality is not None, clf.precision, clf.precision_reason)
+                     clf.spec.ood is not None, clf.spec.quality is not None, clf.precision, clf.precision_reason,
+                     clf.backend)

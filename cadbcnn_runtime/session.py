@@ -7,6 +7,9 @@ Threads: ``intra_op_num_threads`` defaults to — and is capped at — the CPUs 
 (``os.sched_getaffinity`` and, where readable, the cgroup CPU quota), so ``threads=8`` in a 1-CPU container
 runs one compute thread instead of oversubscribing. Spinning is off by default
 (``session.intra_op.allow_spinning=0``) so a host GUI or acquisition loop is not starved between calls.
+
+Backends: ONNX Runtime (the default, these functions) or, chosen explicitly, OpenVINO's CPU plugin
+(``openvino_backend``, extra ``cadbcnn[openvino]``); ``check_backend`` refuses a bad choice before any work.
 """
 
 from __future__ import annotations
@@ -16,6 +19,26 @@ import os
 from pathlib import Path
 
 CPU_EP, CUDA_EP = "CPUExecutionProvider", "CUDAExecutionProvider"
+BACKENDS = ("onnxruntime", "openvino")
+BACKEND_NAMES = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}  # as messages name them
+
+
+def check_backend(backend: str, device: str) -> None:
+    """Refuse, before any work, an unknown backend, OpenVINO on CUDA, or OpenVINO when it is not installed.
+
+    Never a silent fallback: the backend asked for is the backend that runs, or this raises ``ArgumentError``.
+    """
+    from .errors import ArgumentError
+
+    if backend not in BACKENDS:
+        raise ArgumentError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "openvino":
+        if device == "cuda":
+            raise ArgumentError("backend 'openvino' runs on the CPU only (OpenVINO's CPU plugin); use --device cpu "
+                                "(or auto), or --backend onnxruntime for CUDA")
+        from .openvino_backend import require_openvino
+
+        require_openvino()
 
 
 def _cgroup_quota() -> float | None:

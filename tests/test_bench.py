@@ -1,11 +1,22 @@
 """Smoke test of cadbcnn-bench: report structure only — never speeds."""
 
 import json
+import math
+import shutil
 
+import numpy as np
 from typer.testing import CliRunner
 
 from cadbcnn_bench.cli import app
 from conftest import make_dataset, save_random_checkpoint
+
+
+def _openvino_installed() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def test_bench_smoke_report_structure(tmp_path):
@@ -22,6 +33,7 @@ def test_bench_smoke_report_structure(tmp_path):
         assert x["status"] in ("passed", "failed", "not available")
         if x["status"] == "passed":
             assert x["p50_ms"] > 0 and x["images_per_s"] > 0 and x["p99_ms"] >= x["p50_ms"] and x["runs"] >= 3
+            assert isinstance(x["mem_mb"], float) and math.isfinite(x["mem_mb"])  # from the untimed pass
         else:
             assert x["reason"]
     for f in ("ort-fp32", "ort-int8", "torch-fp32"):
@@ -29,19 +41,32 @@ def test_bench_smoke_report_structure(tmp_path):
     assert next(x for x in rows if x["format"] == "ort-fp32" and x["batch"] == 1)["vs_ort_fp32"] == 1.0
     assert set(res["accuracy"]) >= {"torch-fp32", "ort-fp32", "ort-int8"}
     assert 0 <= res["accuracy"]["ort-int8"]["top1"] <= 1
-    assert res["end_to_end"]["ort-fp32"]["images"] == 12
+    report = (tmp_path / "b" / "report.md").read_text()
+    e2e = res["end_to_end"]
+    assert e2e["ort-fp32"]["images"] == 12
+    # each end-to-end row runs its own file (the FP32 row is not the INT8 file next to it, whatever the CPU)
+    assert (e2e["ort-fp32"]["file"], e2e["ort-fp32"]["precision"]) == ("model.onnx", "fp32")
+    assert (e2e["ort-int8"]["file"], e2e["ort-int8"]["precision"]) == ("model.int8.onnx", "int8")
+    assert "model.onnx (fp32, onnxruntime)" in report
     cond = res["conditions"]
     assert cond["cores"] >= 1 and "onnxruntime" in cond["versions"] and "avx512f" in cond["isa"]
-    report = (tmp_path / "b" / "report.md").read_text()
     assert "| ort-int8 | passed |" in report and "Accuracy per format" in report
     # the best peer, OpenVINO on the same files: measured and compared, or a row that says it is not installed
     peers = [x for x in rows if x["format"].startswith("openvino")]
     assert {x["format"] for x in peers} == {"openvino-fp32-default", "openvino-fp32-f32", "openvino-int8"}
-    try:
-        import openvino  # noqa: F401
-    except ImportError:
-        assert all(x["status"] == "not available" and "not installed" in x["reason"] for x in peers)
+    ours = [x for x in rows if x["format"] == "runtime-openvino-int8"]  # the runtime's backend: not a peer
+    assert ours and "| runtime-openvino-int8 |" in report
+    if not _openvino_installed():
+        assert all(x["status"] == "not available" and "not installed" in x["reason"] for x in peers + ours)
+        assert e2e["runtime-openvino-int8"]["status"] == "not available"
     else:
+        assert {x["batch"] for x in ours if x["status"] == "passed"} == {1, 2}
+        assert res["conditions"]["providers_used"]["runtime-openvino-int8"] == ["OpenVINO CPU (f32)"]
+        d = e2e["runtime-openvino-int8"]
+        assert (d["status"], d["file"], d["precision"], d["backend"], d["images"]) == \
+               ("passed", "model.int8.onnx", "int8", "openvino", 12)
+        assert d["model_only_images_per_s"] == max(x["images_per_s"] for x in ours if x["status"] == "passed")
+        assert "runtime-openvino-int8" in res["accuracy"]
         ov_rows = [x for x in peers if x["status"] == "passed"]
         assert {x["batch"] for x in ov_rows} == {1, 2}
         assert min(x["vs_best_peer"] for x in ov_rows) == 1.0
@@ -74,3 +99,89 @@ def test_torch_rows_on_random_weights_get_no_accuracy_beside_trained_onnx_files(
     assert "torch-fp32" not in res["accuracy"] and "ort-fp32" in res["accuracy"]
     assert "random weights" in res["accuracy_skipped"]["torch-fp32"]
     assert "| torch-fp32 | — | — | — | — (random weights" in (tmp_path / "b" / "report.md").read_text()
+
+
+def test_runs_are_timed_outside_the_memory_sampler(monkeypatch):
+    """The sampler thread costs ≈ 10 % of the latency on 2 cores: no timed run may happen while it samples, and
+    the untimed pass after the timing still sees the memory the runs take."""
+    from cadbcnn_bench import bench
+    from cadbcnn_bench.runners import Runner
+
+    sampling: list[bool] = []
+
+    class Recording(bench.PeakRSS):
+        def __enter__(self):
+            sampling.append(True)
+            return super().__enter__()
+
+        def __exit__(self, *exc):
+            super().__exit__(*exc)
+            sampling.pop()
+
+    timed_while_sampling, runs_while_sampling, kept = [], [], []
+    real_time_it = bench.time_it
+
+    def time_it(fn, min_time, **kw):
+        timed_while_sampling.append(bool(sampling))
+        return real_time_it(fn, min_time, **kw)
+
+    def run(x):
+        runs_while_sampling.append(bool(sampling))
+        kept.append(np.ones(4 * 2**20))  # 32 MB touched and kept: resident memory the runs take
+        return x
+
+    monkeypatch.setattr(bench, "PeakRSS", Recording)
+    monkeypatch.setattr(bench, "time_it", time_it)
+    times, mem = bench.measure(Runner("fake", run, lambda t: None, "fake"), np.zeros(1), 1, 0.01)
+    assert timed_while_sampling == [False] and len(times) >= 3
+    assert runs_while_sampling.count(True) == bench.MEM_RUNS and not any(runs_while_sampling[:-bench.MEM_RUNS])
+    assert mem >= 32 * (len(times) + bench.MEM_RUNS)
+
+
+def test_end_to_end_runs_the_file_it_is_compared_with(onnx_model, tmp_path, monkeypatch):
+    """With precision "auto" an FP32 file with an INT8 file beside it runs as INT8 on a VNNI CPU; each end-to-end
+    row is pinned to its own file, precision and backend."""
+    from cadbcnn_bench.bench import end_to_end
+    from cadbcnn_runtime import Classifier, ModelSpec, variants
+    from cadbcnn_runtime.machine import CpuInfo
+    from cadbcnn_runtime.respec import replace_spec
+
+    base = tmp_path / "m.onnx"
+    shutil.copy(onnx_model, base)
+    int8 = base.with_name("m.int8.onnx")  # the same graph, its spec saying int8: selection only
+    int8.write_bytes(replace_spec(base.read_bytes(), ModelSpec.from_onnx(base).replace(variant="int8")))
+    monkeypatch.setattr(variants, "cpu_info", lambda: CpuInfo("test CPU", frozenset({"avx2", "avx512_vnni"})))
+    assert Classifier.from_file(base, device="cpu").path == int8  # what the unpinned row used to run
+    size = ModelSpec.from_onnx(base).image_size[0]
+    images = make_dataset(tmp_path / "imgs", per_class=1, size=size)
+    cases = [(base, "onnxruntime", ("m.onnx", "fp32")), (int8, "onnxruntime", ("m.int8.onnx", "int8"))]
+    if _openvino_installed():
+        cases.append((int8, "openvino", ("m.int8.onnx", "int8")))
+    for path, backend, want in cases:
+        d = end_to_end(path, images, 2, 1, "CPUExecutionProvider", backend)
+        assert (d["file"], d["precision"], d["backend"], d["images"]) == (*want, backend, 4)
+        assert d["providers"] == (["OpenVINO CPU (f32)"] if backend == "openvino" else ["CPUExecutionProvider"])
+
+
+def test_end_to_end_rows_say_why_instead_of_crashing(tmp_path):
+    from cadbcnn_bench.bench import Row, end_to_end_rows
+    from cadbcnn_bench.report import write_report
+    from cadbcnn_bench.runners import Runner
+
+    def fake(name, path):
+        return Runner(name, lambda x: x, lambda t: None, "CPUExecutionProvider", classifier_path=path)
+
+    missing = "OpenVINO not installed (pip install 'cadbcnn[openvino]')"
+    runners = {"runtime-openvino-int8": missing, "ort-int8": fake("ort-int8", tmp_path / "gone.onnx"),
+               "ort-fp32": fake("ort-fp32", tmp_path / "gone.onnx")}
+    rows = [Row("ort-int8", "passed", batch=1, threads=1, images_per_s=10.0), Row("ort-fp32", "failed", "x", 1, 1)]
+    e2e = end_to_end_rows(runners, rows, tmp_path, 1, log=lambda *a: None)
+    assert e2e["runtime-openvino-int8"] == {"status": "not available", "reason": missing}
+    assert e2e["ort-int8"]["status"] == "failed" and "gone.onnx" in e2e["ort-int8"]["reason"]
+    assert e2e["ort-fp32"] == {"status": "failed", "reason": "no model-only measurement passed at these threads"}
+    cond = {"date": "today", "git_commit": "abc", "cpu": "test CPU", "cores": 2, "isa": {"avx2": True}, "gpu": None,
+            "versions": {"python": "3"}, "providers_available": ["CPUExecutionProvider"], "providers_used": {}}
+    write_report({"conditions": cond, "rows": [], "checkpoint": "x", "flops_per_image": None, "end_to_end": e2e},
+                 tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    assert f"| runtime-openvino-int8 | not available: {missing} |" in report and "| ort-int8 | failed: " in report
