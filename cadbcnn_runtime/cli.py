@@ -154,6 +154,7 @@ def validate(
     threads: Optional[int] = typer.Option(None, min=1, help="ONNX Runtime intra-op threads."),
     device: str = typer.Option("cpu", help="cpu | cuda | auto"),
     precision: Precision = typer.Option("auto", help="Which variant of the model to validate (as cadbcnn-infer)."),
+    backend: Backend = typer.Option("onnxruntime", help="onnxruntime | openvino (as cadbcnn-infer)."),
     figures: bool = typer.Option(True, "--figures/--no-figures", help="Write the PNGs (needs matplotlib: "
                                  "pip install 'cadbcnn[report]')."),
 ) -> None:
@@ -166,7 +167,8 @@ def validate(
         mapping = parse_class_map(class_map)
         dest = out or folder.resolve().parent / f"{folder.resolve().name}_validation"
         r = run_validation(model, folder, dest, class_map=mapping, healthy=healthy, batch=batch, threads=threads,
-                           device=device, figures=figures, precision=precision.value)
+                           device=device, figures=figures, precision=precision.value,
+                           backend=backend.value)
     except CadbcnnError as exc:
         _say(f"error: {exc}")
         raise typer.Exit(exit_code_of(exc))

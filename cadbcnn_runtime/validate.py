@@ -159,7 +159,7 @@ def verdict(stats: Mapping[str, Any]) -> tuple[str | None, int]:
 
 def validate(model: Path | str | None, folder: Path, out: Path, *, class_map: Mapping[str, str] | None = None,
              healthy: bool = False, batch: int = 32, threads: int | None = None, device: str = "cpu",
-             figures: bool = True, precision: str = "auto") -> dict[str, Any]:
+             figures: bool = True, precision: str = "auto", backend: str = "onnxruntime") -> dict[str, Any]:
     """Evaluate MODEL on FOLDER and write ``validation.md``, ``validation.json`` (and the PNGs) into OUT."""
     out = Path(out)
     if batch < 1:
@@ -168,7 +168,7 @@ def validate(model: Path | str | None, folder: Path, out: Path, *, class_map: Ma
         from .evaluation import _pyplot
 
         _pyplot()  # refuse before any work when matplotlib is missing
-    with Classifier.from_file(model, device=device, threads=threads, precision=precision) as clf:
+    with Classifier.from_file(model, device=device, threads=threads, precision=precision, backend=backend) as clf:
         spec = clf.spec
         folders = (spec.training or {}).get("class_folders") or spec.class_names
         if healthy and BENIGN not in spec.class_names:
@@ -177,7 +177,7 @@ def validate(model: Path | str | None, folder: Path, out: Path, *, class_map: Ma
         outputs, scores, kept, errors = _run(clf, local.paths, batch)
         review_threshold, ood_threshold = clf.review_threshold, clf.ood_threshold
         model_info = {"path": str(clf.path), "name": spec.name, "version": spec.version,
-                      "precision": clf.precision, "adaptation": list(spec.adaptation)}
+                      "precision": clf.precision, "backend": clf.backend, "adaptation": list(spec.adaptation)}
     if not kept:
         raise DatasetError(f"{folder}: none of the {len(local.paths)} images could be read ({errors[0]['error']})")
     truth = None if local.truth is None else local.truth[kept]
@@ -268,7 +268,7 @@ def report_markdown(r: Mapping[str, Any]) -> str:
              f"**Verdict: {r['verdict'] or 'no verdict'}**" + ("" if r["verified"] else
                                                                 " (unverified: no labels; label a sample to confirm)"),
              "", f"Decided by: {r['verdict_rule']}", "",
-             f"Model `{r['model']['path']}` ({r['model']['precision']}); review below confidence "
+             f"Model `{r['model']['path']}` ({r['model']['precision']}, {r['model'].get('backend', 'onnxruntime')}); review below confidence "
              f"{r['review_threshold']:.4g}" + ("" if r["ood_threshold"] is None else
                                                f", out of distribution above OOD score {r['ood_threshold']:.4g}") + ".",
              "", "| set | images | accuracy | review rate | OOD rate | silent errors | accuracy of non-reviewed |",

@@ -86,7 +86,7 @@ _CORE_KEYS = ("format", "format_version", "model_name", "model_kwargs", "class_n
 
 #: What a checkpoint keeps of a fitted OOD score: the statistics the graph needs. The threshold and its
 #: provenance are facts of the model spec (``spec.ood``, from ``cadbcnn_train.ood.spec_entry``).
-OOD_STATISTICS = ("method", "feature", "whitening", "means_w")
+OOD_STATISTICS = ("method", "feature", "whitening", "means_w", "stages")
 
 
 def ood_statistics(ood: dict[str, Any] | None) -> dict[str, Any] | None:

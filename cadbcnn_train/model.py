@@ -124,6 +124,16 @@ def _resnet_trunk(arch: str) -> nn.Sequential:
     return nn.Sequential(*(getattr(net, name) for name in TRUNK_LAYERS))
 
 
+def _stage_maps(layers, names, x: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+    """Run LAYERS (named NAMES) on X; the output of every ResNet stage (``layer1``…``layer4``) and the last output."""
+    maps = {}
+    for name, layer in zip(names, layers):
+        x = layer(x)
+        if name.startswith("layer"):
+            maps[name] = x
+    return maps, x
+
+
 # ---------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------
@@ -160,6 +170,14 @@ class DualBranchNet(nn.Module):
         """The fused, pooled embedding (B, num_features) — t-SNE's input."""
         return self.fusion(*self.forward_branches(x))
 
+    def forward_stages(self, x: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """({"a_layer1": map, …, "b_layer4": map}, fused embedding): every stage's output of both trunks (a: the
+        first, ResNet18; b: the second, ResNet34) and ``forward_features`` — in one pass, for the OOD score."""
+        x = self.normalize(x)
+        (ma, fa), (mb, fb) = (_stage_maps(branch, TRUNK_LAYERS, x) for branch in (self.branch_a, self.branch_b))
+        maps = {**{f"a_{k}": v for k, v in ma.items()}, **{f"b_{k}": v for k, v in mb.items()}}
+        return maps, self.fusion(fa, fb)
+
     def forward_head(self, features: Tensor) -> Tensor:
         return self.head(self.head_drop(features))
 
@@ -188,6 +206,14 @@ class SingleBranchNet(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         return self.net(self.normalize(x))
+
+    def forward_stages(self, x: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """({"layer1": map, …}, features) for ResNets (no stages for other architectures), in one pass."""
+        if not isinstance(self.net, tvm.ResNet):
+            return {}, self.forward_features(x)
+        names = (*TRUNK_LAYERS, "avgpool")
+        maps, pooled = _stage_maps([getattr(self.net, n) for n in names], names, self.normalize(x))
+        return maps, torch.flatten(pooled, 1)
 
     def forward_head(self, features: Tensor) -> Tensor:
         return self.head(self.head_drop(features))

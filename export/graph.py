@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from cadbcnn_runtime._onnxmeta import content_digest
 from cadbcnn_runtime.errors import ExportError
-from cadbcnn_runtime.spec import INPUT_NAME, METADATA_KEY, OUTPUT_NAME, ModelSpec
+from cadbcnn_runtime.spec import INPUT_NAME, METADATA_KEY, OOD_OUTPUT_NAME, OUTPUT_NAME, ModelSpec
 
 
 # ---------------------------------------------------------------------------
@@ -113,7 +113,8 @@ def fp16_weight_storage(proto: onnx.ModelProto, min_elements: int = 1024) -> onn
 
 
 def to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """fp16 weights and compute, fp32 I/O; Softmax/LayerNorm/head (Gemm) and the OOD head stay fp32."""
+    """fp16 weights and compute, fp32 I/O; Softmax/LayerNorm/head (Gemm) and the OOD head (with the stage statistics
+    it reads) stay fp32."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     block = ["Softmax", "LayerNormalization", "ReduceMean", "Gemm"]
@@ -153,14 +154,20 @@ def topological_sort(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def ood_nodes(proto: onnx.ModelProto) -> list[str]:
-    """Names of the nodes computing the OOD score (downstream of the ``ood.*`` statistics)."""
-    tainted = {i.name for i in proto.graph.initializer if i.name.startswith("ood.")}
-    names = []
-    for n in proto.graph.node:  # nodes are topologically sorted
-        if any(i in tainted for i in n.input):
-            tainted.update(n.output)
-            names.append(n.name)
-    return names
+    """Names of the nodes only the OOD score needs: the head (downstream of the ``ood.*`` statistics) and what
+    feeds nothing else — the mean and standard deviation of the stage maps that the multi-layer score reads."""
+    g = proto.graph
+    if OOD_OUTPUT_NAME not in {o.name for o in g.output}:
+        return []
+    producer = {o: i for i, n in enumerate(g.node) for o in n.output}
+    stack = [o.name for o in g.output if o.name != OOD_OUTPUT_NAME]
+    needed: set[int] = set()
+    while stack:  # every node the other outputs (the logits) depend on
+        i = producer.get(stack.pop())
+        if i is not None and i not in needed:
+            needed.add(i)
+            stack.extend(g.node[i].input)
+    return [n.name for i, n in enumerate(g.node) if i not in needed]
 
 
 def ood_feature_readers(proto: onnx.ModelProto) -> list[str]:
@@ -170,11 +177,12 @@ def ood_feature_readers(proto: onnx.ModelProto) -> list[str]:
     the feature vector itself, and the whitening in the Mahalanobis score amplifies that rounding noise in the
     low-variance directions until in-distribution images score like foreign ones.
     """
-    head = next((n for n in proto.graph.node if any(i.startswith("ood.") for i in n.input)), None)
-    if head is None:
-        return []
     inits = {i.name for i in proto.graph.initializer}
-    feats = {i for i in head.input if i not in inits}  # the activation beside Σ^-1/2 in the head's first MatMul
+    readers = [n for n in proto.graph.node if any(i.startswith("ood.") and "whitening" in i for i in n.input)]
+    # the activations beside each part's Σ^-1/2 (directly, or behind an FP16-storage Cast)
+    casts = {n.output[0] for n in proto.graph.node if n.op_type == "Cast" and n.input[0].startswith("ood.")}
+    heads = readers + [n for n in proto.graph.node if casts.intersection(n.input) and n.op_type == "MatMul"]
+    feats = {i for n in heads for i in n.input if i not in inits and i not in casts}
     return [n.name for n in proto.graph.node if any(i in feats for i in n.input)]
 
 

@@ -1,14 +1,15 @@
 """Refit an exported model's OOD statistics on other images — torch-free (onnx + onnxruntime + numpy).
 
-The OOD head in the graph (``cadbcnn_train.ood.OODHead``) reads one intermediate tensor, the fused pooled
-feature vector, and two constants: the whitening matrix Σ^-1/2 and the whitened class means. This module
+The OOD head in the graph (``cadbcnn_train.ood.OODHead``) has one part per feature it reads — the fused pooled
+feature vector and, for models trained from v0.2.0 on, the pooled statistics of early ResNet stages — and two
+constants per part: the whitening matrix Σ^-1/2 and the whitened means (the part's scale folded in). This module
 
-- finds those three in any exported file, FP32, FP16-stored or INT8 (``locate``); the feature tensor's name
-  is recorded in the spec (``ood.feature_tensor``) and ``with_feature_output`` exposes it as an extra output,
-  so any ONNX Runtime session can read the features;
+- finds every part in any exported file, FP32, FP16-stored or INT8 (``locate``); the fused feature tensor's
+  name is recorded in the spec (``ood.feature_tensor``) and ``with_feature_output`` exposes every part's
+  features as extra outputs, so any ONNX Runtime session can read them;
 - fits new statistics on the model's own features of a set of images (``cadbcnn_runtime.oodstats``), writes
-  them into the constants (same dtype as stored; the graph is otherwise untouched), and picks the threshold
-  on held-out images by the flag-rate rule (``refit``);
+  them into the constants (same dtype as stored; the graph is otherwise untouched), and picks the scales and
+  threshold on held-out images by the flag-rate (union) rule (``refit``);
 - checks the result: logits identical to the source's, and the graph's OOD output equal to the numpy
   reference computed from the stored statistics (``parity``).
 
@@ -19,6 +20,7 @@ export uses ``refit`` to fit the statistics on the quantised model's own feature
 from __future__ import annotations
 
 import datetime as _dt
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -45,13 +47,39 @@ OOD_PARITY_TOL = 1e-4     # max relative |graph OOD score − numpy reference|
 
 
 @dataclass(frozen=True)
-class OODGraph:
-    """Where the OOD head lives in a graph: the feature tensor it reads and its two constants (initializers,
-    possibly FP16-stored behind a Cast)."""
+class OODPart:
+    """One part of the OOD head: the feature tensor it reads and its two constants (initializers, possibly
+    FP16-stored behind a Cast)."""
 
+    name: str            # oodstats.FUSED or a stage ("a_layer1", …)
     feature: str
     whitening: str
     means: str
+
+
+@dataclass(frozen=True)
+class OODGraph:
+    """Where the OOD head lives in a graph: its parts, the fused one first."""
+
+    parts: tuple[OODPart, ...]
+
+    @property
+    def fused(self) -> OODPart:
+        return self.parts[0]
+
+    @property
+    def feature(self) -> str:
+        """The fused features' tensor (what the spec records as ``ood.feature_tensor``)."""
+        return self.fused.feature
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.parts]
+
+
+#: The whitening constant of a part: ``ood.whitening`` (the fused part) or ``ood.stages.<name>.whitening``, as
+#: ``cadbcnn_train.ood.OODHead`` names its buffers (a suffix such as an FP16 storage name may follow).
+_WHITENING = re.compile(r"^ood\.(?:stages\.(\w+?)\.)?whitening")
 
 
 def _producers(proto: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
@@ -69,80 +97,113 @@ def _const_source(proto: onnx.ModelProto, tensor: str) -> str | None:
     return None
 
 
+def _means_after(proto: onnx.ModelProto, start: str) -> str | None:
+    """The class-means constant of the Sub that follows the whitening MatMul's output START."""
+    g = proto.graph
+    frontier, seen = {start}, set()
+    while frontier:
+        nxt = set()
+        for m in g.node:
+            if m.name in seen or not frontier.intersection(m.input):
+                continue
+            seen.add(m.name)
+            if m.op_type == "Sub":
+                other = next(i for i in m.input if i not in frontier)
+                return _const_source(proto, other)
+            nxt.update(m.output)
+        frontier = nxt
+    return None
+
+
 def locate(proto: onnx.ModelProto) -> OODGraph:
-    """The OOD head of PROTO: its first MatMul reads (features, Σ^-1/2); a Sub then takes the whitened class means."""
+    """The OOD head of PROTO: per part, a MatMul reads (features, Σ^-1/2); a Sub then takes the whitened class means."""
     g = proto.graph
     if OOD_OUTPUT_NAME not in {o.name for o in g.output}:
         raise ArgumentError(f"the model has no {OOD_OUTPUT_NAME!r} output: it was exported without an OOD head "
                             "(fit one with `cadbcnn-train fit-ood` and export again)")
+    found: dict[str, OODPart] = {}
     for n in g.node:
         if n.op_type != "MatMul":
             continue
         srcs = [_const_source(proto, i) for i in n.input]
-        if srcs[1] is not None and srcs[1].startswith("ood.whitening") and srcs[0] is None:
-            feature, whitening = n.input[0], srcs[1]
-            frontier, seen = {n.output[0]}, set()
-            while frontier:
-                nxt = set()
-                for m in g.node:
-                    if m.name in seen or not frontier.intersection(m.input):
-                        continue
-                    seen.add(m.name)
-                    if m.op_type == "Sub":
-                        other = next(i for i in m.input if i not in frontier)
-                        means = _const_source(proto, other)
-                        if means is None:
-                            break
-                        return OODGraph(feature, whitening, means)
-                    nxt.update(m.output)
-                frontier = nxt
-    raise ExportError("could not find the OOD head (MatMul with ood.whitening, then Sub with the class means) in "
-                      "the graph; was it exported by cadbcnn-export?")
+        hit = _WHITENING.match(srcs[1] or "")
+        if hit is None or srcs[0] is not None:
+            continue
+        name = hit.group(1) or oodstats.FUSED
+        means = _means_after(proto, n.output[0])
+        if means is not None and name not in found:
+            found[name] = OODPart(name, n.input[0], srcs[1], means)
+    if oodstats.FUSED not in found:
+        raise ExportError("could not find the OOD head (MatMul with ood.whitening, then Sub with the class means) in "
+                          "the graph; was it exported by cadbcnn-export?")
+    return OODGraph((found.pop(oodstats.FUSED), *found.values()))
 
 
 def _init(proto: onnx.ModelProto, name: str) -> onnx.TensorProto:
     return next(i for i in proto.graph.initializer if i.name == name)
 
 
-def stored_statistics(proto: onnx.ModelProto, where: OODGraph | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(whitening (D, D), whitened means (K, D)) as stored in the graph, in float64."""
+def stored_parts(proto: onnx.ModelProto, where: OODGraph | None = None) -> dict[str, oodstats.OODStatistics]:
+    """Every part's statistics as stored in the graph (scales folded in), in float64."""
     where = where or locate(proto)
-    w = numpy_helper.to_array(_init(proto, where.whitening)).astype(np.float64)
-    m = numpy_helper.to_array(_init(proto, where.means)).astype(np.float64)
-    return w, m.reshape(-1, w.shape[0])
+    out = {}
+    for p in where.parts:
+        w = numpy_helper.to_array(_init(proto, p.whitening)).astype(np.float64)
+        m = numpy_helper.to_array(_init(proto, p.means)).astype(np.float64).reshape(-1, w.shape[0])
+        out[p.name] = oodstats.OODStatistics(w, m, tuple(range(len(m))), 0.0)
+    return out
+
+
+def stored_statistics(proto: onnx.ModelProto, where: OODGraph | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(whitening (D, D), whitened means (K, D)) of the fused part as stored in the graph, in float64."""
+    st = stored_parts(proto, where)[oodstats.FUSED]
+    return st.whitening, st.means_w
 
 
 def with_feature_output(proto: onnx.ModelProto, where: OODGraph | None = None) -> onnx.ModelProto:
-    """A copy of PROTO with the OOD head's feature tensor as an extra (last) output."""
+    """A copy of PROTO with every OOD part's feature tensor as an extra output (after the existing ones)."""
     where = where or locate(proto)
     out = onnx.ModelProto()
     out.CopyFrom(proto)
-    out.graph.output.append(helper.make_tensor_value_info(where.feature, TensorProto.FLOAT, None))
+    for t in dict.fromkeys(p.feature for p in where.parts):
+        out.graph.output.append(helper.make_tensor_value_info(t, TensorProto.FLOAT, None))
     return out
 
 
 def run_with_features(proto: onnx.ModelProto, x: np.ndarray, *, batch: int = 32, threads: int | None = None
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(logits, ood_score, features) of the preprocessed images X through PROTO (the runtime's session options)."""
+                      ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """(logits, ood_score, {part: features}) of the preprocessed images X through PROTO (the runtime's session
+    options)."""
     where = locate(proto)
     session = ort_session(with_feature_output(proto, where).SerializeToString(), threads=threads)
-    names = [session.get_outputs()[0].name, OOD_OUTPUT_NAME, where.feature]
+    tensors = list(dict.fromkeys(p.feature for p in where.parts))
+    names = [session.get_outputs()[0].name, OOD_OUTPUT_NAME, *tensors]
     outs = [session.run(names, {INPUT_NAME: x[i:i + batch]}) for i in range(0, len(x), batch)]
-    return tuple(np.concatenate([o[k] for o in outs]) for k in range(3))  # type: ignore[return-value]
+    cols = [np.concatenate([o[k] for o in outs]) for k in range(len(names))]
+    by_tensor = dict(zip(tensors, cols[2:]))
+    return cols[0], cols[1], {p.name: by_tensor[p.feature] for p in where.parts}
 
 
-def install(proto: onnx.ModelProto, stats: oodstats.OODStatistics, where: OODGraph | None = None) -> onnx.ModelProto:
-    """Write STATS into PROTO's OOD constants (in place, each in its stored dtype and layout)."""
+def install(proto: onnx.ModelProto, parts: dict[str, oodstats.OODStatistics], where: OODGraph | None = None
+            ) -> onnx.ModelProto:
+    """Write every part's statistics (PARTS: name → statistics, scales folded in) into PROTO's OOD constants (in
+    place, each in its stored dtype and layout)."""
     where = where or locate(proto)
-    for name, value in ((where.whitening, stats.whitening), (where.means, stats.means_w)):
-        init = _init(proto, name)
-        old = numpy_helper.to_array(init)
-        shape = old.shape if value.size == old.size else (*old.shape[:-2], *value.shape)
-        init.CopyFrom(numpy_helper.from_array(value.reshape(shape).astype(old.dtype), name))
+    if set(parts) != set(where.names):
+        raise ExportError(f"statistics for parts {sorted(parts)} do not match the graph's OOD parts {where.names}")
+    consts = set()
+    for p in where.parts:
+        st = parts[p.name]
+        for name, value in ((p.whitening, st.whitening), (p.means, st.means_w)):
+            init = _init(proto, name)
+            old = numpy_helper.to_array(init)
+            shape = old.shape if value.size == old.size else (*old.shape[:-2], *value.shape)
+            init.CopyFrom(numpy_helper.from_array(value.reshape(shape).astype(old.dtype), name))
+        consts.add(p.whitening)
     # A different number of class means changes the head's intermediate shapes: let ORT infer them again.
     head = set()
     for n in proto.graph.node:
-        if head.intersection(n.input) or where.whitening in n.input or n.output[0] == where.whitening:
+        if head.intersection(n.input) or consts.intersection(n.input) or n.output[0] in consts:
             head.update(n.output)
     kept = [v for v in proto.graph.value_info if v.name not in head]
     del proto.graph.value_info[:]
@@ -150,11 +211,10 @@ def install(proto: onnx.ModelProto, stats: oodstats.OODStatistics, where: OODGra
     return proto
 
 
-def parity(source_logits: np.ndarray, logits: np.ndarray, ood: np.ndarray, features: np.ndarray,
+def parity(source_logits: np.ndarray, logits: np.ndarray, ood: np.ndarray, features: dict[str, np.ndarray],
            proto: onnx.ModelProto) -> dict[str, Any]:
     """The refit's parity: identical logits, and the graph's OOD output vs the numpy score of the stored statistics."""
-    w, m = stored_statistics(proto)
-    ref = oodstats.OODStatistics(w, m, tuple(range(len(m))), 0.0).scores(features)
+    ref = oodstats.combined_scores(stored_parts(proto), features)
     rel = np.abs(ood.astype(np.float64) - ref) / np.maximum(1.0, np.abs(ref))
     return {"n": int(len(ood)), "logits_identical": bool(np.array_equal(source_logits, logits)),
             "ood_max_rel_diff": float(rel.max()), "ood_tolerance": OOD_PARITY_TOL,
@@ -168,56 +228,59 @@ def split_holdout(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.nda
     return np.sort(order[k:]), np.sort(order[:k])
 
 
-def _fit_and_install(proto: onnx.ModelProto, fit: ImageSet, *, num_classes: int, shrinkage: float | str,
-                     threads: int | None, fit_pass: tuple[np.ndarray, np.ndarray] | None = None
-                     ) -> tuple[onnx.ModelProto, oodstats.OODStatistics, OODGraph, str]:
-    """A copy of PROTO with OOD statistics fitted on its own features of FIT: class labels where the images have
-    them, the model's own predictions elsewhere. ``fit_pass``: PROTO's (logits, features) of FIT when the caller
-    already has them. Returns (copy, statistics, head, how the labels were chosen)."""
+def _fit(fit: ImageSet, logits: np.ndarray, feats: dict[str, np.ndarray], *, num_classes: int,
+         shrinkage: float | str) -> tuple[dict[str, oodstats.OODStatistics], str]:
+    """Every part's statistics fitted on the features FEATS of FIT: class labels where the images have them, the
+    model's own predictions (LOGITS) elsewhere. Returns (raw statistics, how the labels were chosen)."""
     if len(fit.x) < 2 * num_classes:
         raise DatasetError(f"{len(fit.x)} images are too few to fit class means and a covariance")
-    where = locate(proto)
-    if fit_pass is None:
-        logits, _, feats = run_with_features(proto, fit.x, threads=threads)
-    else:
-        logits, feats = fit_pass
     known = fit.labels >= 0 if len(fit.labels) else np.zeros(len(fit.x), bool)
     labels = np.where(known, fit.labels if len(fit.labels) else -1, logits.argmax(1))
-    stats = oodstats.fit_statistics(feats, labels, num_classes, shrinkage=shrinkage)
-    new = onnx.ModelProto()
-    new.CopyFrom(proto)
-    install(new, stats, where)
+    raw = oodstats.fit_parts(feats, labels, num_classes, shrinkage=shrinkage)
     n = int(known.sum())
     how = ("class folders" if n == len(fit.x) else "the model's own predictions" if n == 0 else
            f"class folders ({n}) and the model's own predictions ({len(fit.x) - n})")
-    return new, stats, where, how
+    return raw, how
 
 
-def _entry(threshold: float, stats: oodstats.OODStatistics, where: OODGraph, how: str, flagged: float
-           ) -> dict[str, Any]:
-    return {"threshold": threshold, "method": oodstats.METHOD, "feature_tensor": where.feature,
-            "shrinkage": stats.shrinkage, "classes_fitted": [int(k) for k in stats.classes], "labels": how,
-            "val_flagged": flagged}
+def _install_scaled(proto: onnx.ModelProto, raw: dict[str, oodstats.OODStatistics], held: dict[str, np.ndarray], *,
+                    flagged: int, strict: int) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """A copy of PROTO with RAW's statistics, each part scaled by the union rule on the held-out features HELD
+    (``oodstats.part_scales``). Returns (copy, the spec's new ``ood`` fields but the flag rate)."""
+    scales, threshold, rule = oodstats.part_scales({k: st.scores(held[k]) for k, st in raw.items()},
+                                                   flagged=flagged, strict=strict)
+    new = onnx.ModelProto()
+    new.CopyFrom(proto)
+    install(new, {k: oodstats.scaled(st, scales[k]) for k, st in raw.items()})
+    fused = raw[oodstats.FUSED]
+    entry = {"threshold": threshold, "method": oodstats.METHOD_MULTI if len(raw) > 1 else oodstats.METHOD,
+             "shrinkage": fused.shrinkage, "classes_fitted": [int(k) for k in fused.classes]}
+    if len(raw) > 1:
+        entry.update(parts=oodstats.describe_parts(raw, scales), rule=rule)
+    return new, entry
 
 
 def refit(proto: onnx.ModelProto, fit: ImageSet, held: ImageSet, *, num_classes: int,
           flag_rate: float = oodstats.FLAG_RATE, shrinkage: float | str = "auto", threads: int | None = None,
-          fit_pass: tuple[np.ndarray, np.ndarray] | None = None, held_logits: np.ndarray | None = None
+          fit_pass: tuple[np.ndarray, dict] | None = None, held_pass: tuple[np.ndarray, dict] | None = None
           ) -> tuple[onnx.ModelProto, dict[str, Any], dict[str, Any]]:
-    """New OOD statistics for PROTO fitted on its own features of FIT and a threshold flagging FLAG_RATE of HELD
-    (held-out images of the same kind). ``fit_pass`` (PROTO's logits and features of FIT) and ``held_logits``
-    (PROTO's logits of HELD) skip re-running PROTO when the caller has them. Returns (a refitted copy, the
-    spec's new ``ood`` fields, the parity check on HELD)."""
+    """New OOD statistics for PROTO fitted on its own features of FIT, and scales/threshold flagging FLAG_RATE of
+    HELD (held-out images of the same kind; the stages alone at most ``oodstats.STRICT_RATE``). ``fit_pass`` and
+    ``held_pass`` (PROTO's logits and part features of FIT and HELD) skip re-running PROTO when the caller has
+    them. Returns (a refitted copy, the spec's new ``ood`` fields, the parity check on HELD)."""
     min_held = int(np.ceil(1 / flag_rate))
     if len(held.x) < min_held:
         raise DatasetError(f"{len(held.x)} held-out images cannot set a threshold that flags {100 * flag_rate:g} % "
                            f"of them: need at least {min_held} (give more images or a larger --flag-rate)")
-    new, stats, where, how = _fit_and_install(proto, fit, num_classes=num_classes, shrinkage=shrinkage,
-                                              threads=threads, fit_pass=fit_pass)
-    src_logits = held_logits if held_logits is not None else run_with_features(proto, held.x, threads=threads)[0]
+    where = locate(proto)
+    fit_logits, fit_feats = fit_pass or run_with_features(proto, fit.x, threads=threads)[::2]
+    src_logits, held_feats = held_pass or run_with_features(proto, held.x, threads=threads)[::2]
+    raw, how = _fit(fit, fit_logits, fit_feats, num_classes=num_classes, shrinkage=shrinkage)
+    flagged, strict = oodstats.flag_counts(len(held.x), flag_rate)
+    new, entry = _install_scaled(proto, raw, held_feats, flagged=flagged, strict=strict)
     logits, scores, feats = run_with_features(new, held.x, threads=threads)
-    threshold = oodstats.threshold_for(scores, flag_rate)
-    entry = {**_entry(threshold, stats, where, how, float((scores > threshold).mean())), "flag_rate": flag_rate}
+    entry.update(feature_tensor=where.feature, labels=how, flag_rate=flag_rate,
+                 val_flagged=float((scores > entry["threshold"]).mean()))
     return new, entry, parity(src_logits, logits, scores, feats, new)
 
 
@@ -225,19 +288,20 @@ def refit_variant(proto: onnx.ModelProto, fit: ImageSet, held_x: np.ndarray, ref
                   num_classes: int, threads: int | None = None
                   ) -> tuple[onnx.ModelProto, dict[str, Any], dict[str, Any]]:
     """A derived variant (INT8) with OOD statistics fitted on its own features of FIT (its calibration images),
-    and a threshold that flags as many of HELD_X as the FP32 model does (REFERENCE_FLAGS): the variant's
+    and scales/threshold that flag as many of HELD_X as the FP32 model does (REFERENCE_FLAGS): the variant's
     features differ from FP32's, so FP32's statistics would misjudge them. Returns (copy, ood fields, parity)."""
-    new, stats, where, how = _fit_and_install(proto, fit, num_classes=num_classes, shrinkage="auto",
-                                              threads=threads)
-    src_logits = run_with_features(proto, held_x, threads=threads)[0]
+    where = locate(proto)
+    fit_logits, _, fit_feats = run_with_features(proto, fit.x, threads=threads)
+    src_logits, _, held_feats = run_with_features(proto, held_x, threads=threads)
+    raw, how = _fit(fit, fit_logits, fit_feats, num_classes=num_classes, shrinkage="auto")
+    n = len(held_x)
+    k = min(int(np.sum(reference_flags)), n - 1)
+    new, entry = _install_scaled(proto, raw, held_feats, flagged=k,
+                                 strict=min(k, oodstats.flag_counts(n)[1]))
     logits, scores, feats = run_with_features(new, held_x, threads=threads)
-    k = int(np.sum(reference_flags))
-    rate = k / len(held_x)
-    threshold = oodstats.threshold_flagging(scores, min(k, len(scores) - 1))
-    entry = {**_entry(threshold, stats, where, how, float((scores > threshold).mean())),
-             "fitted_on": f"the variant's own features of {len(fit.x)} calibration images ({how})",
-             "threshold_rule": f"flags as many of {len(held_x)} held-out images as the FP32 model "
-                               f"({100 * rate:.2f} %)"}
+    entry.update(feature_tensor=where.feature, labels=how, val_flagged=float((scores > entry["threshold"]).mean()),
+                 fitted_on=f"the variant's own features of {len(fit.x)} calibration images ({how})",
+                 threshold_rule=f"flags as many of {n} held-out images as the FP32 model ({100 * k / n:.2f} %)")
     return new, entry, parity(src_logits, logits, scores, feats, new)
 
 
@@ -322,8 +386,9 @@ def refit_model(source: Path, out: Path, data: Path, *, class_map: Mapping[str, 
     log(f"{source.name}: refitting the OOD statistics on {len(fit.x)} images of {data}, threshold on "
         f"{len(held.x)} held out …")
     new, entry, check = refit(proto, fit, held, num_classes=len(spec.class_names), flag_rate=flag_rate,
-                              shrinkage=shrinkage, threads=threads, held_logits=src_logits[held_idx],
-                              fit_pass=(src_logits[fit_idx], src_feats[fit_idx]))
+                              shrinkage=shrinkage, threads=threads,
+                              fit_pass=(src_logits[fit_idx], {k: v[fit_idx] for k, v in src_feats.items()}),
+                              held_pass=(src_logits[held_idx], {k: v[held_idx] for k, v in src_feats.items()}))
     old_thr = float(spec.ood["threshold"])
     when = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
     ood = {**dict(spec.ood), **entry,

@@ -43,6 +43,11 @@ def trained(tmp_path_factory):
     return data, d, foreign
 
 
+def scales(spec: ModelSpec) -> dict[str, float]:
+    """Each OOD part's scale (its own threshold, folded into its statistics) as the spec records it."""
+    return {p["name"]: p["scale"] for p in spec.ood["parts"]}
+
+
 def test_mahalanobis_head_matches_numpy():
     rng = np.random.default_rng(0)
     f = torch.tensor(rng.normal(size=(200, 6)), dtype=torch.float32)
@@ -126,8 +131,12 @@ def test_fit_ood_refits_an_existing_checkpoint(trained, tmp_path):
                                        "--out", str(tmp_path / "re.pt"), "--flag-rate", "0.5"])
     assert r.exit_code == 0, r.output
     before, after = load_checkpoint(d / "run" / "best.pt"), load_checkpoint(tmp_path / "re.pt")
-    assert after.spec.ood["threshold"] < before.spec.ood["threshold"]  # a looser rule flags more of val
-    assert torch.allclose(after.ood["whitening"], before.ood["whitening"], rtol=1e-3, atol=1e-3)
+    sb, sa = scales(before.spec), scales(after.spec)
+    assert sa["fused"] < sb["fused"]  # a looser rule flags more of val: a lower threshold for the fused part
+    assert after.spec.ood["threshold"] == before.spec.ood["threshold"] == 1.0  # folded into the scales
+    # the same Gaussian: only the scale folded into the whitening differs
+    assert torch.allclose(after.ood["whitening"] * sa["fused"] ** 0.5, before.ood["whitening"] * sb["fused"] ** 0.5,
+                          rtol=1e-3, atol=1e-3)
 
 
 def test_auroc_matches_scikit_learn():
@@ -276,7 +285,11 @@ def test_fp16_files_are_valid_onnx_with_or_without_the_ood_output(trained, tmp_p
     dropped = Classifier.from_file(tmp_path / "m.fp16.onnx", device="cpu")
     kept = Classifier.from_file(tmp_path / "k.fp16.onnx", device="cpu")
     assert dropped.spec.ood is None and kept.spec.ood is not None
-    np.testing.assert_array_equal(dropped.run_all(x)[0], kept.run_all(x)[0])
+    # the same logits up to FP16 rounding: with the multi-layer head the stage maps also feed the (FP32) OOD
+    # statistics, so ONNX Runtime fuses the FP16 convolutions differently in the two files
+    a, b = dropped.run_all(x)[0], kept.run_all(x)[0]
+    np.testing.assert_allclose(a, b, atol=1e-2)
+    np.testing.assert_array_equal(a.argmax(1), b.argmax(1))
 
 
 def test_int8_leaves_the_feature_vector_unquantized(trained, tmp_path):
@@ -332,7 +345,7 @@ def test_refit_ood_writes_a_locally_adapted_model_that_passes_parity(trained, tm
     step = after.adaptation[-1]
     assert step["step"] == "refit-ood" and step["images_fit"] + step["images_threshold"] == 120
     assert step["source_sha256"] and step["labels"] == "class folders"
-    assert after.ood["threshold"] != before.ood["threshold"] and after.ood["flag_rate"] == 0.05
+    assert scales(after) != scales(before) and after.ood["flag_rate"] == 0.05
     assert after.class_names == before.class_names and after.calibration == before.calibration
     p0, p1 = onnx.load(str(src)), onnx.load(str(out))
     assert locate(p1).feature == after.ood["feature_tensor"]
@@ -381,7 +394,7 @@ def test_int8_refits_its_ood_statistics_on_its_own_features(trained, tmp_path):
     images = art["parity"]["images"]
     assert images["ood_flagged"] == pytest.approx(images["ood_flagged_ref"], abs=1 / images["n"])
     s8, s32 = ModelSpec.from_onnx(tmp_path / "m.int8.onnx"), ModelSpec.from_onnx(tmp_path / "m.onnx")
-    assert s8.ood is not None and s8.ood["threshold"] != s32.ood["threshold"]
+    assert s8.ood is not None and scales(s8) != scales(s32)
     assert "own features" in s8.ood["fitted_on"] and "FP32" in s8.ood["threshold_rule"]
     c8 = Classifier.from_file(tmp_path / "m.int8.onnx", device="cpu")
     assert c8.ood_threshold == s8.ood["threshold"]
@@ -420,3 +433,53 @@ def test_refit_ood_is_torch_free(trained, tmp_path):
             "assert 'torch' not in sys.modules and 'cadbcnn_train' not in sys.modules, sorted(sys.modules)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+# -- the multi-layer score (#12 item 4): fused features + early ResNet stages, union rule ----------------------
+def test_union_rule_flags_the_budget_splits_it_and_ignores_each_stages_own_scale():
+    from cadbcnn_runtime import oodstats
+
+    rng = np.random.default_rng(3)
+    n = 1000
+    held = {"fused": rng.gamma(20, 1 / 20, n), "s1": rng.gamma(5, 1 / 5, n), "s2": rng.gamma(50, 1 / 50, n)}
+    # one part: the rule of every model before v0.2.0 (scale 1, the 98th-percentile threshold)
+    flagged, strict = oodstats.flag_counts(n)
+    assert (flagged, strict) == (19, 4) and oodstats.flag_counts(441) == (8, 2)
+    sc, thr, _ = oodstats.part_scales({"fused": held["fused"]}, flagged=flagged, strict=strict)
+    assert sc == {"fused": 1.0} and thr == oodstats.threshold_for(held["fused"], 0.02)
+
+    def flags(h):
+        sc, thr, rule = oodstats.part_scales(h, flagged=flagged, strict=strict)
+        assert thr == 1.0 and "stages together flag the 4" in rule
+        parts = np.stack([h[k] / sc[k] for k in h])
+        return parts.max(0) > 1, parts[1:].max(0) > 1, h["fused"] > sc["fused"]
+
+    total, by_stages, by_fused = flags(held)
+    assert total.sum() == 19 and by_stages.sum() == 4  # the budget, and the stages' share of it
+    assert (total == (by_stages | by_fused)).all()     # the union of the parts' own flags
+    # a stage whose scores are 10× larger (a lower dimension, a different spread) does not take over the flag
+    total10, _, _ = flags({**held, "s2": 10 * held["s2"]})
+    np.testing.assert_array_equal(total10, total)
+
+
+def test_multilayer_head_reads_the_stages_and_the_graph_matches_numpy(trained):
+    """The trained model's OOD head has the fused part and one part per early ResNet stage; the ONNX graph's score
+    is the maximum of the stored (scaled) parts' numpy scores, and the threshold the spec records is 1."""
+    import onnx
+
+    from cadbcnn_export.ood_refit import locate, run_with_features, stored_parts
+    from cadbcnn_runtime import oodstats
+
+    _, d, _ = trained
+    ck = load_checkpoint(d / "run" / "best.pt")
+    assert sorted(ck.ood["stages"]) == ["layer1", "layer2", "layer3"]
+    assert [p["name"] for p in ck.spec.ood["parts"]] == ["fused", "layer1", "layer2", "layer3"]
+    assert ck.spec.ood["method"] == oodstats.METHOD_MULTI and ck.spec.ood["threshold"] == 1.0
+    proto = onnx.load(str(d / "m.onnx"))
+    where = locate(proto)
+    assert where.names == ["fused", "layer1", "layer2", "layer3"]
+    x = np.random.default_rng(4).integers(0, 256, (7, 3, 32, 32), dtype=np.uint8)
+    _, ood, feats = run_with_features(proto, x)
+    assert {k: v.shape[1] for k, v in feats.items()} == {"fused": 512, "layer1": 128, "layer2": 256, "layer3": 512}
+    ref = oodstats.combined_scores(stored_parts(proto), feats)
+    assert np.max(np.abs(ood - ref) / np.maximum(1, ref)) < 1e-4

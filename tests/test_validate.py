@@ -75,6 +75,7 @@ def test_validate_labelled_and_unlabelled_torch_free(onnx_model, tmp_path):
     assert set(res["per_class"]) <= set(spec.class_names) and "ece" in res["calibration"]
     md = (tmp_path / "rep" / "validation.md").read_text()
     assert "## The verdict rule" in md and f"**Verdict: {res['verdict']}**" in md and "broken.png" in md
+    assert res["model"]["backend"] == "onnxruntime" and "onnxruntime); review below" in md
     # the random-weight model is wrong on most images: the rule must not call it usable
     assert res["stats"]["accuracy"] < 0.97 and res["verdict"] in (FINE_TUNE, DO_NOT_USE)
     # unlabelled: no errors measured, verdict unverified
@@ -95,6 +96,8 @@ def test_validate_refuses_bad_arguments_before_any_work(onnx_model, tmp_path):
     assert r.returncode == 2 and "folder not found" in r.stderr
     r = _cli("validate", str(tmp_path), "--model", str(onnx_model), "--class-map", "healthy", "--no-figures")
     assert r.returncode == 2 and "LOCAL_FOLDER=CLASS" in r.stderr
+    r = _cli("validate", str(tmp_path), "--model", str(onnx_model), "--backend", "tensorrt", "--no-figures")
+    assert r.returncode == 2 and "tensorrt" in r.stderr
     assert not (tmp_path.parent / f"{tmp_path.name}_validation").exists()
 
 
