@@ -5,6 +5,7 @@ import math
 import shutil
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from cadbcnn_bench.cli import app
@@ -161,6 +162,9 @@ def test_end_to_end_runs_the_file_it_is_compared_with(onnx_model, tmp_path, monk
         d = end_to_end(path, images, 2, 1, "CPUExecutionProvider", backend)
         assert (d["file"], d["precision"], d["backend"], d["images"]) == (*want, backend, 4)
         assert d["providers"] == (["OpenVINO CPU (f32)"] if backend == "openvino" else ["CPUExecutionProvider"])
+        # interleaved rounds: the reported ratio is the median of the rounds' own ratios
+        assert len(d["round_ratios"]) == 3 and d["ratio"] == pytest.approx(np.median(d["round_ratios"]), abs=1e-3)
+        assert d["model_only_interleaved_images_per_s"] > 0
 
 
 def test_end_to_end_rows_say_why_instead_of_crashing(tmp_path):
