@@ -104,3 +104,22 @@ def test_calibrate_model_torch_free(onnx_model, tmp_path):
     assert loaded.quality["min_content"] > 0 and 0 < loaded.review_threshold <= 1
     with Classifier.from_file(tmp_path / "cal.onnx", device="cpu") as clf:
         assert clf.temperature == spec.calibration["temperature"]
+
+
+def test_content_scores_are_the_blurred_luminance_std_without_a_blas_call(monkeypatch):
+    """The luma sum is elementwise (a BLAS call wakes OpenBLAS's spinning pool and slows the next ORT run)."""
+    import cv2
+
+    from cadbcnn_runtime import quality
+
+    x = np.random.default_rng(0).integers(0, 256, (3, 3, 40, 48), dtype=np.uint8)
+    luma = 0.299 * x[:, 0].astype(np.float64) + 0.587 * x[:, 1] + 0.114 * x[:, 2]
+    ref = [cv2.GaussianBlur(im.astype(np.float32), (0, 0), quality.SIGMA).std() for im in luma]
+
+    def no_blas(*a, **k):
+        raise AssertionError("content_scores must not call BLAS")
+
+    for name in ("tensordot", "dot", "einsum", "inner"):
+        monkeypatch.setattr(quality.np, name, no_blas)
+    np.testing.assert_allclose(quality.content_scores(x), ref, rtol=1e-4)
+    np.testing.assert_allclose(quality.content_scores(x.astype(np.float32) / 255), ref, rtol=1e-4)
