@@ -68,9 +68,9 @@ def write_report(res: dict[str, Any], out: Path) -> None:
             if e.get("status", "passed") != "passed":
                 lines.append(f"| {k} | {e['status']}: {e['reason']} |" + " |" * 6)
                 continue
-            rounds = ", ".join(f"{r:.2f}" for r in e.get("round_ratios", []))
+            rounds = ", ".join(f"{r:.2f}" for r in e["round_ratios"])
             lines.append(f"| {k} | {e['file']} ({e['precision']}, {e['backend']}) | {e['batch']} | {e['images']} | "
-                         f"{e['images_per_s']:.1f} | {e.get('model_only_interleaved_images_per_s', float('nan')):.1f} | "
+                         f"{e['images_per_s']:.1f} | {e['model_only_interleaved_images_per_s']:.1f} | "
                          f"{e['ratio']:.2f} ({rounds}) | {e['model_only_images_per_s']:.1f} |")
     if res.get("cold_start"):
         lines += ["", "## Cold start (new process → import → session → first result; median of 3 starts after "
