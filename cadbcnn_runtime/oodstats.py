@@ -194,5 +194,10 @@ def threshold_flagging(scores: np.ndarray, k: int) -> float:
     return float(s[len(s) - k - 1])
 
 
-def threshold_rule(flag_rate: float, n: int, what: str) -> str:
-    return f"{100 * (1 - flag_rate):g}th percentile of {what} ({n} images)"
+def threshold_rule(flag_rate: float, n: int, what: str, *, union: bool = False) -> str:
+    """The threshold's rule in words. One part: a percentile of the held-out scores. UNION (several parts): the
+    threshold is 1 on the combined score and the union rule (the spec's ``rule``) sets every part's scale."""
+    if not union:
+        return f"{100 * (1 - flag_rate):g}th percentile of {what} ({n} images)"
+    return (f"union rule fitted to flag {100 * flag_rate:g} % of {what} ({n} images) in all; threshold 1 on the "
+            f"combined score, each part's threshold folded into its scale (see 'rule')")

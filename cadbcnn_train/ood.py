@@ -151,7 +151,7 @@ def fit_ood(model: nn.Module, train_loader: DataLoader, val_loader: DataLoader, 
         "rule": rule,
         "threshold": threshold,
         "fitted_on": f"train split ({len(ftr[FUSED])} images)",
-        "threshold_rule": oodstats.threshold_rule(flag_rate, len(val_scores), "the validation split"),
+        "threshold_rule": oodstats.threshold_rule(flag_rate, len(val_scores), "the validation split", union=multi),
         "flag_rate": flag_rate,
         "val_flagged": float((val_scores > threshold).mean()),
     }

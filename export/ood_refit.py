@@ -393,7 +393,8 @@ def refit_model(source: Path, out: Path, data: Path, *, class_map: Mapping[str, 
     when = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
     ood = {**dict(spec.ood), **entry,
            "fitted_on": f"{len(fit.x)} local images from {data.name} ({entry['labels']})",
-           "threshold_rule": oodstats.threshold_rule(flag_rate, len(held.x), f"held-out local images from {data.name}")}
+           "threshold_rule": oodstats.threshold_rule(flag_rate, len(held.x), f"held-out local images from {data.name}",
+                                                     union="rule" in entry)}
     step = {"step": "refit-ood", "date": when, "data": str(data), "images_fit": len(fit.x),
             "images_threshold": len(held.x), "labels": entry["labels"], "source": source.name,
             "source_sha256": file_sha256(source), "source_threshold": old_thr,

@@ -346,6 +346,7 @@ def test_refit_ood_writes_a_locally_adapted_model_that_passes_parity(trained, tm
     assert step["step"] == "refit-ood" and step["images_fit"] + step["images_threshold"] == 120
     assert step["source_sha256"] and step["labels"] == "class folders"
     assert scales(after) != scales(before) and after.ood["flag_rate"] == 0.05
+    assert "union rule fitted to flag 5 % of held-out local images" in after.ood["threshold_rule"]
     assert after.class_names == before.class_names and after.calibration == before.calibration
     p0, p1 = onnx.load(str(src)), onnx.load(str(out))
     assert locate(p1).feature == after.ood["feature_tensor"]
@@ -475,6 +476,8 @@ def test_multilayer_head_reads_the_stages_and_the_graph_matches_numpy(trained):
     assert sorted(ck.ood["stages"]) == ["layer1", "layer2", "layer3"]
     assert [p["name"] for p in ck.spec.ood["parts"]] == ["fused", "layer1", "layer2", "layer3"]
     assert ck.spec.ood["method"] == oodstats.METHOD_MULTI and ck.spec.ood["threshold"] == 1.0
+    # the threshold's rule names the union rule, not a percentile of one score (the threshold is 1 by construction)
+    assert "union rule" in ck.spec.ood["threshold_rule"] and "percentile" not in ck.spec.ood["threshold_rule"]
     proto = onnx.load(str(d / "m.onnx"))
     where = locate(proto)
     assert where.names == ["fused", "layer1", "layer2", "layer3"]
