@@ -7,6 +7,9 @@ Runs an exported ONNX model through the runtime's own ``Classifier`` (so
 * the same images under acquisition shifts — magnification, stain, exposure,
   focus, compression, another camera's white balance, sensor noise. Every
   shifted image keeps its class label, so accuracy and silent errors are known;
+* the scale-bar shortcut: the same images with the printed scale-bar corner
+  covered, and with the corner of an image of another class pasted in (the
+  share of labels that move to that class measures the shortcut);
 * blank / near-uniform fields (no cell at all): any malignant label without
   review is a silent error;
 * external folders (``PATH`` or ``PATH:healthy``): labelled when their
@@ -47,9 +50,11 @@ from . import data as D
 from .transforms import (
     blur,
     brightness,
+    erase_scalebar,
     gamma,
     hed_jitter,
     hue,
+    paste_scalebar,
     saturation,
     sensor_noise,
     white_balance,
@@ -113,6 +118,42 @@ def image_rng(seed: int, name: str, index: int) -> np.random.Generator:
 def shifted(shift: Shift, images: Sequence[np.ndarray], seed: int) -> Iterator[np.ndarray]:
     for i, img in enumerate(images):
         yield shift.apply(img, image_rng(seed, shift.name, i))
+
+
+# ---------------------------------------------------------------------------
+# The scale-bar shortcut: the printed corner box's text colour differs by class (transforms.SCALEBAR_BOX)
+# ---------------------------------------------------------------------------
+SCALEBAR_COVERED = "scale bar covered (image median colour)"
+SCALEBAR_SWAPPED = "scale bar of another class's image"
+
+
+def scalebar_donors(truth: np.ndarray, seed: int) -> np.ndarray:
+    """For every image, the index of an image of another class whose scale-bar corner it gets (drawn per image
+    from ``image_rng``, so independent of order and of the other sets); -1 when no other class is present."""
+    truth = np.asarray(truth)
+    donors = np.full(len(truth), -1, np.int64)
+    for i, t in enumerate(truth):
+        others = np.flatnonzero(truth != t)
+        if len(others):
+            donors[i] = others[image_rng(seed, SCALEBAR_SWAPPED, i).integers(len(others))]
+    return donors
+
+
+def swapped_scalebars(images: Sequence[np.ndarray], donors: np.ndarray) -> Iterator[np.ndarray]:
+    for img, j in zip(images, donors):
+        yield img if j < 0 else paste_scalebar(img, images[j])
+
+
+def donor_shift(swapped: Outputs, clean: Outputs, truth: np.ndarray, donors: np.ndarray) -> dict[str, Any]:
+    """How far the label follows the pasted corner: the share of images (with a donor) whose label became the
+    donor's class, of all images and of those not reviewed. 0 for a model that ignores the scale bar."""
+    has = donors >= 0
+    if not has.any():
+        return {"moved_to_donor_class": None, "moved_to_donor_class_silent": None}
+    donor_class = np.asarray(truth)[donors[has]]
+    moved = (swapped.index[has] == donor_class) & (clean.index[has] != donor_class)
+    return {"moved_to_donor_class": float(moved.mean()),
+            "moved_to_donor_class_silent": float((moved & ~swapped.needs_review[has]).mean())}
 
 
 # ---------------------------------------------------------------------------
@@ -274,7 +315,7 @@ def load_split(data: Path, split_file: Path, split: str, folders: Sequence[str],
 def _severity_summary(sets: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Pooled silent-error rate and the worst set of each group of sets."""
     out = {}
-    for sev in ("mild", "strong", "blank", "external"):
+    for sev in ("mild", "strong", "shortcut", "blank", "external"):
         rows = {k: r for k, r in sets.items() if r["severity"] == sev and r["silent_errors"] is not None and r["n"]}
         if rows:
             n = sum(r["n"] for r in rows.values())
@@ -300,7 +341,7 @@ def shift_report(model: Path, data: Path, split_file: Path, out: Path, *, split:
     benign = benign_index(spec, model)
     images, truth = load_split(data, split_file, split, folders, limit)
     ext = [scan_external(p, h, folders) for p, h in folders_of_externals]
-    log(f"{split} split: {len(images)} images; {len(SHIFTS)} shifts, 2 blank-field sets, {len(ext)} external folders")
+    log(f"{split} split: {len(images)} images; {len(SHIFTS)} shifts, 2 scale-bar sets, 2 blank-field sets, {len(ext)} external folders")
 
     sets: dict[str, dict[str, Any]] = {}
     clean = run_model(clf, images)
@@ -310,6 +351,13 @@ def shift_report(model: Path, data: Path, split_file: Path, out: Path, *, split:
         log(f"  {s.name}")
         sets[s.name] = set_result(run_model(clf, shifted(s, images, seed)), truth, healthy=False,
                                   benign_index=benign, kind=s.kind, severity=s.severity)
+    log("  scale-bar shortcut: covered, and another class's pasted in")
+    sets[SCALEBAR_COVERED] = set_result(run_model(clf, (erase_scalebar(im) for im in images)), truth,
+                                        healthy=False, benign_index=benign, kind="scale bar", severity="shortcut")
+    donors = scalebar_donors(truth, seed)
+    swapped = run_model(clf, swapped_scalebars(images, donors))
+    sets[SCALEBAR_SWAPPED] = {**set_result(swapped, truth, healthy=False, benign_index=benign, kind="scale bar",
+                                           severity="shortcut"), **donor_shift(swapped, clean, truth, donors)}
     for noise in (False, True):
         name = "blank / uniform fields" + (" + sensor noise σ=10" if noise else "")
         sets[name] = set_result(run_model(clf, blank_fields(spec.image_size, noise=noise, seed=seed)), None,
@@ -392,6 +440,12 @@ def report_markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {name}{extra} | {r['kind']} | {r['severity']} | {r['n']} | {_pct(r['accuracy'])} | "
                      f"{_pct(r['review_rate'])} | {_pct(r['ood_rate'])} | {_pct(r['malignant_rate'])} | {_silent(r)} | "
                      f"{_kept(r)} | {ece} |")
+    sw = result["sets"].get(SCALEBAR_SWAPPED)
+    if sw and sw.get("moved_to_donor_class") is not None:
+        lines += ["", f"*{SCALEBAR_SWAPPED}*: each image gets the scale-bar corner of a random image of another "
+                  f"class; the label moved to that image's class for **{_pct(sw['moved_to_donor_class'])} %** of "
+                  f"them ({_pct(sw['moved_to_donor_class_silent'])} % without review). A model that does not read "
+                  "the scale bar scores 0 here."]
     lines += ["", "Pooled over each group of sets:", "", "| group | sets | images | review % | silent errors % | worst set |",
               "|---|---:|---:|---:|---:|---|"]
     for sev, s in result["summary"].items():

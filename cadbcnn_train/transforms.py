@@ -127,11 +127,27 @@ def blur(img: np.ndarray, sigma: float) -> np.ndarray:
 SCALEBAR_BOX = (0.88, 1.0, 0.81, 1.0)
 
 
-def erase_scalebar(img: np.ndarray) -> np.ndarray:
-    """Cover the scale-bar corner with the image's median colour."""
-    h, w = img.shape[:2]
+def scalebar_box(h: int, w: int) -> tuple[slice, slice]:
+    """The scale-bar corner of an H×W image as (rows, columns) slices."""
     y0, y1, x0, x1 = (int(round(v)) for v in (SCALEBAR_BOX[0] * h, SCALEBAR_BOX[1] * h,
                                                SCALEBAR_BOX[2] * w, SCALEBAR_BOX[3] * w))
+    return slice(y0, y1), slice(x0, x1)
+
+
+def erase_scalebar(img: np.ndarray) -> np.ndarray:
+    """Cover the scale-bar corner with the image's median colour."""
     out = img.copy()
-    out[y0:y1, x0:x1] = np.median(img.reshape(-1, 3), axis=0).astype(np.uint8)
+    out[scalebar_box(*img.shape[:2])] = np.median(img.reshape(-1, 3), axis=0).astype(np.uint8)
+    return out
+
+
+def paste_scalebar(img: np.ndarray, donor: np.ndarray) -> np.ndarray:
+    """IMG with DONOR's scale-bar corner (resized to IMG's box when the sizes differ)."""
+    out = img.copy()
+    box = scalebar_box(*img.shape[:2])
+    patch = donor[scalebar_box(*donor.shape[:2])]
+    h, w = out[box].shape[:2]
+    if patch.shape[:2] != (h, w):
+        patch = cv2.resize(patch, (w, h), interpolation=cv2.INTER_AREA)
+    out[box] = patch
     return out

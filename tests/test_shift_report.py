@@ -70,6 +70,44 @@ def test_every_shift_keeps_uint8_rgb_and_is_deterministic():
         assert not np.array_equal(f(img, S.image_rng(0, "x", 0)), f(img, S.image_rng(1, "x", 0)))
 
 
+def test_scalebar_sets_swap_only_the_corner_from_another_class_deterministically():
+    from cadbcnn_train.transforms import scalebar_box
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (50, 60, 3), dtype=np.uint8) for _ in range(9)]
+    truth = np.array([0, 0, 0, 1, 1, 2, 2, 3, 3])
+    donors = S.scalebar_donors(truth, seed=5)
+    assert (truth[donors] != truth).all()                            # always another class
+    np.testing.assert_array_equal(donors, S.scalebar_donors(truth, seed=5))
+    assert not np.array_equal(donors, S.scalebar_donors(truth, seed=6))
+    assert (S.scalebar_donors(np.zeros(4, int), seed=0) == -1).all()  # one class only: nothing to swap
+    box = scalebar_box(50, 60)
+    for img, out, j in zip(images, S.swapped_scalebars(images, donors), donors):
+        assert out.dtype == np.uint8 and out.shape == img.shape
+        np.testing.assert_array_equal(out[box], images[j][box])      # the donor's corner …
+        rest = np.ones(img.shape[:2], bool)
+        rest[box] = False
+        np.testing.assert_array_equal(out[rest], img[rest])          # … and nothing else changed
+    covered = S.erase_scalebar(images[0])
+    assert (covered[box] == covered[box][0, 0]).all()
+
+
+def test_donor_shift_counts_labels_that_follow_the_pasted_corner():
+    from cadbcnn_runtime.evaluation import Outputs
+
+    truth = np.array([0, 1, 2, 3])
+    donors = np.array([1, 0, 3, 2])  # donor classes 1, 0, 3, 2
+
+    def outs(index, review):
+        return Outputs(np.array(index), np.ones(4), np.array(review, bool), None, np.zeros((4, 4)))
+
+    clean = outs([0, 1, 2, 3], [0, 0, 0, 0])
+    swapped = outs([1, 1, 3, 3], [0, 0, 1, 0])  # images 0 and 2 moved to their donor's class, 2 reviewed
+    r = S.donor_shift(swapped, clean, truth, donors)
+    assert r == {"moved_to_donor_class": 0.5, "moved_to_donor_class_silent": 0.25}
+    assert S.donor_shift(clean, clean, truth, donors)["moved_to_donor_class"] == 0.0
+
+
 def test_severity_groups():
     assert {s.name for s in S.SHIFTS if s.severity == "mild"} == MILD
     assert {s.severity for s in S.SHIFTS} == {"mild", "strong"} and len({s.name for s in S.SHIFTS}) == len(S.SHIFTS)
@@ -118,7 +156,7 @@ def test_report_files_and_fields(run, report):
         assert {"accuracy", "review_rate", "ood_rate", "silent_error_rate", "accuracy_non_reviewed"} <= set(got)
     # the clean split and every shifted set were scored against the same labels
     labelled_truths = [t for t in truths if t is not None]
-    assert len(labelled_truths) == 1 + len(S.SHIFTS) + 1  # clean, shifts, the labelled external folder
+    assert len(labelled_truths) == 1 + len(S.SHIFTS) + 2 + 1  # clean, shifts, scale-bar sets, labelled external
     for t in labelled_truths[1:-1]:
         np.testing.assert_array_equal(t, labelled_truths[0])
     for key in ("nll", "brier", "ece", "aurc", "reliability_bins", "risk_coverage", "operating_point"):
@@ -127,8 +165,14 @@ def test_report_files_and_fields(run, report):
     assert blank["healthy"] and blank["n"] == 50 and rep["sets"]["blank / uniform fields + sensor noise σ=10"]["n"] == 50
     lab = rep["sets"]["external: labelled (labelled)"]
     assert lab["labelled"] and lab["n"] == 8 and lab["unreadable"] == 1
-    assert set(rep["summary"]) == {"mild", "strong", "blank", "external"}
+    for name in (S.SCALEBAR_COVERED, S.SCALEBAR_SWAPPED):
+        got = rep["sets"][name]
+        assert got["n"] == n_test and got["severity"] == "shortcut" and got["labelled"]
+    moved = rep["sets"][S.SCALEBAR_SWAPPED]["moved_to_donor_class"]
+    assert 0 <= moved <= 1 and rep["sets"][S.SCALEBAR_SWAPPED]["moved_to_donor_class_silent"] <= moved
+    assert set(rep["summary"]) == {"mild", "strong", "shortcut", "blank", "external"}
     md = (out / "shift_report.md").read_text()
+    assert S.SCALEBAR_SWAPPED in md and "A model that does not read the scale bar scores 0" in md
     assert "Silent error" in md and "zoom ×1.3" in md and "1 unreadable" in md and md in output
     assert rep["temperature"] == 1.0 and rep["calibration"] is None and "T = 1" in md
 
