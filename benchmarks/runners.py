@@ -82,14 +82,21 @@ def runtime_openvino_runner(name: str, path: Path) -> Runner | str:
     FP32 inference precision), so that its end-to-end row is compared with the same path model-only. A string
     when OpenVINO is not installed."""
     from cadbcnn_runtime.errors import ArgumentError
-    from cadbcnn_runtime.openvino_backend import INSTALL_HINT, openvino_session, require_openvino
+    from cadbcnn_runtime._onnxmeta import metadata_of
+    from cadbcnn_runtime.openvino_backend import INSTALL_HINT, check_precision, openvino_session, require_openvino
     from cadbcnn_runtime.session import resolve_threads
+    from cadbcnn_runtime.spec import ModelSpec
+    from cadbcnn_runtime.variants import variant_key
 
     try:
         require_openvino()
     except ArgumentError:
         return f"OpenVINO not installed ({INSTALL_HINT})"
     data = path.read_bytes()
+    try:  # the runtime refuses what it refuses here too (INT8 on a CPU without VNNI)
+        check_precision(variant_key(ModelSpec.from_metadata(metadata_of(data, path), source=str(path))), str(path))
+    except ArgumentError as exc:
+        return f"refused by the runtime: {exc}"
     return session_runner(name, path, "OpenVINO CPU (runtime backend)",
                           lambda threads: openvino_session(data, threads=resolve_threads(threads), name=str(path)),
                           backend="openvino")

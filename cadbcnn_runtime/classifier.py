@@ -156,6 +156,10 @@ class Classifier:
 
         meta = metadata_of(data, path)
         spec = ModelSpec.from_metadata(meta, source=str(path))
+        if backend == "openvino":  # refused before the hash check and the compile
+            from .openvino_backend import check_precision
+
+            check_precision(variant_key(spec), str(path))
         verify_content(data, spec, json.loads(meta[METADATA_KEY]), path)
         n_threads = resolve_threads(threads)
         # built from the very bytes that were verified: no second read of the file
