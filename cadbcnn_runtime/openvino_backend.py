@@ -67,14 +67,14 @@ def require_openvino():
     return openvino
 
 
-def check_precision(precision: str, name: str, cpu=None) -> None:
+def check_precision(precision: str, name: str) -> None:
     """Refuse (ArgumentError) the INT8 file on a CPU without VNNI: OpenVINO's INT8 kernels there lose accuracy
-    the file's INT8 gate did not allow (module docstring). ``cpu``: a ``machine.CpuInfo`` (default: this CPU)."""
+    the file's INT8 gate did not allow (module docstring)."""
     if precision != "int8":
         return
-    from .machine import cpu_info
+    from . import machine
 
-    cpu = cpu or cpu_info()
+    cpu = machine.cpu_info()
     if not cpu.has_vnni:
         raise ArgumentError(f"{name}: backend 'openvino' does not run INT8 files on a CPU without VNNI ({cpu.isa}): "
                             "its INT8 kernels there lose accuracy the file's INT8 gate did not allow (measured: "

@@ -156,6 +156,17 @@ def donor_shift(swapped: Outputs, clean: Outputs, truth: np.ndarray, donors: np.
             "moved_to_donor_class_silent": float((moved & ~swapped.needs_review[has]).mean())}
 
 
+def scalebar_sets(clf: Classifier, images: Sequence[np.ndarray], truth: np.ndarray, clean: Outputs, *,
+                  benign_index: int, seed: int) -> dict[str, dict[str, Any]]:
+    """The two shortcut sets: the corner covered, and another class's corner pasted in (with ``donor_shift``)."""
+    kw = dict(healthy=False, benign_index=benign_index, kind="scale bar", severity="shortcut")
+    covered = run_model(clf, (erase_scalebar(im) for im in images))
+    donors = scalebar_donors(truth, seed)
+    swapped = run_model(clf, swapped_scalebars(images, donors))
+    return {SCALEBAR_COVERED: set_result(covered, truth, **kw),
+            SCALEBAR_SWAPPED: {**set_result(swapped, truth, **kw), **donor_shift(swapped, clean, truth, donors)}}
+
+
 # ---------------------------------------------------------------------------
 # Blank / near-uniform fields (no cell): healthy semantics
 # ---------------------------------------------------------------------------
@@ -352,12 +363,7 @@ def shift_report(model: Path, data: Path, split_file: Path, out: Path, *, split:
         sets[s.name] = set_result(run_model(clf, shifted(s, images, seed)), truth, healthy=False,
                                   benign_index=benign, kind=s.kind, severity=s.severity)
     log("  scale-bar shortcut: covered, and another class's pasted in")
-    sets[SCALEBAR_COVERED] = set_result(run_model(clf, (erase_scalebar(im) for im in images)), truth,
-                                        healthy=False, benign_index=benign, kind="scale bar", severity="shortcut")
-    donors = scalebar_donors(truth, seed)
-    swapped = run_model(clf, swapped_scalebars(images, donors))
-    sets[SCALEBAR_SWAPPED] = {**set_result(swapped, truth, healthy=False, benign_index=benign, kind="scale bar",
-                                           severity="shortcut"), **donor_shift(swapped, clean, truth, donors)}
+    sets.update(scalebar_sets(clf, images, truth, clean, benign_index=benign, seed=seed))
     for noise in (False, True):
         name = "blank / uniform fields" + (" + sensor noise σ=10" if noise else "")
         sets[name] = set_result(run_model(clf, blank_fields(spec.image_size, noise=noise, seed=seed)), None,

@@ -28,14 +28,9 @@ def main() -> None:
     benign = S.benign_index(clf.spec, a.model)
     images, truth = S.load_split(a.data, a.split_file, a.split, S.class_folders(clf.spec), None)
     clean = run_model(clf, images)
-    covered = run_model(clf, (S.erase_scalebar(im) for im in images))
-    donors = S.scalebar_donors(truth, a.seed)
-    swapped = run_model(clf, S.swapped_scalebars(images, donors))
-    kw = dict(healthy=False, benign_index=benign, kind="scale bar")
-    sets = {f"clean {a.split} split": S.set_result(clean, truth, severity="clean", **kw),
-            S.SCALEBAR_COVERED: S.set_result(covered, truth, severity="shortcut", **kw),
-            S.SCALEBAR_SWAPPED: {**S.set_result(swapped, truth, severity="shortcut", **kw),
-                                 **S.donor_shift(swapped, clean, truth, donors)}}
+    sets = {f"clean {a.split} split": S.set_result(clean, truth, healthy=False, benign_index=benign, kind="clean",
+                                                   severity="clean"),
+            **S.scalebar_sets(clf, images, truth, clean, benign_index=benign, seed=a.seed)}
     print(f"{a.model} ({len(images)} {a.split} images)")
     for name, r in sets.items():
         extra = (f", moved to the donor's class {100 * r['moved_to_donor_class']:.1f} % "
