@@ -57,22 +57,29 @@ def test_bench_smoke_report_structure(tmp_path):
     assert {x["format"] for x in peers} == {"openvino-fp32-default", "openvino-fp32-f32", "openvino-int8"}
     ours = [x for x in rows if x["format"] == "runtime-openvino-int8"]  # the runtime's backend: not a peer
     assert ours and "| runtime-openvino-int8 |" in report
+    from cadbcnn_runtime.machine import cpu_info
+
     if not _openvino_installed():
         assert all(x["status"] == "not available" and "not installed" in x["reason"] for x in peers + ours)
         assert e2e["runtime-openvino-int8"]["status"] == "not available"
     else:
-        assert {x["batch"] for x in ours if x["status"] == "passed"} == {1, 2}
-        assert res["conditions"]["providers_used"]["runtime-openvino-int8"] == ["OpenVINO CPU (f32)"]
-        d = e2e["runtime-openvino-int8"]
-        assert (d["status"], d["file"], d["precision"], d["backend"], d["images"]) == \
-               ("passed", "model.int8.onnx", "int8", "openvino", 12)
-        assert d["model_only_images_per_s"] == max(x["images_per_s"] for x in ours if x["status"] == "passed")
-        assert "runtime-openvino-int8" in res["accuracy"]
-        ov_rows = [x for x in peers if x["status"] == "passed"]
+        ov_rows = [x for x in peers if x["status"] == "passed"]  # peers run on every CPU
         assert {x["batch"] for x in ov_rows} == {1, 2}
         assert min(x["vs_best_peer"] for x in ov_rows) == 1.0
         assert next(x for x in rows if x["format"] == "ort-fp32" and x["batch"] == 1)["vs_best_peer"] > 0
         assert abs(res["accuracy"]["openvino-fp32-f32"]["agreement_with_fp32"] - 1.0) < 1e-9
+        d = e2e["runtime-openvino-int8"]
+        if not cpu_info().has_vnni:  # the runtime refuses OpenVINO INT8 there, and its rows say so
+            assert all(x["status"] == "not available" and "refused by the runtime" in x["reason"]
+                       and "VNNI" in x["reason"] for x in ours)
+            assert d["status"] == "not available" and "VNNI" in d["reason"]
+        else:
+            assert {x["batch"] for x in ours if x["status"] == "passed"} == {1, 2}
+            assert res["conditions"]["providers_used"]["runtime-openvino-int8"] == ["OpenVINO CPU (f32)"]
+            assert (d["status"], d["file"], d["precision"], d["backend"], d["images"]) == \
+                   ("passed", "model.int8.onnx", "int8", "openvino", 12)
+            assert d["model_only_images_per_s"] == max(x["images_per_s"] for x in ours if x["status"] == "passed")
+            assert "runtime-openvino-int8" in res["accuracy"]
     assert "Fastest format per batch size" in report and "×best peer" in report
     assert (tmp_path / "b" / "latency.png").is_file() and (tmp_path / "b" / "throughput.png").is_file()
 
@@ -143,7 +150,7 @@ def test_end_to_end_runs_the_file_it_is_compared_with(onnx_model, tmp_path, monk
     """With precision "auto" an FP32 file with an INT8 file beside it runs as INT8 on a VNNI CPU; each end-to-end
     row is pinned to its own file, precision and backend."""
     from cadbcnn_bench.bench import end_to_end
-    from cadbcnn_runtime import Classifier, ModelSpec, variants
+    from cadbcnn_runtime import Classifier, ModelSpec, machine, variants
     from cadbcnn_runtime.machine import CpuInfo
     from cadbcnn_runtime.respec import replace_spec
 
@@ -151,7 +158,9 @@ def test_end_to_end_runs_the_file_it_is_compared_with(onnx_model, tmp_path, monk
     shutil.copy(onnx_model, base)
     int8 = base.with_name("m.int8.onnx")  # the same graph, its spec saying int8: selection only
     int8.write_bytes(replace_spec(base.read_bytes(), ModelSpec.from_onnx(base).replace(variant="int8")))
-    monkeypatch.setattr(variants, "cpu_info", lambda: CpuInfo("test CPU", frozenset({"avx2", "avx512_vnni"})))
+    vnni = CpuInfo("test CPU", frozenset({"avx2", "avx512_vnni"}))  # what variant choice and the backend see
+    monkeypatch.setattr(variants, "cpu_info", lambda: vnni)
+    monkeypatch.setattr(machine, "cpu_info", lambda: vnni)
     assert Classifier.from_file(base, device="cpu").path == int8  # what the unpinned row used to run
     size = ModelSpec.from_onnx(base).image_size[0]
     images = make_dataset(tmp_path / "imgs", per_class=1, size=size)
