@@ -78,6 +78,9 @@ class ExportOptions:
         problems = []
         if Path(out).suffix != ".onnx":
             problems.append(f"{out}: the output file must end in .onnx")
+        blocker = next((a for a in Path(out).absolute().parents if a.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            problems.append(f"{out}: {blocker} is a file, not a folder; choose another -o")
         if self.opset < 17:
             problems.append(f"--opset {self.opset} is too old: LayerNormalization needs opset >= 17")
         if self.int8 and self.calibration_data is None:
@@ -95,6 +98,8 @@ class ExportOptions:
 
 
 def _atomic_write(proto: onnx.ModelProto, dest: Path) -> None:
+    """Write a model (its folder made first, as ``--report``'s is: ``validate`` refused a parent that is a file)."""
+    Path(dest).parent.mkdir(parents=True, exist_ok=True)
     write_atomic(dest, proto.SerializeToString())
 
 

@@ -143,6 +143,17 @@ def test_int8_fp16_and_fp16_weights_variants(small, tmp_path):
     int8 = onnx.load(str(tmp_path / "m.int8.onnx"))
     ops = {n.op_type for n in int8.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear", "Softmax"} <= ops
+    # a quantised Conv's ReLU is quantised with it (Conv → Q → DQ → ReLU would requantise every activation)
+    prod = {o: n for n in int8.graph.node for o in n.output}
+
+    def src(n, op):
+        p = prod.get(n.input[0])
+        return p if p is not None and p.op_type == op else None
+
+    requantised = [r.name for r in int8.graph.node if r.op_type == "Relu"
+                   and (dq := src(r, "DequantizeLinear")) and (q := src(dq, "QuantizeLinear")) and src(q, "Conv")]
+    convs_then_relu = [c for c in int8.graph.node if c.op_type == "Conv" and prod.get(c.input[1]) is not None]
+    assert convs_then_relu and not requantised, requantised
     # fp32 compute with fp16-stored weights: about half the size, same predictions
     out2 = tmp_path / "c.onnx"
     r = runner.invoke(app, [str(ck), "-o", str(out2), "--fp16-weights", "--parity-data", str(data)])
@@ -197,7 +208,7 @@ def _int8_inputs(onnx_model, tmp_path):
 
 def test_int8_from_onnx_writes_a_gated_variant_without_torch(onnx_model, tmp_path):
     spec, data = _int8_inputs(onnx_model, tmp_path)
-    out = tmp_path / "m.int8.onnx"
+    out = tmp_path / "new" / "folder" / "m.int8.onnx"  # made by the exporter (as --report's folder is)
     code = (
         "import sys\n"
         "from pathlib import Path\n"
@@ -230,7 +241,10 @@ def test_int8_from_onnx_gate_failure_and_argument_errors(onnx_model, tmp_path, m
                            ([str(tmp_path / "ck.pt"), "--from-onnx", str(onnx_model), "-o", str(out), "--int8",
                              "--calibration-data", str(data)], "exactly one"),
                            (["--from-onnx", str(onnx_model), "-o", str(out), "--int8", "--half",
-                             "--calibration-data", str(data)], "--half")):
+                             "--calibration-data", str(data)], "--half"),
+                           # a parent that is a file: refused before calibrating, not when writing at the end
+                           (["--from-onnx", str(onnx_model), "-o", str(onnx_model / "m.int8.onnx"), "--int8",
+                             "--calibration-data", str(data)], "is a file, not a folder")):
         r = runner.invoke(app, base + extra)
         assert r.exit_code == 2 and message in r.output, r.output
         assert not out.exists()
