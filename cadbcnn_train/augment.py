@@ -11,6 +11,9 @@ rotations, mild colour) plus any of these parts, each ablatable on its own (``--
 
 ``p`` (``--robust-p``) is the share of training images that get the robust parts at all; the others get the
 standard augmentation only, so the model keeps seeing images as this lab makes them (1.0: every image).
+A part can have its own share, drawn independently of ``p`` (``part_p``; on the command line ``PART=SHARE`` in
+``--augment-parts``, e.g. ``scale=1,stain,exposure,degrade`` with ``--robust-p 0.5``: every image may be zoomed,
+half of them get the colour and degradation parts).
 
 Deterministic for a given ``np.random.Generator``; RGB uint8 HWC in and out, same size.
 """
@@ -30,17 +33,43 @@ from .data import Augment
 PARTS = ("scalebar", "scale", "stain", "exposure", "degrade")
 
 
+def _items(text: str | None) -> list[tuple[str, str | None]]:
+    if not text or text.strip() in ("robust", "all"):
+        return [(p, None) for p in PARTS] if text else []
+    out = []
+    for item in (i.strip() for i in text.split(",")):
+        if item:
+            name, sep, share = item.partition("=")
+            out.append((name.strip(), share.strip() if sep else None))
+    return out
+
+
 def parse_parts(text: str | None) -> tuple[str, ...]:
-    """'' / None → (); 'robust' or 'all' → every part; else a comma list of PARTS (refused if unknown)."""
-    if not text:
-        return ()
-    if text.strip() in ("robust", "all"):
-        return PARTS
-    parts = tuple(p.strip() for p in text.split(",") if p.strip())
+    """'' / None → (); 'robust' or 'all' → every part; else a comma list of PARTS, each optionally ``PART=SHARE``
+    (refused if unknown); returned in canonical order."""
+    parts = [name for name, _ in _items(text)]
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         raise ArgumentError(f"unknown augmentation part(s) {unknown}; choose from {', '.join(PARTS)} or 'robust'")
     return tuple(p for p in PARTS if p in parts)
+
+
+def parse_part_shares(text: str | None) -> dict[str, float]:
+    """The ``PART=SHARE`` items of ``--augment-parts`` (share in [0, 1]): the parts drawn at their own rate."""
+    parse_parts(text)  # unknown names refused first
+    shares = {}
+    for name, share in _items(text):
+        if share is None:
+            continue
+        try:
+            v = float(share)
+        except ValueError:
+            v = math.nan
+        if not 0.0 <= v <= 1.0:
+            raise ArgumentError(f"--augment-parts {name}={share}: the share must be a number in [0, 1], "
+                                f"e.g. {name}=1")
+        shares[name] = v
+    return shares
 
 
 def _log_uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
@@ -53,15 +82,22 @@ class RobustAugment:
     base: Augment = field(default_factory=Augment)
     scale_range: tuple[float, float] = (0.5, 2.0)
     p: float = 1.0
+    part_p: dict[str, float] = field(default_factory=dict)  # parts drawn at their own share, independently of p
 
     def __post_init__(self):
         if not 0.0 <= self.p <= 1.0:
             raise ArgumentError(f"robust augmentation share p must be in [0, 1], got {self.p}")
+        bad = {k: v for k, v in self.part_p.items() if k not in self.parts or not 0.0 <= v <= 1.0}
+        if bad:
+            raise ArgumentError(f"part shares {bad}: each must name one of the parts {self.parts} with a share "
+                                "in [0, 1]")
 
     def __call__(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         # p < 1: one draw decides whether this image is shifted at all (p = 1 draws nothing: the same images as
-        # before the option existed, so earlier ablations reproduce).
-        p = self.parts if self.p >= 1.0 or rng.random() < self.p else ()
+        # before the option existed, so earlier ablations reproduce). A part with its own share draws once more.
+        shifted = self.p >= 1.0 or rng.random() < self.p
+        p = tuple(q for q in self.parts
+                  if (rng.random() < self.part_p[q] if q in self.part_p else shifted))
         if "scalebar" in p and rng.random() < 0.5:
             img = T.erase_scalebar(img)
         if "scale" in p and rng.random() < 0.7:

@@ -51,7 +51,8 @@ def fit(
     no_augment: bool = typer.Option(False, "--no-augment"),
     augment_parts: Optional[str] = typer.Option(None, help="Robust augmentation on top of the standard one: "
                                                 "'robust' (all parts) or a comma list of scalebar, scale, stain, "
-                                                "exposure, degrade."),
+                                                "exposure, degrade; PART=SHARE draws that part at its own rate (e.g. "
+                                                "scale=1,stain,exposure,degrade)."),
     robust_p: float = typer.Option(1.0, min=0.0, max=1.0, help="With --augment-parts: the share of training images "
                                    "that get them (the others: standard augmentation only)."),
     no_class_weights: bool = typer.Option(False, "--no-class-weights"),
@@ -77,7 +78,7 @@ def fit(
                                         "before each validation (precise BN; 0 = off)."),
 ) -> None:
     """Train a model. Runs unchanged under `torchrun --nproc_per_node=N` (DDP)."""
-    from .augment import parse_parts
+    from .augment import parse_part_shares, parse_parts
     from .config import TrainConfig
     from .train import fit as run_fit
 
@@ -90,7 +91,8 @@ def fit(
                       init=str(init) if init else None, freeze=freeze.value,
                       cache=not no_cache, fit_ood=not no_ood, bn_recal_images=bn_recal_images,
                       calibrate=not no_calibrate, review_target_risk=review_target_risk,
-                      augment_parts=parse_parts(augment_parts), robust_p=robust_p)  # ArgumentError (exit 2) before any work
+                      augment_parts=parse_parts(augment_parts), robust_p=robust_p,
+                      augment_part_p=parse_part_shares(augment_parts))  # ArgumentError (exit 2) before any work
     run_fit(cfg, resume=resume)
 
 

@@ -38,6 +38,7 @@ class TrainConfig:
     augment: bool = True
     augment_parts: tuple[str, ...] = ()  # robust augmentation parts on top of the standard one (augment.PARTS)
     robust_p: float = 1.0              # share of training images that get the robust parts (the rest: standard)
+    augment_part_p: dict[str, float] = field(default_factory=dict)  # parts drawn at their own share instead
     crop_scale: float | None = 0.80
     class_weights: bool = True
     precision: str = "auto"           # auto | fp32 | bf16 | fp16
@@ -60,6 +61,7 @@ class TrainConfig:
         object.__setattr__(self, "ratios", tuple(float(r) for r in self.ratios))
         object.__setattr__(self, "model_kwargs", dict(self.model_kwargs))
         object.__setattr__(self, "augment_parts", tuple(self.augment_parts))
+        object.__setattr__(self, "augment_part_p", {k: float(v) for k, v in dict(self.augment_part_p).items()})
         from .augment import PARTS
         if self.model not in MODEL_NAMES:
             raise ArgumentError(f"unknown model {self.model!r}; choose one of {', '.join(MODEL_NAMES)}")
@@ -69,6 +71,9 @@ class TrainConfig:
             raise ArgumentError(f"unknown augmentation part(s) {unknown}; choose from {', '.join(PARTS)}")
         if not 0.0 <= self.robust_p <= 1.0:
             raise ArgumentError(f"robust_p must be in [0, 1], got {self.robust_p}")
+        bad = {k: v for k, v in self.augment_part_p.items() if k not in self.augment_parts or not 0.0 <= v <= 1.0}
+        if bad:
+            raise ArgumentError(f"augment_part_p {bad}: each must name one of augment_parts with a share in [0, 1]")
         if self.split not in SPLITS:
             raise ArgumentError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
         if self.precision not in PRECISIONS:

@@ -158,6 +158,7 @@ def make_spec(cfg: TrainConfig, ds: D.LoadedDataset, split_counts: dict, *, metr
             "pretrained": cfg.pretrained,
             "augment_parts": list(cfg.augment_parts),
             **({"robust_p": cfg.robust_p} if cfg.augment_parts else {}),
+            **({"augment_part_p": dict(cfg.augment_part_p)} if cfg.augment_part_p else {}),
             **({"init": init_provenance(cfg.init), "freeze": cfg.freeze} if cfg.init else {}),
         },
         adaptation=init_adaptation(cfg.init, Path(cfg.data).name, len(ds.samples)) if cfg.init else (),
@@ -222,7 +223,8 @@ def fit(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> FitRe
     if cfg.augment:
         augment = D.Augment(crop_scale=cfg.crop_scale)
         if cfg.augment_parts:
-            augment = RobustAugment(parts=cfg.augment_parts, base=augment, p=cfg.robust_p)
+            augment = RobustAugment(parts=cfg.augment_parts, base=augment, p=cfg.robust_p,
+                                    part_p=dict(cfg.augment_part_p))
     train_set = D.ImageDataset(parts["train"], spec, images=ds.images, augment=augment)
     sampler = DistributedSampler(train_set, num_replicas=di.world, rank=di.rank, shuffle=True, seed=cfg.seed) \
         if di.world > 1 else None

@@ -69,3 +69,38 @@ def test_robust_share_p_picks_which_images_are_shifted():
         RobustAugment(parts=PARTS, p=1.5)
     with pytest.raises(ValueError, match="robust_p"):
         TrainConfig(data="d", out="o", robust_p=-0.1)
+
+
+def test_a_part_can_have_its_own_share():
+    from cadbcnn_train.augment import parse_part_shares
+
+    text = "scale=1, stain, exposure,degrade=0.25"
+    assert parse_parts(text) == ("scale", "stain", "exposure", "degrade")
+    assert parse_part_shares(text) == {"scale": 1.0, "degrade": 0.25}
+    assert parse_part_shares("robust") == {} and parse_part_shares(None) == {}
+    for bad in ("scale=2", "scale=x", "scale=-0.1"):
+        with pytest.raises(ValueError, match="share must be a number in"):
+            parse_part_shares(bad)
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        parse_part_shares("zoom=1")
+    # scale at share 1 with p = 0: every image is still zoomed 70 % of the time, never stained
+    aug = RobustAugment(parts=("scale", "stain"), p=0.0, part_p={"scale": 1.0})
+    only_scale = RobustAugment(parts=("scale",), p=1.0)
+    changed = 0
+    for seed in range(12):
+        rng = np.random.default_rng(seed)
+        rng.random(), rng.random()  # the draw of p, then scale's own
+        a = aug(image(seed), np.random.default_rng(seed))
+        np.testing.assert_array_equal(a, aug(image(seed), np.random.default_rng(seed)))  # deterministic
+        assert a.dtype == np.uint8 and a.shape == (96, 96, 3)
+        b = only_scale(image(seed), rng)  # the same draws after p's: zoom then the standard augmentation
+        np.testing.assert_array_equal(a, b)
+        changed += not np.array_equal(a, RobustAugment(parts=(), p=1.0)(image(seed), np.random.default_rng(seed)))
+    assert changed
+    with pytest.raises(ValueError, match="part shares"):
+        RobustAugment(parts=("scale",), part_p={"stain": 0.5})
+    with pytest.raises(ValueError, match="augment_part_p"):
+        TrainConfig(data="d", out="o", augment_parts=("scale",), augment_part_p={"scale": 1.5})
+    cfg = TrainConfig(data="d", out="o", augment_parts=("scale", "stain"), robust_p=0.5,
+                      augment_part_p={"scale": 1})
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
