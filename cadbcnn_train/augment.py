@@ -34,8 +34,11 @@ PARTS = ("scalebar", "scale", "stain", "exposure", "degrade")
 
 
 def _items(text: str | None) -> list[tuple[str, str | None]]:
-    if not text or text.strip() in ("robust", "all"):
-        return [(p, None) for p in PARTS] if text else []
+    """``--augment-parts`` as (part, share text or None) pairs, in the order given."""
+    if not text:
+        return []
+    if text.strip() in ("robust", "all"):
+        return [(p, None) for p in PARTS]
     out = []
     for item in (i.strip() for i in text.split(",")):
         if item:

@@ -152,8 +152,8 @@ def test_int8_fp16_and_fp16_weights_variants(small, tmp_path):
 
     requantised = [r.name for r in int8.graph.node if r.op_type == "Relu"
                    and (dq := src(r, "DequantizeLinear")) and (q := src(dq, "QuantizeLinear")) and src(q, "Conv")]
-    convs_then_relu = [c for c in int8.graph.node if c.op_type == "Conv" and prod.get(c.input[1]) is not None]
-    assert convs_then_relu and not requantised, requantised
+    quantised_convs = [c for c in int8.graph.node if c.op_type == "Conv" and prod.get(c.input[1]) is not None]
+    assert quantised_convs and not requantised, requantised
     # fp32 compute with fp16-stored weights: about half the size, same predictions
     out2 = tmp_path / "c.onnx"
     r = runner.invoke(app, [str(ck), "-o", str(out2), "--fp16-weights", "--parity-data", str(data)])
