@@ -16,6 +16,12 @@ SPLITS = ("stratified", "grouped")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 FREEZE_CHOICES = ("none", "early", "backbone")
 
+#: Options that ``fit --resume`` may change: where things are and how long to go on, never what is learned per step
+#: (``epochs`` extends or shortens the cosine schedule, as documented for ``--resume``). ``split_file`` is a path: the
+#: split itself is checked by its hash, so the run's own ``OUT/split.csv`` resumes a run that drew its split.
+RESUME_FREE = frozenset({"data", "out", "epochs", "patience", "workers", "threads", "cache", "max_steps",
+                         "fit_ood", "calibrate", "review_target_risk", "split_file"})
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -103,3 +109,11 @@ class TrainConfig:
 
     def write(self, path: Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+
+def resume_mismatch(stored: dict[str, Any], cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """The options (outside ``RESUME_FREE``) where ``cfg`` differs from the interrupted run's ``stored`` config:
+    ``{name: (stored value, new value)}``; empty when the run may be resumed with ``cfg``."""
+    new = cfg.to_dict()
+    old = TrainConfig.from_dict({**new, **stored}).to_dict()  # the same normalisation on both sides
+    return {k: (old[k], new[k]) for k in new if k not in RESUME_FREE and old[k] != new[k]}

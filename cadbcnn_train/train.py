@@ -29,13 +29,13 @@ import cadbcnn_runtime
 from cadbcnn_runtime.calibration import fit_calibration
 from cadbcnn_runtime.preprocess import preprocess
 from cadbcnn_runtime.quality import content_scores, fit_quality
-from cadbcnn_runtime.errors import CadbcnnError, DatasetError
+from cadbcnn_runtime.errors import ArgumentError, CadbcnnError, DatasetError
 from cadbcnn_runtime.spec import DATASET_CITATION, ModelSpec
 
 from . import data as D
 from .augment import RobustAugment
 from .checkpoint import load_checkpoint, save_checkpoint, weights_sha256
-from .config import TrainConfig
+from .config import TrainConfig, resume_mismatch
 from .metrics import compute_metrics, metrics_summary, write_metrics
 from .model import PRETRAINED_SOURCES, TRUNK_LAYERS, create_model
 from .onnx_init import (check_init_matches, freeze, init_adaptation, init_provenance, keep_frozen_bn_eval,
@@ -185,6 +185,16 @@ class FitResult:
     seconds: float
 
 
+def check_resume_matches(last, cfg: TrainConfig, out: Path) -> None:
+    """``--resume`` continues the interrupted run in OUT only with its own training options (``RESUME_FREE`` aside)."""
+    diff = resume_mismatch(last.config, cfg)
+    if diff:
+        said = "; ".join(f"{k}: run {a!r}, now {b!r}" for k, (a, b) in sorted(diff.items()))
+        raise ArgumentError(f"{out / 'last.pt'}: --resume with other training options than the interrupted run "
+                            f"({said}). Pass the run's own options (listed in {out / 'config.json'}), or train "
+                            "into a new --out.")
+
+
 def fit(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> FitResult:
     t_start = time.time()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -198,6 +208,9 @@ def fit(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> FitRe
     torch.manual_seed(cfg.seed)  # identical init on every rank (DDP broadcasts it anyway)
     out = Path(cfg.out)
     say = (lambda *a: None) if (quiet or not di.main) else (lambda *a: print(*a, flush=True))
+    last = load_checkpoint(out / "last.pt") if resume and (out / "last.pt").is_file() else None
+    if last is not None:  # refused before any work: resuming with other options would train a run of two recipes
+        check_resume_matches(last, cfg, out)
 
     # -- data ----------------------------------------------------------------
     ds = D.load(Path(cfg.data), max_per_class=cfg.max_per_class, seed=cfg.seed, cache=cfg.cache)
@@ -213,8 +226,16 @@ def fit(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> FitRe
     split_hash = None
     if di.main:
         out.mkdir(parents=True, exist_ok=True)
+        split_path = out / ("split.resume.csv" if last is not None else "split.csv")
+        split_hash = D.write_split_csv(split_path, ds.root, ds.samples, assignment, ds.class_folders)
+        if last is not None:  # the run's own split.csv stays until the new one is known to be the same split
+            if last.split_hash not in (None, split_hash):
+                split_path.unlink()
+                raise ArgumentError(f"{out / 'last.pt'}: the interrupted run was trained on another split (split "
+                                    f"hash {last.split_hash} ≠ {split_hash}); resume with the run's own "
+                                    f"--split-file {out / 'split.csv'}, or train into a new --out")
+            split_path.replace(out / "split.csv")
         cfg.write(out / "config.json")
-        split_hash = D.write_split_csv(out / "split.csv", ds.root, ds.samples, assignment, ds.class_folders)
     spec = make_spec(cfg, ds, split_counts)
     say(f"data: {len(ds.samples)} images, {len(ds.skipped)} skipped as unreadable; split "
         + ", ".join(f"{k} {len(v)}" for k, v in parts.items()) + f"; device {device}, precision {precision}")
@@ -285,8 +306,7 @@ def fit(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> FitRe
 
     # -- resume ----------------------------------------------------------------
     start_epoch, best_f1, bad_epochs, history = 0, -1.0, 0, []
-    if resume and (out / "last.pt").is_file():
-        last = load_checkpoint(out / "last.pt")
+    if last is not None:
         model.load_state_dict(last.state_dict)
         optimizer.load_state_dict(last.raw["optimizer"])
         scheduler.load_state_dict(last.raw["scheduler"])

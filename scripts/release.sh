@@ -16,7 +16,8 @@ set -euo pipefail
 DATA=${DATA:-../shared/data/all-leukemia}
 B=.venv/bin
 # The training recipe. v0.1.0: the standard augmentation only (RECIPE=""). v0.2.0: every robust part (scale bar,
-# magnification, stain, exposure, degradation) on half of the training images (docs/SHIFT.md).
+# magnification, stain, exposure, degradation) on half of the training images (docs/SHIFT.md). The v0.2.0 candidate
+# recipe being trained now: RECIPE="--augment-parts scale=1,stain=1,exposure,degrade --robust-p 0.5".
 RECIPE=${RECIPE-"--augment-parts robust --robust-p 0.5"}
 RUNS=${RUNS:-runs}
 
@@ -24,8 +25,10 @@ candidate() {
   local seed=$1 split=${2:-} run=$RUNS/release-s$1
   local extra=()
   [[ -n "$split" ]] && extra=(--split-file "$split")
-  # OOD statistics are fitted by `ship` for the chosen run only.
-  $B/cadbcnn-train fit --data "$DATA" --out "$run" --epochs 30 --patience 30 --seed "$seed" --no-ood $RECIPE "${extra[@]}"
+  # OOD statistics are fitted by `ship` for the chosen run only. An interrupted candidate continues from its
+  # last.pt (--resume refuses a run started with other options; a new run starts from scratch).
+  $B/cadbcnn-train fit --data "$DATA" --out "$run" --epochs 30 --patience 30 --seed "$seed" --no-ood --resume \
+      $RECIPE "${extra[@]}"
   # Precise BN for the best-on-validation and the last checkpoint, then keep the better one on validation.
   for c in best last; do
     $B/cadbcnn-train recalibrate-bn "$run/$c.pt" --data "$DATA" --out "$run/$c-bn.pt"

@@ -11,7 +11,7 @@ import torch
 from sklearn.metrics import f1_score, precision_score, recall_score
 from typer.testing import CliRunner
 
-from cadbcnn_runtime.errors import CheckpointError
+from cadbcnn_runtime.errors import ArgumentError, CheckpointError
 from cadbcnn_train.checkpoint import load_checkpoint
 from cadbcnn_train.cli import app
 from cadbcnn_train.config import TrainConfig
@@ -64,6 +64,48 @@ def test_resume_continues_from_last(tmp_path):
     assert [line.split(",")[0] for line in hist[1:]] == ["1", "2", "3"]
     assert res.epochs_run == 3
     assert load_checkpoint(tmp_path / "run" / "last.pt").epoch == 2
+
+
+
+def test_resume_refuses_other_training_options_before_any_work(tmp_path):
+    data = make_dataset(tmp_path / "d", per_class=8, size=32)
+    run = tmp_path / "run"
+    fit(small_cfg(data, run, epochs=1, max_steps=2), quiet=True)
+    before = {f: (run / f).read_bytes() for f in ("last.pt", "history.csv", "config.json", "split.csv")}
+    with pytest.raises(ArgumentError, match=r"last\.pt: --resume with other training options.*lr: run 0\.001, "
+                                            r"now 0\.01.*new --out"):
+        fit(small_cfg(data, run, epochs=3, max_steps=2, lr=1e-2), resume=True, quiet=True)
+    with pytest.raises(ArgumentError, match=r"augment_parts: run \[\], now \['stain'\]"):
+        fit(small_cfg(data, run, epochs=3, max_steps=2, augment_parts=("stain",)), resume=True, quiet=True)
+    assert {f: (run / f).read_bytes() for f in before} == before  # nothing of the interrupted run was touched
+
+
+def test_resume_refuses_another_split_and_keeps_the_runs_own(tmp_path):
+    data = make_dataset(tmp_path / "d", per_class=8, size=32)
+    run = tmp_path / "run"
+    fit(small_cfg(data, run, epochs=1, max_steps=2), quiet=True)
+    own = (run / "split.csv").read_text()
+    header, *body = own.splitlines()
+    col = header.split(",").index("split")
+    flipped = [r.split(",") for r in body]  # the same images, one train and one val image swapped
+    a = next(c for c in flipped if c[col] == "train")
+    b = next(c for c in flipped if c[col] == "val")
+    a[col], b[col] = "val", "train"
+    other = tmp_path / "other.csv"
+    other.write_text("\n".join([header] + [",".join(c) for c in flipped]) + "\n")
+    with pytest.raises(ArgumentError, match=r"another split.*--split-file .*split\.csv"):
+        fit(small_cfg(data, run, epochs=2, max_steps=2, split_file=str(other)), resume=True, quiet=True)
+    assert (run / "split.csv").read_text() == own and not (run / "split.resume.csv").exists()
+
+
+def test_resume_mismatch_ignores_where_and_how_long():
+    from cadbcnn_train.config import RESUME_FREE, resume_mismatch
+
+    cfg = TrainConfig(data="d", out="o")
+    stored = {**cfg.to_dict(), "data": "elsewhere", "out": "moved", "epochs": 5, "workers": 3}
+    assert {"data", "out", "epochs", "workers"} <= RESUME_FREE and resume_mismatch(stored, cfg) == {}
+    assert resume_mismatch({**stored, "seed": 1, "ratios": [0.8, 0.1, 0.1]}, cfg) == {
+        "seed": (1, 0), "ratios": ([0.8, 0.1, 0.1], [0.7, 0.15, 0.15])}
 
 
 def test_metrics_match_scikit_learn():
