@@ -187,17 +187,24 @@ def make_split(samples: Sequence[Sample], *, mode: str = "stratified", ratios=(0
     return assignment
 
 
-def write_split_csv(path: Path, root: Path, samples: Sequence[Sample], assignment: Sequence[str],
-                    class_folders: Sequence[str]) -> str:
-    """Write ``path,label,split`` (paths relative to the data root); return the sha256 of the file."""
+def split_csv_text(root: Path, samples: Sequence[Sample], assignment: Sequence[str],
+                   class_folders: Sequence[str]) -> tuple[str, str]:
+    """The ``path,label,split`` table (paths relative to the data root) and its sha256, the split's identity."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["path", "label", "split"])
     for s, split in zip(samples, assignment):
         w.writerow([s.path.relative_to(root).as_posix(), class_folders[s.label], split])
     text = buf.getvalue()
+    return text, hashlib.sha256(text.encode()).hexdigest()
+
+
+def write_split_csv(path: Path, root: Path, samples: Sequence[Sample], assignment: Sequence[str],
+                    class_folders: Sequence[str]) -> str:
+    """Write the split table (``split_csv_text``) to ``path``; return its sha256."""
+    text, sha = split_csv_text(root, samples, assignment, class_folders)
     Path(path).write_text(text, encoding="utf-8")
-    return hashlib.sha256(text.encode()).hexdigest()
+    return sha
 
 
 def split_rows(path: Path) -> list[dict[str, str]]:

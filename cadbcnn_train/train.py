@@ -223,18 +223,15 @@ def fit(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> FitRe
     if not parts["train"] or not parts["val"]:
         raise DatasetError(f"{cfg.data}: too few images to split ({len(ds.samples)}); need a few per class.")
     split_counts = {k: ds.counts(v) for k, v in parts.items()}
-    split_hash = None
+    # The split's identity is computed on every rank, so a refused resume stops every rank (not rank 0 alone).
+    split_text, split_hash = D.split_csv_text(ds.root, ds.samples, assignment, ds.class_folders)
+    if last is not None and last.split_hash not in (None, split_hash):
+        raise ArgumentError(f"{out / 'last.pt'}: the interrupted run was trained on another split (split "
+                            f"hash {last.split_hash} ≠ {split_hash}); resume with the run's own "
+                            f"--split-file {out / 'split.csv'}, or train into a new --out")
     if di.main:
         out.mkdir(parents=True, exist_ok=True)
-        split_path = out / ("split.resume.csv" if last is not None else "split.csv")
-        split_hash = D.write_split_csv(split_path, ds.root, ds.samples, assignment, ds.class_folders)
-        if last is not None:  # the run's own split.csv stays until the new one is known to be the same split
-            if last.split_hash not in (None, split_hash):
-                split_path.unlink()
-                raise ArgumentError(f"{out / 'last.pt'}: the interrupted run was trained on another split (split "
-                                    f"hash {last.split_hash} ≠ {split_hash}); resume with the run's own "
-                                    f"--split-file {out / 'split.csv'}, or train into a new --out")
-            split_path.replace(out / "split.csv")
+        (out / "split.csv").write_text(split_text, encoding="utf-8")
         cfg.write(out / "config.json")
     spec = make_spec(cfg, ds, split_counts)
     say(f"data: {len(ds.samples)} images, {len(ds.skipped)} skipped as unreadable; split "

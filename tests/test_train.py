@@ -15,6 +15,7 @@ from cadbcnn_runtime.errors import ArgumentError, CheckpointError
 from cadbcnn_train.checkpoint import load_checkpoint
 from cadbcnn_train.cli import app
 from cadbcnn_train.config import TrainConfig
+from cadbcnn_train.env import DistInfo
 from cadbcnn_train.metrics import compute_metrics
 from cadbcnn_train.train import fit
 from conftest import make_dataset
@@ -80,10 +81,14 @@ def test_resume_refuses_other_training_options_before_any_work(tmp_path):
     assert {f: (run / f).read_bytes() for f in before} == before  # nothing of the interrupted run was touched
 
 
-def test_resume_refuses_another_split_and_keeps_the_runs_own(tmp_path):
+@pytest.mark.parametrize("rank", [0, 1])
+def test_resume_refuses_another_split_and_keeps_the_runs_own(tmp_path, monkeypatch, rank):
     data = make_dataset(tmp_path / "d", per_class=8, size=32)
     run = tmp_path / "run"
     fit(small_cfg(data, run, epochs=1, max_steps=2), quiet=True)
+    files = sorted(p.name for p in run.iterdir())
+    # under DDP every rank must refuse by itself: a rank that went on would wait forever at the first collective
+    monkeypatch.setattr("cadbcnn_train.train.setup_distributed", lambda _: DistInfo(rank=rank, world=2))
     own = (run / "split.csv").read_text()
     header, *body = own.splitlines()
     col = header.split(",").index("split")
@@ -95,7 +100,7 @@ def test_resume_refuses_another_split_and_keeps_the_runs_own(tmp_path):
     other.write_text("\n".join([header] + [",".join(c) for c in flipped]) + "\n")
     with pytest.raises(ArgumentError, match=r"another split.*--split-file .*split\.csv"):
         fit(small_cfg(data, run, epochs=2, max_steps=2, split_file=str(other)), resume=True, quiet=True)
-    assert (run / "split.csv").read_text() == own and not (run / "split.resume.csv").exists()
+    assert (run / "split.csv").read_text() == own and sorted(p.name for p in run.iterdir()) == files
 
 
 def test_resume_mismatch_ignores_where_and_how_long():
@@ -168,6 +173,7 @@ def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path):
     script.write_text(textwrap.dedent(f"""
         import os, torch
         from cadbcnn_train.config import TrainConfig
+from cadbcnn_train.env import DistInfo
         from cadbcnn_train import train
         cfg = TrainConfig(data={str(data)!r}, out={str(tmp_path / 'run')!r}, model="resnet18", epochs=1,
                           batch_size=4, image_size=32, precision="fp32", max_steps=2, threads=1)
