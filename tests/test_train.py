@@ -173,7 +173,6 @@ def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path):
     script.write_text(textwrap.dedent(f"""
         import os, torch
         from cadbcnn_train.config import TrainConfig
-from cadbcnn_train.env import DistInfo
         from cadbcnn_train import train
         cfg = TrainConfig(data={str(data)!r}, out={str(tmp_path / 'run')!r}, model="resnet18", epochs=1,
                           batch_size=4, image_size=32, precision="fp32", max_steps=2, threads=1)
