@@ -47,21 +47,16 @@ def _items(text: str | None) -> list[tuple[str, str | None]]:
     return out
 
 
-def parse_parts(text: str | None) -> tuple[str, ...]:
-    """'' / None → (); 'robust' or 'all' → every part; else a comma list of PARTS, each optionally ``PART=SHARE``
-    (refused if unknown); returned in canonical order."""
-    parts = [name for name, _ in _items(text)]
-    unknown = sorted(set(parts) - set(PARTS))
+def parse_augment_parts(text: str | None) -> tuple[tuple[str, ...], dict[str, float]]:
+    """``--augment-parts`` in one pass: '' / None → no parts; 'robust' or 'all' → every part; else a comma list of
+    PARTS, each optionally ``PART=SHARE`` (share in [0, 1]: drawn at its own rate). Returns (parts in canonical
+    order, {part: share}); unknown names and bad shares are refused (ArgumentError) before any work."""
+    items = _items(text)
+    unknown = sorted({name for name, _ in items} - set(PARTS))
     if unknown:
         raise ArgumentError(f"unknown augmentation part(s) {unknown}; choose from {', '.join(PARTS)} or 'robust'")
-    return tuple(p for p in PARTS if p in parts)
-
-
-def parse_part_shares(text: str | None) -> dict[str, float]:
-    """The ``PART=SHARE`` items of ``--augment-parts`` (share in [0, 1]): the parts drawn at their own rate."""
-    parse_parts(text)  # unknown names refused first
     shares = {}
-    for name, share in _items(text):
+    for name, share in items:
         if share is None:
             continue
         try:
@@ -72,7 +67,21 @@ def parse_part_shares(text: str | None) -> dict[str, float]:
             raise ArgumentError(f"--augment-parts {name}={share}: the share must be a number in [0, 1], "
                                 f"e.g. {name}=1")
         shares[name] = v
-    return shares
+    return tuple(p for p in PARTS if p in {name for name, _ in items}), shares
+
+
+def check_parts(parts: tuple[str, ...], p: float, part_p: dict[str, float]) -> None:
+    """The one check of a robust-augmentation setting (TrainConfig and RobustAugment both call it): known parts,
+    the robust share p in [0, 1], each own share naming one of the parts and in [0, 1]."""
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise ArgumentError(f"unknown augmentation part(s) {unknown}; choose from {', '.join(PARTS)}")
+    if not 0.0 <= p <= 1.0:
+        raise ArgumentError(f"the robust share p must be in [0, 1] (robust_p, --robust-p), got {p}")
+    bad = {k: v for k, v in part_p.items() if k not in parts or not 0.0 <= v <= 1.0}
+    if bad:
+        raise ArgumentError(f"part shares (augment_part_p; PART=SHARE in --augment-parts) {bad}: each must name one of the parts {tuple(parts)} with a share "
+                            "in [0, 1]")
 
 
 def _log_uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
@@ -88,12 +97,7 @@ class RobustAugment:
     part_p: dict[str, float] = field(default_factory=dict)  # parts drawn at their own share, independently of p
 
     def __post_init__(self):
-        if not 0.0 <= self.p <= 1.0:
-            raise ArgumentError(f"robust augmentation share p must be in [0, 1], got {self.p}")
-        bad = {k: v for k, v in self.part_p.items() if k not in self.parts or not 0.0 <= v <= 1.0}
-        if bad:
-            raise ArgumentError(f"part shares {bad}: each must name one of the parts {self.parts} with a share "
-                                "in [0, 1]")
+        check_parts(self.parts, self.p, self.part_p)
 
     def __call__(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         # p < 1: one draw decides whether this image is shifted at all (p = 1 draws nothing: the same images as

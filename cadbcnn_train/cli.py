@@ -78,10 +78,11 @@ def fit(
                                         "before each validation (precise BN; 0 = off)."),
 ) -> None:
     """Train a model. Runs unchanged under `torchrun --nproc_per_node=N` (DDP)."""
-    from .augment import parse_part_shares, parse_parts
+    from .augment import parse_augment_parts
     from .config import TrainConfig
     from .train import fit as run_fit
 
+    parts, shares = parse_augment_parts(augment_parts)  # ArgumentError (exit 2) before any work
     cfg = TrainConfig(data=str(data), out=str(out), model=model.value, epochs=epochs, batch_size=batch_size,
                       image_size=image_size, lr=lr, weight_decay=weight_decay, label_smoothing=label_smoothing,
                       seed=seed, split=split.value, split_file=str(split_file) if split_file else None,
@@ -91,8 +92,7 @@ def fit(
                       init=str(init) if init else None, freeze=freeze.value,
                       cache=not no_cache, fit_ood=not no_ood, bn_recal_images=bn_recal_images,
                       calibrate=not no_calibrate, review_target_risk=review_target_risk,
-                      augment_parts=parse_parts(augment_parts), robust_p=robust_p,
-                      augment_part_p=parse_part_shares(augment_parts))  # ArgumentError (exit 2) before any work
+                      augment_parts=parts, robust_p=robust_p, augment_part_p=shares)
     run_fit(cfg, resume=resume)
 
 

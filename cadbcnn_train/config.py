@@ -68,18 +68,11 @@ class TrainConfig:
         object.__setattr__(self, "model_kwargs", dict(self.model_kwargs))
         object.__setattr__(self, "augment_parts", tuple(self.augment_parts))
         object.__setattr__(self, "augment_part_p", {k: float(v) for k, v in dict(self.augment_part_p).items()})
-        from .augment import PARTS
+        from .augment import check_parts
         if self.model not in MODEL_NAMES:
             raise ArgumentError(f"unknown model {self.model!r}; choose one of {', '.join(MODEL_NAMES)}")
 
-        unknown = sorted(set(self.augment_parts) - set(PARTS))
-        if unknown:
-            raise ArgumentError(f"unknown augmentation part(s) {unknown}; choose from {', '.join(PARTS)}")
-        if not 0.0 <= self.robust_p <= 1.0:
-            raise ArgumentError(f"robust_p must be in [0, 1], got {self.robust_p}")
-        bad = {k: v for k, v in self.augment_part_p.items() if k not in self.augment_parts or not 0.0 <= v <= 1.0}
-        if bad:
-            raise ArgumentError(f"augment_part_p {bad}: each must name one of augment_parts with a share in [0, 1]")
+        check_parts(self.augment_parts, self.robust_p, self.augment_part_p)
         if self.split not in SPLITS:
             raise ArgumentError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
         if self.precision not in PRECISIONS:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from cadbcnn_train import transforms as T
-from cadbcnn_train.augment import PARTS, RobustAugment, parse_parts
+from cadbcnn_train.augment import PARTS, RobustAugment, parse_augment_parts
 from cadbcnn_train.config import TrainConfig
 
 
@@ -14,7 +14,7 @@ def image(seed=0, h=96, w=96):
 
 @pytest.mark.parametrize("part", PARTS + ("robust",))
 def test_each_part_is_deterministic_and_keeps_uint8_rgb(part):
-    aug = RobustAugment(parts=parse_parts(part))
+    aug = RobustAugment(parts=parse_augment_parts(part)[0])
     for seed in range(6):
         a = aug(image(seed), np.random.default_rng(seed))
         b = aug(image(seed), np.random.default_rng(seed))
@@ -25,10 +25,10 @@ def test_each_part_is_deterministic_and_keeps_uint8_rgb(part):
 
 
 def test_parse_parts_and_config_refuse_unknown_parts():
-    assert parse_parts(None) == () and parse_parts("robust") == PARTS
-    assert parse_parts("stain, scale") == ("scale", "stain")  # canonical order
+    assert parse_augment_parts(None) == ((), {}) and parse_augment_parts("robust") == (PARTS, {})
+    assert parse_augment_parts("stain, scale") == (("scale", "stain"), {})  # canonical order
     with pytest.raises(ValueError, match="unknown augmentation"):
-        parse_parts("scale,zoom")
+        parse_augment_parts("scale,zoom")
     with pytest.raises(ValueError, match="unknown augmentation"):
         TrainConfig(data="d", out="o", augment_parts=("bogus",))
 
@@ -72,17 +72,13 @@ def test_robust_share_p_picks_which_images_are_shifted():
 
 
 def test_a_part_can_have_its_own_share():
-    from cadbcnn_train.augment import parse_part_shares
-
     text = "scale=1, stain, exposure,degrade=0.25"
-    assert parse_parts(text) == ("scale", "stain", "exposure", "degrade")
-    assert parse_part_shares(text) == {"scale": 1.0, "degrade": 0.25}
-    assert parse_part_shares("robust") == {} and parse_part_shares(None) == {}
+    assert parse_augment_parts(text) == (("scale", "stain", "exposure", "degrade"), {"scale": 1.0, "degrade": 0.25})
     for bad in ("scale=2", "scale=x", "scale=-0.1"):
         with pytest.raises(ValueError, match="share must be a number in"):
-            parse_part_shares(bad)
+            parse_augment_parts(bad)
     with pytest.raises(ValueError, match="unknown augmentation"):
-        parse_part_shares("zoom=1")
+        parse_augment_parts("zoom=1")
     # scale at share 1 with p = 0: every image is still zoomed 70 % of the time, never stained
     aug = RobustAugment(parts=("scale", "stain"), p=0.0, part_p={"scale": 1.0})
     only_scale = RobustAugment(parts=("scale",), p=1.0)
