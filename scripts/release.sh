@@ -17,7 +17,8 @@ DATA=${DATA:-../shared/data/all-leukemia}
 B=.venv/bin
 # The training recipe. v0.1.0: the standard augmentation only (RECIPE=""). v0.2.0: every robust part (scale bar,
 # magnification, stain, exposure, degradation) on half of the training images (docs/SHIFT.md). The v0.2.0 candidate
-# recipe being trained now: RECIPE="--augment-parts scale=1,stain=1,exposure,degrade --robust-p 0.5".
+# recipe trained last (seed 0, docs/SHIFT.md):
+#   RECIPE="--augment-parts scale=1,stain=1,exposure,degrade --robust-p 0.5".
 RECIPE=${RECIPE-"--augment-parts robust --robust-p 0.5"}
 RUNS=${RUNS:-runs}
 
