@@ -52,9 +52,8 @@ def parse_augment_parts(text: str | None) -> tuple[tuple[str, ...], dict[str, fl
     PARTS, each optionally ``PART=SHARE`` (share in [0, 1]: drawn at its own rate). Returns (parts in canonical
     order, {part: share}); unknown names and bad shares are refused (ArgumentError) before any work."""
     items = _items(text)
-    unknown = sorted({name for name, _ in items} - set(PARTS))
-    if unknown:
-        raise ArgumentError(f"unknown augmentation part(s) {unknown}; choose from {', '.join(PARTS)} or 'robust'")
+    names = {name for name, _ in items}
+    _refuse_unknown(names)
     shares = {}
     for name, share in items:
         if share is None:
@@ -67,21 +66,25 @@ def parse_augment_parts(text: str | None) -> tuple[tuple[str, ...], dict[str, fl
             raise ArgumentError(f"--augment-parts {name}={share}: the share must be a number in [0, 1], "
                                 f"e.g. {name}=1")
         shares[name] = v
-    return tuple(p for p in PARTS if p in {name for name, _ in items}), shares
+    return tuple(p for p in PARTS if p in names), shares
+
+
+def _refuse_unknown(names) -> None:
+    unknown = sorted(set(names) - set(PARTS))
+    if unknown:
+        raise ArgumentError(f"unknown augmentation part(s) {unknown}; choose from {', '.join(PARTS)} or 'robust'")
 
 
 def check_parts(parts: tuple[str, ...], p: float, part_p: dict[str, float]) -> None:
     """The one check of a robust-augmentation setting (TrainConfig and RobustAugment both call it): known parts,
     the robust share p in [0, 1], each own share naming one of the parts and in [0, 1]."""
-    unknown = sorted(set(parts) - set(PARTS))
-    if unknown:
-        raise ArgumentError(f"unknown augmentation part(s) {unknown}; choose from {', '.join(PARTS)}")
+    _refuse_unknown(parts)
     if not 0.0 <= p <= 1.0:
         raise ArgumentError(f"the robust share p must be in [0, 1] (robust_p, --robust-p), got {p}")
     bad = {k: v for k, v in part_p.items() if k not in parts or not 0.0 <= v <= 1.0}
     if bad:
-        raise ArgumentError(f"part shares (augment_part_p; PART=SHARE in --augment-parts) {bad}: each must name one of the parts {tuple(parts)} with a share "
-                            "in [0, 1]")
+        raise ArgumentError(f"part shares (augment_part_p; PART=SHARE in --augment-parts) {bad}: each must name "
+                            f"one of the parts {tuple(parts)} with a share in [0, 1]")
 
 
 def _log_uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
