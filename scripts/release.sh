@@ -17,10 +17,14 @@ DATA=${DATA:-../shared/data/all-leukemia}
 B=.venv/bin
 # The training recipe. v0.1.0: the standard augmentation only (RECIPE=""). v0.2.0: every robust part (scale bar,
 # magnification, stain, exposure, degradation) on half of the training images (docs/SHIFT.md). The v0.2.0 candidate
-# recipe trained last (seed 0, docs/SHIFT.md):
-#   RECIPE="--augment-parts scale=1,stain=1,exposure,degrade --robust-p 0.5".
+# recipe trained last (seed 0, docs/SHIFT.md), from scratch and as a fine-tune of v0.1.0 (EPOCHS=20):
+#   RECIPE="--augment-parts scale=1,stain=1,exposure,degrade --robust-p 0.5"
+#   RECIPE="--lr 3e-4 --init build/v0.1.0.onnx --augment-parts scale=1,stain=1,exposure,degrade --robust-p 0.5"
+# (--init from a copy of the released file: `ship` overwrites models/).
 RECIPE=${RECIPE-"--augment-parts robust --robust-p 0.5"}
 RUNS=${RUNS:-runs}
+# Epochs: 30 is the full protocol from scratch; a fine-tune from the released file (RECIPE="--init …") needs fewer.
+EPOCHS=${EPOCHS:-30}
 
 candidate() {
   local seed=$1 split=${2:-} run=$RUNS/release-s$1
@@ -28,8 +32,8 @@ candidate() {
   [[ -n "$split" ]] && extra=(--split-file "$split")
   # OOD statistics are fitted by `ship` for the chosen run only. An interrupted candidate continues from its
   # last.pt (--resume refuses a run started with other options; a new run starts from scratch).
-  $B/cadbcnn-train fit --data "$DATA" --out "$run" --epochs 30 --patience 30 --seed "$seed" --no-ood --resume \
-      $RECIPE "${extra[@]}"
+  $B/cadbcnn-train fit --data "$DATA" --out "$run" --epochs "$EPOCHS" --patience "$EPOCHS" --seed "$seed" \
+      --no-ood --resume $RECIPE "${extra[@]}"
   # Precise BN for the best-on-validation and the last checkpoint, then keep the better one on validation.
   for c in best last; do
     $B/cadbcnn-train recalibrate-bn "$run/$c.pt" --data "$DATA" --out "$run/$c-bn.pt"
