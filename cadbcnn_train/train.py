@@ -312,7 +312,7 @@ def fit(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> FitRe
         torch.set_rng_state(last.raw["rng_state"])
         say(f"resumed from {out / 'last.pt'} at epoch {start_epoch + 1}")
     elif resume:
-        say(f"--resume: no {out / 'last.pt'} yet; starting from scratch")
+        say(f"--resume: no {out / 'last.pt'} yet; starting a new run")
 
     ckpt_common = dict(model_name=cfg.model, model_kwargs=cfg.model_kwargs, class_folders=ds.class_folders,
                        config=cfg.to_dict(), split_hash=split_hash)
