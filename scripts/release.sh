@@ -23,15 +23,14 @@ B=.venv/bin
 # (--init from a copy of the released file: `ship` overwrites models/).
 RECIPE=${RECIPE-"--augment-parts robust --robust-p 0.5"}
 RUNS=${RUNS:-runs}
-# Epochs: 30 is the full protocol from scratch; a fine-tune from the released file (RECIPE="--init …") needs fewer.
-EPOCHS=${EPOCHS:-30}
+EPOCHS=${EPOCHS:-30}   # the full protocol (from scratch)
 
 candidate() {
   local seed=$1 split=${2:-} run=$RUNS/release-s$1
   local extra=()
   [[ -n "$split" ]] && extra=(--split-file "$split")
   # OOD statistics are fitted by `ship` for the chosen run only. An interrupted candidate continues from its
-  # last.pt (--resume refuses a run started with other options; a new run starts from scratch).
+  # last.pt (--resume refuses a run started with other options; otherwise a new run starts).
   $B/cadbcnn-train fit --data "$DATA" --out "$run" --epochs "$EPOCHS" --patience "$EPOCHS" --seed "$seed" \
       --no-ood --resume $RECIPE "${extra[@]}"
   # Precise BN for the best-on-validation and the last checkpoint, then keep the better one on validation.
