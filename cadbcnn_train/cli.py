@@ -76,6 +76,8 @@ def fit(
                                              "which at most this fraction of non-reviewed validation images is wrong."),
     bn_recal_images: int = typer.Option(512, help="Recompute BatchNorm statistics on N clean training images "
                                         "before each validation (precise BN; 0 = off)."),
+    ema: float = typer.Option(0.0, help="Validate, keep and export a moving average of the weights with this "
+                              "decay per step (e.g. 0.997; ramped up as min(decay, (1 + n)/(10 + n)) after n steps); 0 = off."),
 ) -> None:
     """Train a model. Runs unchanged under `torchrun --nproc_per_node=N` (DDP)."""
     from .augment import parse_augment_parts
@@ -92,7 +94,7 @@ def fit(
                       init=str(init) if init else None, freeze=freeze.value,
                       cache=not no_cache, fit_ood=not no_ood, bn_recal_images=bn_recal_images,
                       calibrate=not no_calibrate, review_target_risk=review_target_risk,
-                      augment_parts=parts, robust_p=robust_p, augment_part_p=shares)
+                      augment_parts=parts, robust_p=robust_p, augment_part_p=shares, ema=ema)
     run_fit(cfg, resume=resume)
 
 

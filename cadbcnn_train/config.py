@@ -61,6 +61,7 @@ class TrainConfig:
                                        # and the field-content (blank field) check on the training split
     review_target_risk: float = 0.005  # review rule: <= this error rate among non-reviewed validation images
     bn_recal_images: int = 512         # precise-BN before each validation (0 = off)
+    ema: float = 0.0                   # decay of a moving average of the weights (0 = off); see ema.py
     model_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -79,6 +80,8 @@ class TrainConfig:
             raise ArgumentError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if not 0.0 <= self.review_target_risk <= 1.0:
             raise ArgumentError(f"review_target_risk must be in [0, 1], got {self.review_target_risk}")
+        if not (self.ema == 0.0 or 0.0 < self.ema < 1.0):
+            raise ArgumentError(f"ema must be 0 (off) or a decay in (0, 1) such as 0.998, got {self.ema}")
         if self.freeze not in FREEZE_CHOICES:
             raise ArgumentError(f"freeze must be one of {', '.join(FREEZE_CHOICES)}, got {self.freeze!r}")
         if self.init is not None:

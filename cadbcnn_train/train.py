@@ -44,6 +44,7 @@ from .ood import fit_ood, spec_entry
 from cadbcnn_runtime.machine import git_commit
 from cadbcnn_runtime.progress import Progress
 from .env import autocast, resolve_precision, setup_distributed, software_versions
+from .ema import WeightEma
 
 log = logging.getLogger("cadbcnn_train")
 
@@ -278,6 +279,8 @@ def fit(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> FitRe
     model = model.to(device).to(memory_format=torch.channels_last)
     net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if di.world > 1 else model
+    ema = WeightEma(model, cfg.ema) if cfg.ema else None
+    evaluated = ema.module if ema is not None else model  # what validation sees and the checkpoints hold
 
     counts = np.array([split_counts["train"][n] for n in ds.class_names], dtype=np.float64)
     weight = torch.tensor(counts.sum() / (num_classes * np.maximum(counts, 1)), dtype=torch.float32) \
@@ -304,7 +307,11 @@ def fit(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> FitRe
     # -- resume ----------------------------------------------------------------
     start_epoch, best_f1, bad_epochs, history = 0, -1.0, 0, []
     if last is not None:
-        model.load_state_dict(last.state_dict)
+        if ema is not None:  # the checkpoint's model is the average; the live weights travel beside it
+            model.load_state_dict(last.raw["train_state_dict"])
+            ema.load(last.state_dict, last.raw["ema"])
+        else:
+            model.load_state_dict(last.state_dict)
         optimizer.load_state_dict(last.raw["optimizer"])
         scheduler.load_state_dict(last.raw["scheduler"])
         start_epoch, best_f1 = last.epoch + 1, float(last.raw["best_f1"])
@@ -345,6 +352,8 @@ def fit(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> FitRe
                 loss.backward()
                 optimizer.step()
             scheduler.step()
+            if ema is not None:
+                ema.update(model)
             seen += len(y)
             correct += int((logits.argmax(1) == y).sum())
             loss_sum += float(loss.detach()) * len(y)
@@ -353,9 +362,9 @@ def fit(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> FitRe
         bar.close()
         train_time = time.time() - t0
         if cfg.bn_recal_images:
-            recalibrate_bn(model, bn_loader(epoch), device, precision, cfg.bn_recal_images)
+            recalibrate_bn(evaluated, bn_loader(epoch), device, precision, cfg.bn_recal_images)
 
-        logits, labels = predict(model, eval_loader(parts["val"]), device, precision)
+        logits, labels = predict(evaluated, eval_loader(parts["val"]), device, precision)
         val = compute_metrics(labels.numpy(), logits.argmax(1).numpy(), ds.class_names)
         val_loss = float(nn.functional.cross_entropy(logits, labels))
         row = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
@@ -373,11 +382,14 @@ def fit(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> FitRe
             f"{train_time:.1f}s ({row['images_per_s']:.1f} img/s){'  *best*' if improved else ''}")
         if di.main:
             if improved:
-                save_checkpoint(out / "best.pt", model=model, spec=spec, epoch=epoch, **ckpt_common)
-            save_checkpoint(out / "last.pt", model=model, spec=spec, epoch=epoch, **ckpt_common,
-                            extra={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                   "best_f1": best_f1, "bad_epochs": bad_epochs, "history": history,
-                                   "rng_state": torch.get_rng_state()})
+                save_checkpoint(out / "best.pt", model=evaluated, spec=spec, epoch=epoch, **ckpt_common)
+            resume_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                            "best_f1": best_f1, "bad_epochs": bad_epochs, "history": history,
+                            "rng_state": torch.get_rng_state()}
+            if ema is not None:
+                resume_state.update(train_state_dict=model.state_dict(), ema=ema.state())
+            save_checkpoint(out / "last.pt", model=evaluated, spec=spec, epoch=epoch, **ckpt_common,
+                            extra=resume_state)
             write_history(out, history)
         if bad_epochs >= cfg.patience:
             say(f"early stop: val macro-F1 has not improved for {cfg.patience} epochs")
@@ -389,6 +401,8 @@ def fit(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> FitRe
         best = load_checkpoint(out / "best.pt") if (out / "best.pt").is_file() else None
         if best is not None:
             model.load_state_dict(best.state_dict)
+        elif ema is not None:
+            model.load_state_dict(ema.module.state_dict())
         if parts["test"]:
             logits, labels = predict(model, eval_loader(parts["test"]), device, "fp32")
             test_metrics = compute_metrics(labels.numpy(), logits.argmax(1).numpy(), ds.class_names)
