@@ -77,7 +77,8 @@ def fit(
     bn_recal_images: int = typer.Option(512, help="Recompute BatchNorm statistics on N clean training images "
                                         "before each validation (precise BN; 0 = off)."),
     ema: float = typer.Option(0.0, help="Validate, keep and export a moving average of the weights with this "
-                              "decay per step (e.g. 0.997; ramped up as min(decay, (1 + n)/(10 + n)) after n steps); 0 = off."),
+                              "decay per step (e.g. 0.997; ramped up as min(decay, (1 + n)/(10 + n)) after n "
+                              "steps); 0 = off."),
 ) -> None:
     """Train a model. Runs unchanged under `torchrun --nproc_per_node=N` (DDP)."""
     from .augment import parse_augment_parts

@@ -81,7 +81,7 @@ class TrainConfig:
         if not 0.0 <= self.review_target_risk <= 1.0:
             raise ArgumentError(f"review_target_risk must be in [0, 1], got {self.review_target_risk}")
         if not (self.ema == 0.0 or 0.0 < self.ema < 1.0):
-            raise ArgumentError(f"ema must be 0 (off) or a decay in (0, 1) such as 0.998, got {self.ema}")
+            raise ArgumentError(f"ema must be 0 (off) or a decay in (0, 1) such as 0.997, got {self.ema}")
         if self.freeze not in FREEZE_CHOICES:
             raise ArgumentError(f"freeze must be one of {', '.join(FREEZE_CHOICES)}, got {self.freeze!r}")
         if self.init is not None:
