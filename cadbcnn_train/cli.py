@@ -79,6 +79,10 @@ def fit(
     ema: float = typer.Option(0.0, help="Validate, keep and export a moving average of the weights with this "
                               "decay per step (e.g. 0.997; ramped up as min(decay, (1 + n)/(10 + n)) after n "
                               "steps); 0 = off."),
+    select_shifted: int = typer.Option(0, help="Keep (and early-stop on) the epoch with the best mean of clean "
+                                       "and shifted validation macro-F1, scoring N copies of every validation "
+                                       "image under the shift report's acquisition shifts (N of them, each "
+                                       "shift used about equally); 0 = clean validation macro-F1 only."),
 ) -> None:
     """Train a model. Runs unchanged under `torchrun --nproc_per_node=N` (DDP)."""
     from .augment import parse_augment_parts
@@ -95,7 +99,8 @@ def fit(
                       init=str(init) if init else None, freeze=freeze.value,
                       cache=not no_cache, fit_ood=not no_ood, bn_recal_images=bn_recal_images,
                       calibrate=not no_calibrate, review_target_risk=review_target_risk,
-                      augment_parts=parts, robust_p=robust_p, augment_part_p=shares, ema=ema)
+                      augment_parts=parts, robust_p=robust_p, augment_part_p=shares, ema=ema,
+                      select_shifted=select_shifted)
     run_fit(cfg, resume=resume)
 
 

@@ -62,6 +62,7 @@ class TrainConfig:
     review_target_risk: float = 0.005  # review rule: <= this error rate among non-reviewed validation images
     bn_recal_images: int = 512         # precise-BN before each validation (0 = off)
     ema: float = 0.0                   # decay of a moving average of the weights (0 = off); see ema.py
+    select_shifted: int = 0            # shifted copies of each validation image in the selection score (selection.py)
     model_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -82,6 +83,11 @@ class TrainConfig:
             raise ArgumentError(f"review_target_risk must be in [0, 1], got {self.review_target_risk}")
         if not (self.ema == 0.0 or 0.0 < self.ema < 1.0):
             raise ArgumentError(f"ema must be 0 (off) or a decay in (0, 1) such as 0.997, got {self.ema}")
+        from .shifts import SHIFTS
+        if not 0 <= self.select_shifted <= len(SHIFTS):
+            raise ArgumentError(f"select_shifted must be 0 (select on clean validation images) or a number of "
+                                f"shifted copies per validation image from 1 to {len(SHIFTS)} (one per shift), "
+                                f"got {self.select_shifted}")
         if self.freeze not in FREEZE_CHOICES:
             raise ArgumentError(f"freeze must be one of {', '.join(FREEZE_CHOICES)}, got {self.freeze!r}")
         if self.init is not None:

@@ -3,7 +3,8 @@
 ``fit(cfg)`` loads the data through the runtime's preprocessing, splits it
 (duplicates grouped), trains with AdamW + warm-up/cosine and class-weighted
 cross-entropy under bf16 autocast (CPU) or AMP (CUDA), early-stops on
-validation macro-F1, and writes ``best.pt``, ``last.pt``, ``config.json``,
+validation macro-F1 (or, with ``select_shifted``, on its mean with the macro-F1 of shifted validation
+images: ``selection.py``), and writes ``best.pt``, ``last.pt``, ``config.json``,
 ``split.csv``, ``history.csv``, ``curves.png`` and the test ``metrics.json``.
 Runs unchanged under ``torchrun`` (DistributedDataParallel; rank 0 writes).
 """
@@ -45,6 +46,7 @@ from cadbcnn_runtime.machine import git_commit
 from cadbcnn_runtime.progress import Progress
 from .env import autocast, resolve_precision, setup_distributed, software_versions
 from .ema import WeightEma
+from .selection import CLEAN, SHIFT_AWARE, ShiftedValidation, selection_score
 
 log = logging.getLogger("cadbcnn_train")
 
@@ -180,7 +182,7 @@ def make_spec(cfg: TrainConfig, ds: D.LoadedDataset, split_counts: dict, *, metr
 @dataclass
 class FitResult:
     out: Path
-    best_val_f1: float
+    best_val_f1: float  # clean validation macro-F1 of the kept epoch
     test_metrics: dict | None
     epochs_run: int
     seconds: float
@@ -260,6 +262,16 @@ def fit(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> FitRe
     def eval_loader(samples):
         return DataLoader(D.ImageDataset(samples, spec, images=ds.images), batch_size=max(cfg.batch_size, 64),
                           num_workers=cfg.workers)
+
+    shifted_val = None
+    if cfg.select_shifted:  # built once: the same shifted images score every epoch
+        val_set = D.ImageDataset(parts["val"], spec, images=ds.images)
+        shifted_val = DataLoader(ShiftedValidation([val_set.image(i) for i in range(len(val_set))],
+                                                   [s.label for s in parts["val"]], spec,
+                                                   copies=cfg.select_shifted, seed=cfg.seed),
+                                 batch_size=max(cfg.batch_size, 64), num_workers=cfg.workers)
+        say(f"selection: {SHIFT_AWARE}, {len(shifted_val.dataset)} shifted validation images "
+            f"({cfg.select_shifted} per image)")
 
     # -- model, loss, optimiser ---------------------------------------------
     num_classes = len(ds.class_names)
@@ -371,15 +383,24 @@ def fit(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> FitRe
                "val_loss": val_loss, "val_acc": val["accuracy"], "val_f1_macro": val["f1_macro"],
                "lr": optimizer.param_groups[0]["lr"], "seconds": train_time,
                "images_per_s": seen * di.world / max(train_time, 1e-9)}
+        shifted_f1, shifted_said = None, ""
+        if shifted_val is not None:
+            s_logits, s_labels = predict(evaluated, shifted_val, device, precision)
+            sv = compute_metrics(s_labels.numpy(), s_logits.argmax(1).numpy(), ds.class_names)
+            shifted_f1 = sv["f1_macro"]
+            row.update(val_shifted_acc=sv["accuracy"], val_shifted_f1_macro=shifted_f1)
+            shifted_said = f"  shifted acc {100 * sv['accuracy']:.2f}% F1 {100 * shifted_f1:.2f}"
+        score = selection_score(val["f1_macro"], shifted_f1)
+        row["selection_score"] = score
         history.append(row)
-        improved = val["f1_macro"] > best_f1
+        improved = score > best_f1  # best_f1: the best selection score so far (the clean F1 without shifts)
         if improved:
-            best_f1, bad_epochs = val["f1_macro"], 0
+            best_f1, bad_epochs = score, 0
         else:
             bad_epochs += 1
         say(f"epoch {epoch + 1}/{cfg.epochs}  loss {row['train_loss']:.4f}  acc {100 * row['train_acc']:.2f}%  "
-            f"val_loss {val_loss:.4f}  val_acc {100 * val['accuracy']:.2f}%  val_F1 {100 * val['f1_macro']:.2f}  "
-            f"{train_time:.1f}s ({row['images_per_s']:.1f} img/s){'  *best*' if improved else ''}")
+            f"val_loss {val_loss:.4f}  val_acc {100 * val['accuracy']:.2f}%  val_F1 {100 * val['f1_macro']:.2f}"
+            f"{shifted_said}  {train_time:.1f}s ({row['images_per_s']:.1f} img/s){'  *best*' if improved else ''}")
         if di.main:
             if improved:
                 save_checkpoint(out / "best.pt", model=evaluated, spec=spec, epoch=epoch, **ckpt_common)
@@ -392,10 +413,14 @@ def fit(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> FitRe
                             extra=resume_state)
             write_history(out, history)
         if bad_epochs >= cfg.patience:
-            say(f"early stop: val macro-F1 has not improved for {cfg.patience} epochs")
+            say(f"early stop: the selection score ({SHIFT_AWARE if shifted_val is not None else CLEAN}) has not "
+                f"improved for {cfg.patience} epochs")
             break
 
     # -- test ------------------------------------------------------------------
+    # the kept epoch (best.pt): the first with the best selection score (rows of runs from before the score: clean F1)
+    kept = max(history, key=lambda h: h.get("selection_score", h["val_f1_macro"])) if history else None
+    kept_f1 = kept["val_f1_macro"] if kept else best_f1
     test_metrics = None
     if di.main:
         best = load_checkpoint(out / "best.pt") if (out / "best.pt").is_file() else None
@@ -431,7 +456,9 @@ def fit(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> FitRe
         if best is not None:
             save_checkpoint(out / "best.pt", model=model, spec=final_spec, epoch=best.epoch,
                             metrics=test_metrics, ood=ood, **ckpt_common)
-        summary = {"best_val_f1_macro": best_f1, "epochs_run": epoch + 1, "seconds": time.time() - t_start,
+        summary = {"best_val_f1_macro": kept_f1, "selection": SHIFT_AWARE if cfg.select_shifted else CLEAN,
+                   "best_selection_score": best_f1, "best_epoch": kept["epoch"] if kept else None,
+                   "epochs_run": epoch + 1, "seconds": time.time() - t_start,
                    "skipped_images": ds.skipped, "precision": precision, "device": str(device), "world": di.world}
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         plot_curves(out, history)
@@ -442,12 +469,13 @@ def fit(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> FitRe
                 f"  → {out / 'metrics.json'}")
     if di.world > 1:
         dist.barrier()
-    return FitResult(out, best_f1, test_metrics, epoch + 1, time.time() - t_start)
+    return FitResult(out, kept_f1, test_metrics, epoch + 1, time.time() - t_start)
 
 
 def write_history(out: Path, history: list[dict]) -> None:
+    columns = list(dict.fromkeys(k for row in history for k in row))  # a resumed older run's rows lack new columns
     with (out / "history.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(history[0]))
+        w = csv.DictWriter(f, fieldnames=columns)
         w.writeheader()
         w.writerows(history)
 

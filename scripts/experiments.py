@@ -104,7 +104,7 @@ def release_seeds(runs: list[Path]) -> list[str]:
         val = json.loads((run / f"val-{chosen}" / "metrics.json").read_text())
         cfg = json.loads((run / "config.json").read_text())
         hist = history(run)
-        best_epoch = int(max(hist, key=lambda r: r["val_f1_macro"])["epoch"])
+        best_epoch = int(max(hist, key=lambda r: r.get("selection_score", r["val_f1_macro"]))["epoch"])
         rows.append((cfg["seed"], chosen if chosen == "last" else f"best (epoch {best_epoch})", val,
                      json.loads((run / "test" / "metrics.json").read_text()),
                      sum(r["seconds"] for r in hist), len(hist), run, ood_gate(run)))

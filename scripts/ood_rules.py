@@ -43,7 +43,8 @@ from cadbcnn_runtime.spec import ModelSpec  # noqa: E402
 from cadbcnn_train.ood_eval import _central_cell_on_black, foreign_images  # noqa: E402
 from cadbcnn_runtime.calibration import temperature_of  # noqa: E402
 from cadbcnn_runtime.reliability import softmax  # noqa: E402
-from cadbcnn_train.shift_report import SHIFTS, blank_fields, shifted  # noqa: E402
+from cadbcnn_train.shift_report import blank_fields  # noqa: E402
+from cadbcnn_train.shifts import SHIFTS, shifted  # noqa: E402
 
 BLOCKS = {"a": (2, 2, 2, 2), "b": (3, 4, 6, 3)}  # ResNet18 and ResNet34 basic blocks per stage
 RULES = ("shipped", "maha-cat", "knn-cat", "maha-stages", "maha-cat+stages", "shipped|stages")

@@ -4,7 +4,8 @@ states it in docs/EXPERIMENTS.md).
     python scripts/release_rule.py choose RUN     # prints best|last: the checkpoint a candidate keeps
 
 * A candidate keeps the better of its best-on-validation and last checkpoint on validation macro-F1 after
-  precise BN (ties: best).
+  precise BN (ties: best). A run trained with `--select-shifted N` keeps its best: that run already scored
+  every epoch on clean *and* shifted validation images (after precise BN), and best.pt is its maximum.
 * The release is the best on validation among the candidates that pass every gate of `release.sh ship`
   (export parity gates and the OOD gate); test scores play no part.
 """
@@ -24,7 +25,11 @@ def history(run: Path) -> list[dict]:
 
 
 def chosen_checkpoint(run: Path) -> str:
-    """The release rule: 'best' or 'last', whichever scores the higher validation macro-F1 after precise BN."""
+    """The release rule: 'best' or 'last', whichever scores the higher validation macro-F1 after precise BN;
+    'best' for a run that selected on shifted validation images too (a clean re-evaluation cannot see its score)."""
+    config = run / "config.json"
+    if config.is_file() and json.loads(config.read_text()).get("select_shifted", 0):
+        return "best"
     f1 = {c: json.loads((run / f"val-{c}" / "metrics.json").read_text())["f1_macro"] for c in ("best", "last")}
     return "best" if f1["best"] >= f1["last"] else "last"
 

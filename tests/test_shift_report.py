@@ -66,7 +66,8 @@ def test_every_shift_keeps_uint8_rgb_and_is_deterministic():
         b = s.apply(img, S.image_rng(7, s.name, 3))
         assert a.shape == img.shape and a.dtype == np.uint8, s.name
         np.testing.assert_array_equal(a, b, err_msg=s.name)
-    for f in (S.hed_jitter, S.sensor_noise):  # the random ones change with the seed
+    from cadbcnn_train.transforms import hed_jitter, sensor_noise
+    for f in (hed_jitter, sensor_noise):  # the random ones change with the seed
         assert not np.array_equal(f(img, S.image_rng(0, "x", 0)), f(img, S.image_rng(1, "x", 0)))
 
 

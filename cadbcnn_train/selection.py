@@ -1,0 +1,60 @@
+"""Shift-aware checkpoint selection: which epoch of a run is kept (``best.pt``) and when it stops early.
+
+Selected on clean validation macro-F1 alone, a robust recipe keeps its least robust epoch: clean validation
+falls while robustness to another site's images rises (docs/SHIFT.md, the EMA fine-tune). With
+``fit --select-shifted N`` every validation image is also scored under ``N`` acquisition shifts of
+``shifts.SHIFTS`` and the run keeps the epoch with the highest
+
+    selection score = (clean validation macro-F1 + shifted validation macro-F1) / 2
+
+Only validation images and synthetic shifts take part: the test split and external folders stay for reporting.
+The shifted set is built once per run: copy ``c`` of validation image ``i`` gets shift ``(i·N + c + seed) mod K``
+(``K`` shifts; so every shift is used about equally, and an image's ``N`` copies get ``N`` different shifts),
+random shifts drawing from ``shifts.image_rng(seed, shift name, i·N + c)``. Each shifted image keeps its label.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from cadbcnn_runtime.preprocess import preprocess
+from cadbcnn_runtime.spec import ModelSpec
+
+from .shifts import SHIFTS, Shift, image_rng
+
+#: How the selection score is named in logs, history.csv and summary.json.
+CLEAN = "clean validation macro-F1"
+SHIFT_AWARE = "(clean + shifted validation macro-F1) / 2"
+
+
+def selection_score(clean_f1: float, shifted_f1: float | None) -> float:
+    """The score a run maximises over epochs: clean macro-F1, or its mean with the shifted set's macro-F1."""
+    return clean_f1 if shifted_f1 is None else 0.5 * (clean_f1 + shifted_f1)
+
+
+def assigned_shifts(n_images: int, copies: int, seed: int, shifts: Sequence[Shift] = SHIFTS) -> list[Shift]:
+    """The shift of each shifted copy, in order (image 0's copies first)."""
+    return [shifts[(k + seed) % len(shifts)] for k in range(n_images * copies)]
+
+
+class ShiftedValidation(Dataset):
+    """``copies`` shifted versions of each validation image, labels kept, as model inputs (runtime preprocessing)."""
+
+    def __init__(self, images: Sequence[np.ndarray], labels: Sequence[int], spec: ModelSpec, *, copies: int,
+                 seed: int):
+        if copies < 1:
+            raise ValueError(f"copies must be >= 1, got {copies}")
+        self.spec = spec
+        self.shifts = assigned_shifts(len(images), copies, seed)
+        self.images = [s.apply(images[k // copies], image_rng(seed, s.name, k)) for k, s in enumerate(self.shifts)]
+        self.labels = [int(labels[k // copies]) for k in range(len(self.shifts))]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return torch.from_numpy(preprocess(self.images[i], self.spec)), self.labels[i]
