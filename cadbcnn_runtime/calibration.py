@@ -48,5 +48,19 @@ def fit_calibration(logits: np.ndarray, labels: np.ndarray, *, fitted_on: str,
     return entry, float(review.threshold)
 
 
+def shifted_review(logits: np.ndarray, labels: np.ndarray, *, temperature: float, fitted_on: str,
+                   target_risk: float) -> tuple[dict[str, Any], float]:
+    """A second review rule on held-out images under synthetic acquisition shifts (labels kept): the lowest
+    calibrated confidence at which at most ``target_risk`` of the kept shifted images are wrong. The temperature
+    stays the one fitted on the clean images; a caller reviews below the higher of the two thresholds.
+    Returns (the calibration entry's ``shifted_review`` record, that threshold)."""
+    p = softmax(np.asarray(logits, dtype=np.float64), temperature)
+    labels = np.asarray(labels, dtype=np.int64)
+    r = choose_review_threshold(p.max(1), p.argmax(1) == labels, target_risk=target_risk)
+    return {"fitted_on": fitted_on, "target_risk": float(target_risk), "threshold": float(r.threshold),
+            "achieved": bool(r.achieved), "coverage": float(r.coverage),
+            "accuracy": float(np.mean(p.argmax(1) == labels))}, float(r.threshold)
+
+
 def temperature_of(calibration: dict[str, Any] | None) -> float:
     return 1.0 if not calibration else float(calibration["temperature"])

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from cadbcnn_runtime.calibration import TARGET_RISK, fit_calibration
-from cadbcnn_runtime.errors import DatasetError
+from cadbcnn_runtime.calibration import TARGET_RISK, fit_calibration, shifted_review
+from cadbcnn_runtime.errors import ArgumentError, DatasetError
 from cadbcnn_runtime.spec import ModelSpec
 
 from . import data as D
@@ -106,9 +106,28 @@ def refit_ood(checkpoint: Path, data: Path, *, split_file: Path | None = None, o
     return ood
 
 
+#: Default risk among kept *shifted* validation images for ``calibrate --shifted-copies`` (the shift target: 2 %).
+SHIFTED_TARGET_RISK = 0.02
+
+
+def check_shifted_copies(copies: int) -> None:
+    from .shifts import SHIFTS
+    if not 0 <= copies <= len(SHIFTS):
+        raise ArgumentError(f"--shifted-copies must be 0 (clean validation only) or 1 to {len(SHIFTS)} (one per "
+                            f"shift), got {copies}")
+
+
 def calibrate_checkpoint(checkpoint: Path, data: Path, *, split_file: Path | None = None, out: Path | None = None,
-                         target_risk: float = TARGET_RISK, log=print) -> dict:
-    """Fit the temperature and the review threshold of an existing checkpoint on its validation split."""
+                         target_risk: float = TARGET_RISK, shifted_copies: int = 0,
+                         shifted_target_risk: float = SHIFTED_TARGET_RISK, log=print) -> dict:
+    """Fit the temperature and the review threshold of an existing checkpoint on its validation split.
+
+    With ``shifted_copies`` N > 0 the review threshold must also hold on N shifted copies of every validation
+    image (``selection.ShiftedValidation``, seeded by the run's seed): at most ``shifted_target_risk`` of the kept
+    shifted images wrong; the spec's threshold is the higher of the two, the temperature the clean one's."""
+    check_shifted_copies(shifted_copies)
+    if not 0.0 <= shifted_target_risk <= 1.0:
+        raise ArgumentError(f"--shifted-target-risk must be in [0, 1], got {shifted_target_risk}")
     ck = load_checkpoint(checkpoint)
     model = ck.build_model()
     sf = Path(split_file) if split_file else Path(checkpoint).parent / "split.csv"
@@ -124,13 +143,31 @@ def calibrate_checkpoint(checkpoint: Path, data: Path, *, split_file: Path | Non
     logits, labels = predict(model.to(memory_format=torch.channels_last), loader, torch.device("cpu"))
     entry, review = fit_calibration(logits.numpy(), labels.numpy(), target_risk=target_risk,
                                     fitted_on=f"validation split ({len(parts['val'])} images)")
+    clean_review = review
+    if shifted_copies:
+        from .selection import ShiftedValidation
+        val_set = D.ImageDataset(parts["val"], ck.spec, images=ds.images)
+        shifted = ShiftedValidation([val_set.image(i) for i in range(len(val_set))], [s.label for s in parts["val"]],
+                                    ck.spec, copies=shifted_copies, seed=int(ck.config.get("seed", 0)))
+        s_logits, s_labels = predict(model, DataLoader(shifted, batch_size=64), torch.device("cpu"))
+        record, s_review = shifted_review(s_logits.numpy(), s_labels.numpy(), temperature=entry["temperature"],
+                                          target_risk=shifted_target_risk,
+                                          fitted_on=f"{len(shifted)} shifted validation images "
+                                                    f"({shifted_copies} per image)")
+        entry["shifted_review"] = record
+        entry["review_rule"] += (f"; and <= {100 * shifted_target_risk:.2g} % of the kept {record['fitted_on']} "
+                                 "(the higher threshold of the two)")
+        review = max(review, s_review)
     quality = fit_content_check(parts["train"], ck.spec, ds.images, what="training split")
     dest = Path(out) if out else Path(checkpoint)
     resave_checkpoint(ck, dest, model=model,
                       spec=ck.spec.replace(calibration=entry, review_threshold=review, quality=quality))
+    shifted_said = "" if not shifted_copies else (
+        f" (clean rule {clean_review:.4f}; shifted rule {entry['shifted_review']['threshold']:.4f} on "
+        f"{entry['shifted_review']['fitted_on']}, accuracy {100 * entry['shifted_review']['accuracy']:.1f} %)")
     log(f"temperature {entry['temperature']:.4f} fitted on {len(parts['val'])} validation images (NLL "
         f"{entry['before']['nll']:.4f} → {entry['after']['nll']:.4f}, ECE {entry['before']['ece_15']:.4f} → "
-        f"{entry['after']['ece_15']:.4f}); review threshold {review:.4f} → {dest}")
+        f"{entry['after']['ece_15']:.4f}); review threshold {review:.4f}{shifted_said} → {dest}")
     return entry
 
 

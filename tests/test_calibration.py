@@ -113,3 +113,47 @@ def test_cli_calibrate_onnx_needs_a_split_and_class_folders(tmp_path, onnx_model
     r = CliRunner().invoke(app, ["calibrate", str(onnx_model), "--data", str(data), "--split-file",
                                  str(tmp_path / "split.csv"), "--out", str(tmp_path / "o.onnx")])
     assert r.exit_code == 2 and "class folders" in r.output and not (tmp_path / "o.onnx").exists()
+
+
+def test_shifted_review_is_the_risk_coverage_rule_on_calibrated_shifted_confidences():
+    from cadbcnn_runtime.calibration import shifted_review
+    from cadbcnn_runtime.reliability import choose_review_threshold
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 400)
+    logits = rng.normal(size=(400, 4)) * 2
+    logits[np.arange(400), labels] += rng.uniform(0, 4, 400)  # mostly right, some wrong
+    record, threshold = shifted_review(logits, labels, temperature=0.5, target_risk=0.02, fitted_on="x")
+    p = softmax(logits, 0.5)
+    expected = choose_review_threshold(p.max(1), p.argmax(1) == labels, target_risk=0.02)
+    assert threshold == pytest.approx(expected.threshold) and record["threshold"] == threshold
+    kept = p.max(1) >= threshold
+    assert np.mean(p.argmax(1)[kept] != labels[kept]) <= 0.02  # the documented target holds on the set
+    assert record["accuracy"] == pytest.approx(np.mean(p.argmax(1) == labels)) and record["fitted_on"] == "x"
+
+
+def test_calibrate_with_shifted_copies_reviews_below_the_higher_threshold(tmp_path):
+    data = make_dataset(tmp_path / "d", per_class=12, size=32)
+    fit(small_cfg(data, tmp_path / "run", epochs=1, max_steps=2, fit_ood=False, calibrate=False), quiet=True)
+    ck = tmp_path / "run" / "best.pt"
+    clean = calibrate_checkpoint(ck, data, out=tmp_path / "clean.pt", log=lambda *a: None)
+    entry = calibrate_checkpoint(ck, data, out=tmp_path / "shifted.pt", shifted_copies=2, shifted_target_risk=0.0,
+                                 log=lambda *a: None)
+    spec, clean_spec = load_checkpoint(tmp_path / "shifted.pt").spec, load_checkpoint(tmp_path / "clean.pt").spec
+    assert entry["temperature"] == pytest.approx(clean["temperature"])  # the temperature stays the clean one's
+    rec = spec.calibration["shifted_review"]
+    assert rec["target_risk"] == 0.0 and "shifted validation images (2 per image)" in rec["fitted_on"]
+    assert spec.review_threshold == pytest.approx(max(clean_spec.review_threshold, rec["threshold"]))
+    assert "shifted" in spec.calibration["review_rule"]
+
+
+def test_cli_calibrate_refuses_shifted_copies_out_of_range_or_on_an_onnx_file_before_any_work(tmp_path, onnx_model):
+    from typer.testing import CliRunner
+
+    from cadbcnn_train.cli import app
+
+    data = make_dataset(tmp_path / "d", per_class=2, size=32)
+    r = CliRunner().invoke(app, ["calibrate", str(onnx_model), "--data", str(data), "--split-file",
+                                 str(tmp_path / "s.csv"), "--out", str(tmp_path / "o.onnx"), "--shifted-copies", "2"])
+    assert r.exit_code == 2 and "needs the checkpoint" in r.output and not (tmp_path / "o.onnx").exists()
+    r = CliRunner().invoke(app, ["calibrate", str(tmp_path / "x.pt"), "--data", str(data), "--shifted-copies", "99"])
+    assert r.exit_code == 2 and "--shifted-copies must be 0" in r.output
