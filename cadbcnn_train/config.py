@@ -83,11 +83,8 @@ class TrainConfig:
             raise ArgumentError(f"review_target_risk must be in [0, 1], got {self.review_target_risk}")
         if not (self.ema == 0.0 or 0.0 < self.ema < 1.0):
             raise ArgumentError(f"ema must be 0 (off) or a decay in (0, 1) such as 0.997, got {self.ema}")
-        from .shifts import SHIFTS
-        if not 0 <= self.select_shifted <= len(SHIFTS):
-            raise ArgumentError(f"select_shifted must be 0 (select on clean validation images) or a number of "
-                                f"shifted copies per validation image from 1 to {len(SHIFTS)} (one per shift), "
-                                f"got {self.select_shifted}")
+        from .shifts import check_copies
+        check_copies(self.select_shifted, "select_shifted")
         if self.freeze not in FREEZE_CHOICES:
             raise ArgumentError(f"freeze must be one of {', '.join(FREEZE_CHOICES)}, got {self.freeze!r}")
         if self.init is not None:

@@ -20,6 +20,7 @@ from . import data as D
 from .checkpoint import load_checkpoint, resave_checkpoint, weights_sha256
 from .metrics import compute_metrics, metrics_summary, write_metrics
 from .ood import fit_ood, spec_entry
+from .shifts import check_copies
 from .train import fit_content_check, predict, recalibrate_bn
 
 
@@ -111,10 +112,7 @@ SHIFTED_TARGET_RISK = 0.02
 
 
 def check_shifted_copies(copies: int) -> None:
-    from .shifts import SHIFTS
-    if not 0 <= copies <= len(SHIFTS):
-        raise ArgumentError(f"--shifted-copies must be 0 (clean validation only) or 1 to {len(SHIFTS)} (one per "
-                            f"shift), got {copies}")
+    check_copies(copies, "--shifted-copies")
 
 
 def calibrate_checkpoint(checkpoint: Path, data: Path, *, split_file: Path | None = None, out: Path | None = None,

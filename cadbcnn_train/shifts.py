@@ -14,6 +14,8 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from cadbcnn_runtime.errors import ArgumentError
+
 from .transforms import blur, brightness, gamma, hed_jitter, hue, saturation, sensor_noise, white_balance
 from .transforms import jpeg as _jpeg
 from .transforms import zoom as _zoom
@@ -70,3 +72,10 @@ def image_rng(seed: int, name: str, index: int) -> np.random.Generator:
 def shifted(shift: Shift, images: Sequence[np.ndarray], seed: int) -> Iterator[np.ndarray]:
     for i, img in enumerate(images):
         yield shift.apply(img, image_rng(seed, shift.name, i))
+
+
+def check_copies(copies: int, option: str) -> None:
+    """Refuse a number of shifted copies per validation image outside 0 (off) … one per shift."""
+    if not 0 <= copies <= len(SHIFTS):
+        raise ArgumentError(f"{option} must be 0 (clean validation images only) or a number of shifted copies per "
+                            f"validation image from 1 to {len(SHIFTS)} (one per shift), got {copies}")
