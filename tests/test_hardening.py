@@ -239,7 +239,7 @@ def test_deep_trees_do_not_recurse(tmp_path, onnx_model):
 
 def test_ctrl_c_stops_a_run_promptly_and_keeps_rows(tmp_path, onnx_model):
     d = tmp_path / "many"
-    for i in range(600):
+    for i in range(2000):  # ≈ 10 s of work: ORT's spinning threads can starve this polling loop on 2 cores
         png(d / f"{i:04d}.png", seed=i, size=64)
     out = tmp_path / "r.csv"
     p = subprocess.Popen([sys.executable, "-m", "cadbcnn_runtime.cli", str(d), "--model", str(onnx_model), "--out",
@@ -255,7 +255,7 @@ def test_ctrl_c_stops_a_run_promptly_and_keeps_rows(tmp_path, onnx_model):
     assert rc == 130, p.stderr.read()
     assert stopped < 5, stopped  # ≈ one batch (measured ≈ 0.2 s); generous for a loaded 2-core CI machine
     kept = rows_of(partial)
-    assert 8 <= len(kept) < 600 and len({r["path"] for r in kept}) == len(kept)
+    assert 8 <= len(kept) < 2000 and len({r["path"] for r in kept}) == len(kept)
 
 
 # -- output safety ------------------------------------------------------------------------------------------------
