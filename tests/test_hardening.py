@@ -239,11 +239,14 @@ def test_deep_trees_do_not_recurse(tmp_path, onnx_model):
 
 def test_ctrl_c_stops_a_run_promptly_and_keeps_rows(tmp_path, onnx_model):
     d = tmp_path / "many"
-    for i in range(2000):  # ≈ 10 s of work: ORT's spinning threads can starve this polling loop on 2 cores
+    for i in range(2000):  # ≈ 10 s of work, so the signal lands mid-run
         png(d / f"{i:04d}.png", seed=i, size=64)
     out = tmp_path / "r.csv"
     p = subprocess.Popen([sys.executable, "-m", "cadbcnn_runtime.cli", str(d), "--model", str(onnx_model), "--out",
-                          str(out), "-q", "--batch", "8"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                          str(out), "-q", "--batch", "8"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         # as from a shell: an earlier test of the suite can leave SIGINT ignored in this process,
+                         # and an ignored SIGINT is inherited (Python then installs no KeyboardInterrupt handler)
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     partial = Path(str(out) + ".partial")
     deadline = time.time() + 60
     while time.time() < deadline and (not partial.exists() or len(partial.read_bytes().splitlines()) < 10):
