@@ -144,9 +144,8 @@ def calibrate_checkpoint(checkpoint: Path, data: Path, *, split_file: Path | Non
     clean_review = review
     if shifted_copies:
         from .selection import ShiftedValidation
-        val_set = D.ImageDataset(parts["val"], ck.spec, images=ds.images)
-        shifted = ShiftedValidation([val_set.image(i) for i in range(len(val_set))], [s.label for s in parts["val"]],
-                                    ck.spec, copies=shifted_copies, seed=int(ck.config.get("seed", 0)))
+        shifted = ShiftedValidation.of_split(parts["val"], ck.spec, images=ds.images, copies=shifted_copies,
+                                             seed=int(ck.config.get("seed", 0)))
         s_logits, s_labels = predict(model, DataLoader(shifted, batch_size=64), torch.device("cpu"))
         record, s_review = shifted_review(s_logits.numpy(), s_labels.numpy(), temperature=entry["temperature"],
                                           target_risk=shifted_target_risk,

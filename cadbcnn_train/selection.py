@@ -53,6 +53,14 @@ class ShiftedValidation(Dataset):
         self.images = [s.apply(images[k // copies], image_rng(seed, s.name, k)) for k, s in enumerate(self.shifts)]
         self.labels = [int(labels[k // copies]) for k in range(len(self.shifts))]
 
+    @classmethod
+    def of_split(cls, samples: Sequence, spec: ModelSpec, *, images: dict | None, copies: int,
+                 seed: int) -> "ShiftedValidation":
+        """The shifted set of a split's samples (``data.Sample``), decoded as ``data.ImageDataset`` decodes them."""
+        from .data import ImageDataset
+        ds = ImageDataset(samples, spec, images=images)
+        return cls([ds.image(i) for i in range(len(ds))], [s.label for s in samples], spec, copies=copies, seed=seed)
+
     def __len__(self) -> int:
         return len(self.images)
 

@@ -265,10 +265,8 @@ def fit(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> FitRe
 
     shifted_val = None
     if cfg.select_shifted:  # built once: the same shifted images score every epoch
-        val_set = D.ImageDataset(parts["val"], spec, images=ds.images)
-        shifted_val = DataLoader(ShiftedValidation([val_set.image(i) for i in range(len(val_set))],
-                                                   [s.label for s in parts["val"]], spec,
-                                                   copies=cfg.select_shifted, seed=cfg.seed),
+        shifted_val = DataLoader(ShiftedValidation.of_split(parts["val"], spec, images=ds.images,
+                                                            copies=cfg.select_shifted, seed=cfg.seed),
                                  batch_size=max(cfg.batch_size, 64), num_workers=cfg.workers)
         say(f"selection: {SHIFT_AWARE}, {len(shifted_val.dataset)} shifted validation images "
             f"({cfg.select_shifted} per image)")
