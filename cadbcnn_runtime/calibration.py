@@ -52,14 +52,25 @@ def shifted_review(logits: np.ndarray, labels: np.ndarray, *, temperature: float
                    target_risk: float) -> tuple[dict[str, Any], float]:
     """A second review rule on held-out images under synthetic acquisition shifts (labels kept): the lowest
     calibrated confidence at which at most ``target_risk`` of the kept shifted images are wrong. The temperature
-    stays the one fitted on the clean images; a caller reviews below the higher of the two thresholds.
-    Returns (the calibration entry's ``shifted_review`` record, that threshold)."""
+    stays the one fitted on the clean images; a caller reviews below the higher of the two thresholds
+    (``hold_on_shifted`` does both). Returns (the calibration entry's ``shifted_review`` record, that threshold)."""
     p = softmax(np.asarray(logits, dtype=np.float64), temperature)
     labels = np.asarray(labels, dtype=np.int64)
     r = choose_review_threshold(p.max(1), p.argmax(1) == labels, target_risk=target_risk)
     return {"fitted_on": fitted_on, "target_risk": float(target_risk), "threshold": float(r.threshold),
             "achieved": bool(r.achieved), "coverage": float(r.coverage),
             "accuracy": float(np.mean(p.argmax(1) == labels))}, float(r.threshold)
+
+
+def hold_on_shifted(entry: dict[str, Any], review: float, logits: np.ndarray, labels: np.ndarray, *,
+                    fitted_on: str, target_risk: float) -> tuple[dict[str, Any], float]:
+    """A clean calibration (``fit_calibration``'s entry and threshold) whose review rule must also hold on shifted
+    held-out images: (a new entry with the ``shifted_review`` record and the combined rule, the higher threshold)."""
+    record, threshold = shifted_review(logits, labels, temperature=entry["temperature"], fitted_on=fitted_on,
+                                       target_risk=target_risk)
+    rule = (f"{entry['review_rule']}; and <= {100 * target_risk:.2g} % of the kept {fitted_on} "
+            "(the higher threshold of the two)")
+    return {**entry, "shifted_review": record, "review_rule": rule}, max(float(review), threshold)
 
 
 def temperature_of(calibration: dict[str, Any] | None) -> float:

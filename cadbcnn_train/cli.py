@@ -84,6 +84,10 @@ def fit(
                                        "and shifted validation macro-F1, scoring N copies of every validation "
                                        "image under the shift report's acquisition shifts (N of them, each "
                                        "shift used about equally); 0 = clean validation macro-F1 only."),
+    shifted_target_risk: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="With --select-shifted: the "
+                                                        "end-of-run review rule must also hold on those shifted "
+                                                        "validation images, at most this fraction of the kept ones "
+                                                        "wrong (e.g. 0.02; as `calibrate --shifted-copies`)."),
 ) -> None:
     """Train a model. Runs unchanged under `torchrun --nproc_per_node=N` (DDP)."""
     from .augment import parse_augment_parts
@@ -101,7 +105,7 @@ def fit(
                       cache=not no_cache, fit_ood=not no_ood, bn_recal_images=bn_recal_images,
                       calibrate=not no_calibrate, review_target_risk=review_target_risk,
                       augment_parts=parts, robust_p=robust_p, augment_part_p=shares, ema=ema,
-                      select_shifted=select_shifted)
+                      select_shifted=select_shifted, shifted_target_risk=shifted_target_risk)
     run_fit(cfg, resume=resume)
 
 
@@ -172,9 +176,10 @@ def calibrate(
 ) -> None:
     """Fit the temperature (validation NLL), the review threshold (validation risk–coverage) and the
     field-content check (training split) of a checkpoint or of an exported ONNX model."""
-    from .posthoc import calibrate_checkpoint, calibrate_onnx, check_shifted_copies
+    from .posthoc import calibrate_checkpoint, calibrate_onnx
+    from .shifts import check_copies
 
-    check_shifted_copies(shifted_copies)  # refused before any work
+    check_copies(shifted_copies, "--shifted-copies")  # refused before any work
     if checkpoint.suffix == ".onnx":
         if shifted_copies:
             raise ArgumentError(f"{checkpoint}: --shifted-copies needs the checkpoint (it runs the model in torch "

@@ -63,6 +63,7 @@ class TrainConfig:
     bn_recal_images: int = 512         # precise-BN before each validation (0 = off)
     ema: float = 0.0                   # decay of a moving average of the weights (0 = off); see ema.py
     select_shifted: int = 0            # shifted copies of each validation image in the selection score (selection.py)
+    shifted_target_risk: float | None = None  # with select_shifted: the review rule also holds on those images
     model_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -85,6 +86,13 @@ class TrainConfig:
             raise ArgumentError(f"ema must be 0 (off) or a decay in (0, 1) such as 0.997, got {self.ema}")
         from .shifts import check_copies
         check_copies(self.select_shifted, "select_shifted")
+        if self.shifted_target_risk is not None:
+            if not self.select_shifted or not self.calibrate:
+                raise ArgumentError("shifted_target_risk (--shifted-target-risk) holds the end-of-run review rule on "
+                                    "the shifted validation images: it needs select_shifted >= 1 "
+                                    "(--select-shifted 2) and calibration on (no --no-calibrate)")
+            if not 0.0 <= self.shifted_target_risk <= 1.0:
+                raise ArgumentError(f"shifted_target_risk must be in [0, 1], got {self.shifted_target_risk}")
         if self.freeze not in FREEZE_CHOICES:
             raise ArgumentError(f"freeze must be one of {', '.join(FREEZE_CHOICES)}, got {self.freeze!r}")
         if self.init is not None:

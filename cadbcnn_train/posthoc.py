@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from cadbcnn_runtime.calibration import TARGET_RISK, fit_calibration, shifted_review
+from cadbcnn_runtime.calibration import TARGET_RISK, fit_calibration, hold_on_shifted
 from cadbcnn_runtime.errors import ArgumentError, DatasetError
 from cadbcnn_runtime.spec import ModelSpec
 
@@ -111,10 +111,6 @@ def refit_ood(checkpoint: Path, data: Path, *, split_file: Path | None = None, o
 SHIFTED_TARGET_RISK = 0.02
 
 
-def check_shifted_copies(copies: int) -> None:
-    check_copies(copies, "--shifted-copies")
-
-
 def calibrate_checkpoint(checkpoint: Path, data: Path, *, split_file: Path | None = None, out: Path | None = None,
                          target_risk: float = TARGET_RISK, shifted_copies: int = 0,
                          shifted_target_risk: float = SHIFTED_TARGET_RISK, log=print) -> dict:
@@ -123,7 +119,7 @@ def calibrate_checkpoint(checkpoint: Path, data: Path, *, split_file: Path | Non
     With ``shifted_copies`` N > 0 the review threshold must also hold on N shifted copies of every validation
     image (``selection.ShiftedValidation``, seeded by the run's seed): at most ``shifted_target_risk`` of the kept
     shifted images wrong; the spec's threshold is the higher of the two, the temperature the clean one's."""
-    check_shifted_copies(shifted_copies)
+    check_copies(shifted_copies, "--shifted-copies")
     if not 0.0 <= shifted_target_risk <= 1.0:
         raise ArgumentError(f"--shifted-target-risk must be in [0, 1], got {shifted_target_risk}")
     ck = load_checkpoint(checkpoint)
@@ -147,14 +143,9 @@ def calibrate_checkpoint(checkpoint: Path, data: Path, *, split_file: Path | Non
         shifted = ShiftedValidation.of_split(parts["val"], ck.spec, images=ds.images, copies=shifted_copies,
                                              seed=int(ck.config.get("seed", 0)))
         s_logits, s_labels = predict(model, DataLoader(shifted, batch_size=64), torch.device("cpu"))
-        record, s_review = shifted_review(s_logits.numpy(), s_labels.numpy(), temperature=entry["temperature"],
-                                          target_risk=shifted_target_risk,
-                                          fitted_on=f"{len(shifted)} shifted validation images "
-                                                    f"({shifted_copies} per image)")
-        entry["shifted_review"] = record
-        entry["review_rule"] += (f"; and <= {100 * shifted_target_risk:.2g} % of the kept {record['fitted_on']} "
-                                 "(the higher threshold of the two)")
-        review = max(review, s_review)
+        entry, review = hold_on_shifted(entry, review, s_logits.numpy(), s_labels.numpy(),
+                                        target_risk=shifted_target_risk, fitted_on=f"{len(shifted)} shifted "
+                                        f"validation images ({shifted_copies} per image)")
     quality = fit_content_check(parts["train"], ck.spec, ds.images, what="training split")
     dest = Path(out) if out else Path(checkpoint)
     resave_checkpoint(ck, dest, model=model,

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 import cadbcnn_runtime
-from cadbcnn_runtime.calibration import fit_calibration
+from cadbcnn_runtime.calibration import fit_calibration, hold_on_shifted
 from cadbcnn_runtime.preprocess import preprocess
 from cadbcnn_runtime.quality import content_scores, fit_quality
 from cadbcnn_runtime.errors import ArgumentError, CadbcnnError, DatasetError
@@ -448,6 +448,15 @@ def fit(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> FitRe
                 f"{calibration['before']['nll']:.4f} → {calibration['after']['nll']:.4f}, ECE "
                 f"{calibration['before']['ece_15']:.4f} → {calibration['after']['ece_15']:.4f}); review below "
                 f"confidence {review:.4f}")
+            if cfg.shifted_target_risk is not None:
+                s_logits, s_labels = predict(model, shifted_val, device, "fp32")
+                calibration, review = hold_on_shifted(calibration, review, s_logits.numpy(), s_labels.numpy(),
+                                                      target_risk=cfg.shifted_target_risk,
+                                                      fitted_on=f"{len(shifted_val.dataset)} shifted validation "
+                                                                f"images ({cfg.select_shifted} per image)")
+                rec = calibration["shifted_review"]
+                say(f"shifted review rule: threshold {rec['threshold']:.4f} on {rec['fitted_on']} (accuracy "
+                    f"{100 * rec['accuracy']:.1f} %); review below confidence {review:.4f}")
         final_spec = make_spec(cfg, ds, split_counts, metrics=metrics_summary(test_metrics),
                                weights=weights_sha256(model.state_dict()), ood=ood, calibration=calibration,
                                review_threshold=review, quality=quality)

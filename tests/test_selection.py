@@ -98,3 +98,34 @@ def test_history_of_a_resumed_older_run_keeps_every_column(tmp_path):
     with open(tmp_path / "history.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert rows[0]["selection_score"] == "" and rows[1]["selection_score"] == "0.6"
+
+
+def test_fit_holds_its_review_rule_on_the_shifted_validation_images_when_asked(tmp_path):
+    data = make_dataset(tmp_path / "d", per_class=8, size=32)
+    fit(small_cfg(data, tmp_path / "clean", epochs=1, max_steps=2, select_shifted=2), quiet=True)
+    fit(small_cfg(data, tmp_path / "held", epochs=1, max_steps=2, select_shifted=2, shifted_target_risk=0.0),
+        quiet=True)
+    clean, held = (load_checkpoint(tmp_path / r / "best.pt").spec for r in ("clean", "held"))
+    rec = held.calibration["shifted_review"]
+    assert "shifted_review" not in clean.calibration
+    assert rec["target_risk"] == 0.0 and rec["fitted_on"].endswith(" shifted validation images (2 per image)")
+    assert held.calibration["temperature"] == pytest.approx(clean.calibration["temperature"])  # the clean fit's
+    assert held.review_threshold == pytest.approx(max(clean.review_threshold, rec["threshold"]))
+    assert "shifted validation images" in held.calibration["review_rule"]
+
+
+@pytest.mark.parametrize("kw", [dict(shifted_target_risk=0.02), dict(shifted_target_risk=0.02, select_shifted=2,
+                                                                      calibrate=False),
+                                dict(shifted_target_risk=1.5, select_shifted=2)])
+def test_a_shifted_review_rule_without_shifted_validation_or_calibration_is_refused(tmp_path, kw):
+    with pytest.raises(ArgumentError, match="shifted_target_risk"):
+        small_cfg(tmp_path, tmp_path / "run", **kw)
+
+
+def test_cli_refuses_a_shifted_target_risk_without_select_shifted_before_any_work(tmp_path):
+    from cadbcnn_train.cli import app
+    data = make_dataset(tmp_path / "d", per_class=2, size=32)
+    r = CliRunner().invoke(app, ["fit", "--data", str(data), "--out", str(tmp_path / "run"),
+                                 "--shifted-target-risk", "0.02"])
+    assert r.exit_code == 2 and "needs select_shifted" in r.output
+    assert not (tmp_path / "run").exists()
