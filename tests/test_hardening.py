@@ -244,8 +244,9 @@ def test_ctrl_c_stops_a_run_promptly_and_keeps_rows(tmp_path, onnx_model):
     out = tmp_path / "r.csv"
     p = subprocess.Popen([sys.executable, "-m", "cadbcnn_runtime.cli", str(d), "--model", str(onnx_model), "--out",
                           str(out), "-q", "--batch", "8"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         # as from a shell: an earlier test of the suite can leave SIGINT ignored in this process,
-                         # and an ignored SIGINT is inherited (Python then installs no KeyboardInterrupt handler)
+                         # as from an interactive shell: a suite started in the background of a script (`make test &`)
+                         # runs with SIGINT ignored, which children inherit (Python then installs no
+                         # KeyboardInterrupt handler and the run ignores Ctrl-C)
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     partial = Path(str(out) + ".partial")
     deadline = time.time() + 60
