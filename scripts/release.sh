@@ -3,7 +3,12 @@
 #
 #   scripts/release.sh candidate SEED [SPLIT_CSV]   # train one seed -> runs/release-sSEED (v0.1.0: ~58 min on a
 #                                                   # 2-core Xeon with AMX; v0.2.0: ~1.8 h on a 2-core EPYC, bf16)
+#   scripts/release.sh post RUN                     # a finished fit's steps of `candidate`: precise BN, the
+#                                                   # release rule, calibration, test evaluation (~8 min)
 #   scripts/release.sh gate RUN                     # OOD fit + OOD release gate on validation images (~6 min)
+#   scripts/release.sh shift RUN NAME               # shift report of RUN's gate model -> docs/shift/NAME (~17 min)
+#   scripts/release.sh shiftcal RUN NAME            # RUN's release.pt with the review rule also held on shifted
+#                                                   # validation images -> RUN/shiftcal, its gate, shift report
 #   scripts/release.sh ship RUN                     # gate, exports with parity gates, figures, OOD report;
 #                                                   # writes models/ and docs/ only if every gate passes
 #
@@ -23,6 +28,7 @@ B=.venv/bin
 # (--init from a copy of the released file: `ship` overwrites models/).
 RECIPE=${RECIPE-"--augment-parts robust --robust-p 0.5"}
 RUNS=${RUNS:-runs}
+EXTERNAL=${EXTERNAL:-../shared/data/external}
 EPOCHS=${EPOCHS:-30}   # the full protocol (from scratch)
 
 candidate() {
@@ -33,6 +39,20 @@ candidate() {
   # last.pt (--resume refuses a run started with other options; otherwise a new run starts).
   $B/cadbcnn-train fit --data "$DATA" --out "$run" --epochs "$EPOCHS" --patience "$EPOCHS" --seed "$seed" \
       --no-ood --resume $RECIPE "${extra[@]}"
+  post "$run"
+}
+
+# The shifted review rule a run was trained with (fit --select-shifted N --shifted-target-risk R), as calibrate
+# options: precise BN changes the weights, so `post` refits that rule rather than falling back to the clean one.
+shifted_rule_args() {
+  $B/python -c "import json, sys
+c = json.load(open(sys.argv[1]))
+if c.get('shifted_target_risk') is not None:
+    print('--shifted-copies', c['select_shifted'], '--shifted-target-risk', c['shifted_target_risk'])" "$1/config.json"
+}
+
+post() {
+  local run=$1
   # Precise BN for the best-on-validation and the last checkpoint, then keep the better one on validation.
   for c in best last; do
     $B/cadbcnn-train recalibrate-bn "$run/$c.pt" --data "$DATA" --out "$run/$c-bn.pt"
@@ -42,8 +62,28 @@ candidate() {
   chosen=$($B/python scripts/release_rule.py choose "$run")
   cp "$run/$chosen-bn.pt" "$run/release.pt"
   # Temperature and review threshold on validation logits of the final weights (precise BN changed them).
-  $B/cadbcnn-train calibrate "$run/release.pt" --data "$DATA"
+  $B/cadbcnn-train calibrate "$run/release.pt" --data "$DATA" $(shifted_rule_args "$run")
   $B/cadbcnn-train evaluate "$run/release.pt" --data "$DATA" --split test --out "$run/test"
+}
+
+shift_report() {
+  # Every shifted set of the test split and both external healthy folders (reporting only; docs/SHIFT.md).
+  local run=$1 name=$2
+  $B/cadbcnn-train shift-report "$run/gate/cadbcnn.onnx" --data "$DATA" --split-file "$run/split.csv" --split test \
+      --external "$EXTERNAL/bccd-fields:healthy" --external "$EXTERNAL/pbc-cells:healthy" --out "docs/shift/$name"
+}
+
+shiftcal() {
+  # The same weights, the review rule also held on SHIFTED_COPIES shifted copies of every validation image
+  # (at most SHIFTED_RISK of the kept ones wrong); temperature unchanged. A sibling run folder, so the clean
+  # rule's model stays as it was.
+  local run=$1 name=$2 out=$1/shiftcal
+  mkdir -p "$out"
+  cp "$run/release.pt" "$run/split.csv" "$run/config.json" "$out/"
+  $B/cadbcnn-train calibrate "$out/release.pt" --data "$DATA" \
+      --shifted-copies "${SHIFTED_COPIES:-2}" --shifted-target-risk "${SHIFTED_RISK:-0.02}"
+  gate "$out"
+  shift_report "$out" "$name"
 }
 
 gate() {
@@ -79,7 +119,10 @@ ship() {
 
 case "${1:-}" in
   candidate) candidate "${2:?seed}" "${3:-}" ;;
+  post) post "${2:?run directory}" ;;
   gate) gate "${2:?run directory}" ;;
+  shift) shift_report "${2:?run directory}" "${3:?report name (docs/shift/NAME)}" ;;
+  shiftcal) shiftcal "${2:?run directory}" "${3:?report name (docs/shift/NAME)}" ;;
   ship) ship "${2:?run directory}" ;;
-  *) echo "usage: scripts/release.sh candidate SEED [SPLIT_CSV] | gate RUN | ship RUN" >&2; exit 2 ;;
+  *) echo "usage: scripts/release.sh candidate SEED [SPLIT_CSV] | post RUN | gate RUN | shift RUN NAME | shiftcal RUN NAME | ship RUN" >&2; exit 2 ;;
 esac
