@@ -104,8 +104,10 @@ def release_seeds(runs: list[Path]) -> list[str]:
         val = json.loads((run / f"val-{chosen}" / "metrics.json").read_text())
         cfg = json.loads((run / "config.json").read_text())
         hist = history(run)
-        best_epoch = int(max(hist, key=lambda r: r.get("selection_score", r["val_f1_macro"]))["epoch"])
-        rows.append((cfg["seed"], chosen if chosen == "last" else f"best (epoch {best_epoch})", val,
+        # the kept epoch as the fit recorded it (train.py's rule; summaries from before it have none)
+        best_epoch = json.loads((run / "summary.json").read_text()).get("best_epoch")
+        best = f"best (epoch {best_epoch})" if best_epoch is not None else "best"
+        rows.append((cfg["seed"], chosen if chosen == "last" else best, val,
                      json.loads((run / "test" / "metrics.json").read_text()),
                      sum(r["seconds"] for r in hist), len(hist), run, ood_gate(run)))
     if not rows:

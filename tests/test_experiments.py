@@ -36,6 +36,7 @@ def _release_run(root: Path, seed: int, val_best: float, val_last: float, test_a
     _write(run / "history.csv", "epoch,train_loss,train_acc,val_loss,val_acc,val_f1_macro,lr,seconds,images_per_s\n"
                                 "1,1,0.5,1,0.5,0.50,0.001,100,20\n2,1,0.9,1,0.9,0.90,0.001,110,20\n"
                                 "3,1,0.9,1,0.9,0.80,0.001,120,20\n")
+    _write(run / "summary.json", {"best_val_f1_macro": 0.9, "best_epoch": 2})
     _write(run / "val-best" / "metrics.json", _metrics(val_best, val_best))
     _write(run / "val-last" / "metrics.json", _metrics(val_last, val_last))
     _write(run / "test" / "metrics.json", _metrics(test_acc, test_acc))
@@ -50,7 +51,7 @@ def test_release_seed_table(tmp_path, experiments):
     rows = [line for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert len(rows) == 3
     assert rows[0].startswith("| 0 | last | 97.00 | 97.00 | 99.00 |")
-    assert rows[1].startswith("| 1 | best (epoch 2) | 98.00 | 98.00 | 97.50 |")  # epoch of the best val F1
+    assert rows[1].startswith("| 1 | best (epoch 2) | 98.00 | 98.00 | 97.50 |")  # the fit's kept epoch (summary.json)
     assert "| 4 / 400 | 3 | 330 | not run |" in rows[0]  # errors, epochs, summed epoch seconds, OOD gate
     assert "test accuracy 98.17 ± 0.76 %" in text
     assert "Best on validation: seed 1" in text  # seed 1 has the best validation F1, not the best test score
