@@ -245,12 +245,14 @@ def shift_report_cmd(
     limit: Optional[int] = typer.Option(None, help="Use at most N images of the split (evenly strided)."),
     seed: int = typer.Option(0, help="Seed of the random shifts (stain jitter, sensor noise)."),
     threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads."),
+    predictions: bool = typer.Option(False, "--predictions", help="Also write predictions.csv: one row per image "
+                                     "of every set (label, calibrated probabilities, OOD score, review flags)."),
 ) -> None:
     """Silent errors (wrong label, no review) on the clean split, shifted copies, blank fields and external folders."""
     from .shift_report import shift_report
 
     shift_report(model, data, split_file, out, split=split, externals=external or (), limit=limit, seed=seed,
-                 threads=threads, log=typer.echo)
+                 threads=threads, predictions=predictions, log=typer.echo)
     typer.echo((out / "shift_report.md").read_text())
 
 

@@ -88,12 +88,16 @@ def donor_shift(swapped: Outputs, clean: Outputs, truth: np.ndarray, donors: np.
 
 
 def scalebar_sets(clf: Classifier, images: Sequence[np.ndarray], truth: np.ndarray, clean: Outputs, *,
-                  benign_index: int, seed: int) -> dict[str, dict[str, Any]]:
-    """The two shortcut sets: the corner covered, and another class's corner pasted in (with ``donor_shift``)."""
+                  benign_index: int, seed: int, keep: Callable[..., None] | None = None) -> dict[str, dict[str, Any]]:
+    """The two shortcut sets: the corner covered, and another class's corner pasted in (with ``donor_shift``).
+    ``keep(name, outputs, truth, healthy, kind, severity)``, if given, receives each set's per-image outputs."""
     kw = dict(healthy=False, benign_index=benign_index, kind="scale bar", severity="shortcut")
     covered = run_model(clf, (erase_scalebar(im) for im in images))
     donors = scalebar_donors(truth, seed)
     swapped = run_model(clf, swapped_scalebars(images, donors))
+    if keep is not None:
+        keep(SCALEBAR_COVERED, covered, truth, False, "scale bar", "shortcut")
+        keep(SCALEBAR_SWAPPED, swapped, truth, False, "scale bar", "shortcut")
     return {SCALEBAR_COVERED: set_result(covered, truth, **kw),
             SCALEBAR_SWAPPED: {**set_result(swapped, truth, **kw), **donor_shift(swapped, clean, truth, donors)}}
 
@@ -271,8 +275,10 @@ def _severity_summary(sets: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def shift_report(model: Path, data: Path, split_file: Path, out: Path, *, split: str = "test",
                  externals: Sequence[str] = (), limit: int | None = None, seed: int = 0,
-                 threads: int | None = None, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
-    """Build every set, run the model, write the report files into ``out``; return the JSON dict."""
+                 threads: int | None = None, predictions: bool = False,
+                 log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """Build every set, run the model, write the report files into ``out``; return the JSON dict. With
+    ``predictions``, also ``predictions.csv``: one row per image of every set (``PREDICTION_COLUMNS``)."""
     model, data, out = Path(model), Path(data), Path(out)
     folders_of_externals = [parse_external(e) for e in externals]
     for path, _ in folders_of_externals:  # fail before the slow part
@@ -286,25 +292,32 @@ def shift_report(model: Path, data: Path, split_file: Path, out: Path, *, split:
     log(f"{split} split: {len(images)} images; {len(SHIFTS)} shifts, 2 scale-bar sets, 2 blank-field sets, {len(ext)} external folders")
 
     sets: dict[str, dict[str, Any]] = {}
+    kept: list[tuple] = []  # (name, outputs, truth, healthy, kind, severity) of every set, for predictions.csv
+
+    def keep(name, res, t, healthy, kind, severity) -> None:
+        if predictions:
+            kept.append((name, res, t, healthy, kind, severity))
+
+    def add(name: str, res: Outputs, t: np.ndarray | None, *, healthy: bool, kind: str, severity: str) -> None:
+        keep(name, res, t, healthy, kind, severity)
+        sets[name] = set_result(res, t, healthy=healthy, benign_index=benign, kind=kind, severity=severity)
+
     clean = run_model(clf, images)
-    sets[f"clean {split} split"] = set_result(clean, truth, healthy=False, benign_index=benign,
-                                              kind="clean", severity="clean")
+    add(f"clean {split} split", clean, truth, healthy=False, kind="clean", severity="clean")
     for s in SHIFTS:
         log(f"  {s.name}")
-        sets[s.name] = set_result(run_model(clf, shifted(s, images, seed)), truth, healthy=False,
-                                  benign_index=benign, kind=s.kind, severity=s.severity)
+        add(s.name, run_model(clf, shifted(s, images, seed)), truth, healthy=False, kind=s.kind, severity=s.severity)
     log("  scale-bar shortcut: covered, and another class's pasted in")
-    sets.update(scalebar_sets(clf, images, truth, clean, benign_index=benign, seed=seed))
+    sets.update(scalebar_sets(clf, images, truth, clean, benign_index=benign, seed=seed, keep=keep))
     for noise in (False, True):
         name = "blank / uniform fields" + (" + sensor noise σ=10" if noise else "")
-        sets[name] = set_result(run_model(clf, blank_fields(spec.image_size, noise=noise, seed=seed)), None,
-                                healthy=True, benign_index=benign, kind="blank", severity="blank")
+        add(name, run_model(clf, blank_fields(spec.image_size, noise=noise, seed=seed)), None, healthy=True,
+            kind="blank", severity="blank")
     for e in ext:
         log(f"  {e.name}")
         res = run_model(clf, read_files(e))
         t = None if e.truth is None else np.array([e.truth[i] for i in e.read], np.int64)
-        sets[e.name] = set_result(res, t, healthy=e.healthy, benign_index=benign, kind="external",
-                                  severity="external")
+        add(e.name, res, t, healthy=e.healthy, kind="external", severity="external")
         sets[e.name].update(path=str(e.path), files=len(e.files), unreadable=len(e.unreadable),
                             unreadable_files=[{"path": p, "error": m} for p, m in e.unreadable])
 
@@ -319,7 +332,37 @@ def shift_report(model: Path, data: Path, split_file: Path, out: Path, *, split:
         "clean": clean_metrics(clean, truth, clf.review_threshold),
     }
     write_report(result, out)
+    if predictions:
+        write_predictions(kept, spec.class_names, out / "predictions.csv")
     return result
+
+
+#: Columns of ``predictions.csv`` before the per-class probabilities (``p_<class name>``, calibrated, in the
+#: spec's class order). ``truth`` is empty for unlabelled images; ``healthy`` is 1 where every image of the set
+#: is known to be benign (blank fields, ``DIR:healthy``); ``ood_score`` and ``low_content`` are empty when the
+#: model has no OOD output or no field-content check.
+PREDICTION_COLUMNS = ("set", "kind", "severity", "image", "truth", "healthy", "label", "confidence", "ood_score",
+                      "out_of_distribution", "low_content", "needs_review")
+
+
+def write_predictions(kept: Sequence[tuple], class_names: Sequence[str], path: Path) -> None:
+    """One row per image of every set — the raw material for other review rules (scripts/review_rules.py)."""
+    import csv
+
+    def opt(a: np.ndarray | None, i: int, fmt=lambda v: v):
+        return "" if a is None else fmt(a[i])
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow([*PREDICTION_COLUMNS, *(f"p_{n}" for n in class_names)])
+        for name, res, truth, healthy, kind, severity in kept:
+            for i in range(len(res.index)):
+                w.writerow([name, kind, severity, i, "" if truth is None else class_names[int(truth[i])],
+                            int(healthy), class_names[int(res.index[i])], f"{res.confidence[i]:.6g}",
+                            opt(res.ood_score, i, lambda v: f"{v:.6g}"), opt(res.ood, i, int),
+                            opt(res.low_content, i, int), int(res.needs_review[i]),
+                            *(f"{v:.6g}" for v in res.probs[i])])
 
 
 def write_report(result: dict[str, Any], out: Path) -> None:

@@ -54,7 +54,7 @@ def report(run, onnx_model, tmp_path_factory):
         mp.setattr(S, "set_result", spy)
         r = CliRunner().invoke(train_app, ["shift-report", str(onnx_model), "--data", str(data), "--split-file",
                                            str(split_file), "--external", f"{healthy}:healthy",
-                                           "--external", str(labelled), "--out", str(out)])
+                                           "--external", str(labelled), "--out", str(out), "--predictions"])
     assert r.exit_code == 0, r.output
     return json.loads((out / "shift_report.json").read_text()), out, r.output, truths
 
@@ -145,7 +145,7 @@ def test_report_files_and_fields(run, report):
     _, split_file, _, _ = run
     rep, out, output, truths = report
     assert {p.name for p in out.iterdir()} == {"shift_report.json", "shift_report.md", "reliability.png",
-                                               "risk_coverage.png"}
+                                               "risk_coverage.png", "predictions.csv"}
     assert all((out / f).stat().st_size > 5000 for f in ("reliability.png", "risk_coverage.png"))
     n_test = sum(1 for row in D.split_rows(split_file) if row["split"] == "test")
     clean = rep["sets"]["clean test split"]
@@ -176,6 +176,43 @@ def test_report_files_and_fields(run, report):
     assert S.SCALEBAR_SWAPPED in md and "A model that does not read the scale bar scores 0" in md
     assert "Silent error" in md and "zoom ×1.3" in md and "1 unreadable" in md and md in output
     assert rep["temperature"] == 1.0 and rep["calibration"] is None and "T = 1" in md
+
+
+def test_predictions_csv_has_every_image_of_every_set_and_agrees_with_the_report(report):
+    """predictions.csv (--predictions) holds one row per image of every set; counting its rows again gives the
+    report's n, accuracy, review rate and silent errors of each set, and its truths are the report's labels."""
+    import csv
+
+    rep, out, _, truths = report
+    rows = list(csv.DictReader((out / "predictions.csv").open(encoding="utf-8")))
+    names = rep["class_names"]
+    assert list(rows[0])[:len(S.PREDICTION_COLUMNS)] == list(S.PREDICTION_COLUMNS)
+    assert list(rows[0])[len(S.PREDICTION_COLUMNS):] == [f"p_{n}" for n in names]
+    by_set: dict[str, list[dict]] = {}
+    for row in rows:
+        by_set.setdefault(row["set"], []).append(row)
+    assert set(by_set) == set(rep["sets"])
+    for name, got in rep["sets"].items():
+        r = by_set[name]
+        assert len(r) == got["n"] and [int(x["image"]) for x in r] == list(range(got["n"]))
+        assert {x["severity"] for x in r} == {got["severity"]} and {x["kind"] for x in r} == {got["kind"]}
+        review = [x["needs_review"] == "1" for x in r]
+        assert np.mean(review) == pytest.approx(got["review_rate"])
+        for x in r:
+            p = [float(x[f"p_{n}"]) for n in names]
+            assert x["label"] == names[int(np.argmax(p))] and float(x["confidence"]) == pytest.approx(max(p))
+            assert x["ood_score"] == "" and x["out_of_distribution"] == ""  # the test model has no OOD output
+        if got["labelled"]:
+            wrong = [x["label"] != x["truth"] for x in r]
+            assert np.mean([not w for w in wrong]) == pytest.approx(got["accuracy"])
+            assert sum(w and not v for w, v in zip(wrong, review)) == got["silent_errors"]
+        else:
+            assert {x["truth"] for x in r} == {""}
+        if got["healthy"]:
+            assert {x["healthy"] for x in r} == {"1"}
+            assert sum(x["label"] != "Benign" and x["needs_review"] == "0" for x in r) == got["silent_errors"]
+    clean = [names[int(t)] for t in truths[0]]
+    assert [x["truth"] for x in by_set["clean test split"]] == clean
 
 
 def test_healthy_external_counts_malignant_labels_as_silent_errors(run, report, onnx_model):
