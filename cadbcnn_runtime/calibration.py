@@ -8,7 +8,7 @@ temperature before the softmax, so ``Prediction.confidence`` is the calibrated p
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -71,6 +71,58 @@ def hold_on_shifted(entry: dict[str, Any], review: float, logits: np.ndarray, la
     rule = (f"{entry['review_rule']}; and <= {100 * target_risk:.2g} % of the kept {fitted_on} "
             "(the higher threshold of the two)")
     return {**entry, "shifted_review": record, "review_rule": rule}, max(float(review), threshold)
+
+
+def per_class_review(probs: np.ndarray, labels: np.ndarray, flagged: np.ndarray | None, *,
+                     class_names: Sequence[str], floor: float, target_risk: float, fitted_on: str) -> dict[str, Any]:
+    """A review threshold for each *predicted* class: the lowest calibrated confidence at which at most
+    ``target_risk`` of the kept images given that class are wrong, never below ``floor`` (the clean rule).
+    ``flagged`` images (out of distribution, blank field: reviewed whatever their confidence) are never kept, so
+    they count neither as kept images nor as errors. A class no kept image was given keeps ``floor``.
+    Returns the calibration entry's ``class_review`` record; ``thresholds`` is what the runtime applies."""
+    p = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    pred, conf = p.argmax(1), p.max(1)
+    correct = pred == labels
+    kept = np.ones(len(p), bool) if flagged is None else ~np.asarray(flagged, bool)
+    thresholds, n, achieved = {}, {}, {}
+    for c, name in enumerate(class_names):
+        m = kept & (pred == c)
+        r = choose_review_threshold(conf[m], correct[m], target_risk=target_risk) if m.any() else None
+        thresholds[name] = max(float(floor), 0.0 if r is None else float(r.threshold))
+        n[name] = int(m.sum())
+        achieved[name] = True if r is None else bool(r.achieved)
+    return {"thresholds": thresholds, "floor": float(floor), "target_risk": float(target_risk),
+            "fitted_on": fitted_on, "kept_images": n, "achieved": achieved, "accuracy": float(correct.mean())}
+
+
+def hold_per_class(entry: dict[str, Any], review: float, logits: np.ndarray, labels: np.ndarray,
+                   flagged: np.ndarray | None, *, class_names: Sequence[str], fitted_on: str,
+                   target_risk: float) -> dict[str, Any]:
+    """A clean calibration (``fit_calibration``'s entry and threshold) whose review rule must also hold on shifted
+    held-out images *per predicted class*: the entry with a ``class_review`` record. The spec's
+    ``review_threshold`` stays ``review`` (the floor of every class); the runtime raises it per class."""
+    record = per_class_review(softmax(np.asarray(logits, dtype=np.float64), entry["temperature"]), labels, flagged,
+                              class_names=class_names, floor=review, target_risk=target_risk, fitted_on=fitted_on)
+    rule = (f"{entry['review_rule']}; raised per predicted class until <= {100 * target_risk:.2g} % of the kept "
+            f"{fitted_on} given that class are wrong")
+    return {**entry, "class_review": record, "review_rule": rule}
+
+
+def review_thresholds(calibration: Mapping[str, Any] | None, class_names: Sequence[str],
+                      review_threshold: float) -> dict[str, float]:
+    """The threshold the runtime applies to each predicted class: ``review_threshold``, raised where the spec's
+    ``calibration.class_review.thresholds`` says so."""
+    per_class = ((calibration or {}).get("class_review") or {}).get("thresholds") or {}
+    return {n: max(float(review_threshold), float(per_class.get(n, 0.0))) for n in class_names}
+
+
+def describe_thresholds(thresholds: Mapping[str, float]) -> str:
+    """'0.877' when every class has the same threshold, else 'Benign 0.9996, Early Pre-B 0.877, …'."""
+    values = set(thresholds.values())
+    if len(values) == 1:
+        return f"{values.pop():.3f}"
+    return ", ".join(f"{n} {t:.4g}" for n, t in thresholds.items())
 
 
 def temperature_of(calibration: dict[str, Any] | None) -> float:

@@ -25,7 +25,7 @@ import numpy as np
 
 from ._onnxmeta import content_digest, metadata_of, read_model_bytes
 from .errors import ArgumentError, DeviceError, ModelLoadError, ModelRunError, ModelSpecError
-from .calibration import temperature_of
+from .calibration import review_thresholds, temperature_of
 from .preprocess import ImageSource, load_and_preprocess
 from .quality import content_scores
 from .reliability import softmax
@@ -89,6 +89,12 @@ class Classifier:
         self.review_threshold = spec.review_threshold if review_threshold is None else float(review_threshold)
         if not 0.0 <= self.review_threshold <= 1.0:
             raise ArgumentError(f"review_threshold must be in [0, 1], got {self.review_threshold}")
+        self.review_override = None if review_threshold is None else self.review_threshold  # what the caller gave
+        # The threshold of each predicted class: the spec's, raised per class where its calibration says so
+        # (calibration.class_review); a review_threshold given by the caller replaces the whole rule.
+        self.review_thresholds = review_thresholds(None if review_threshold is not None else spec.calibration,
+                                                   spec.class_names, self.review_threshold)
+        self._thresholds = [self.review_thresholds[n] for n in spec.class_names]  # floats: flags stay Python bools
         self.precision = variant_key(spec)  # fp32 | int8 | fp16: what this file computes in
         self.precision_reason = "the file given"
         self.session_cache = "off (session given)"  # optimised-graph cache: hit | miss | off (why); session_cache.py
@@ -217,7 +223,8 @@ class Classifier:
 
     def predictions(self, logits: np.ndarray, ood: np.ndarray | None = None,
                     content: np.ndarray | None = None) -> list[Prediction]:
-        """needs_review = confidence < review threshold, or out of distribution, or a blank/near-uniform field."""
+        """needs_review = confidence < the review threshold of the predicted class, or out of distribution, or a
+        blank/near-uniform field."""
         probs = softmax(logits, self.temperature)
         min_content = None if self.spec.quality is None else float(self.spec.quality["min_content"])
         out = []
@@ -230,7 +237,7 @@ class Classifier:
             low = c is not None and min_content is not None and not c >= min_content
             out.append(Prediction(self.spec.class_names[k], k, conf,
                                   {n: float(v) for n, v in zip(self.spec.class_names, p)},
-                                  conf < self.review_threshold or is_ood or low, score, is_ood, c, low,
+                                  conf < self._thresholds[k] or is_ood or low, score, is_ood, c, low,
                                   self.backend))
         return out
 

@@ -127,7 +127,7 @@ class RayEngine:
         self.model_ref = ray.put(Path(clf.path).read_bytes())
         self.actors, self.threads = actors, threads
         self.kwargs = dict(model=[self.model_ref], name=str(clf.path), device=clf.device, threads=threads,
-                           workers=self.workers, batch=self.batch, review_threshold=clf.review_threshold,
+                           workers=self.workers, batch=self.batch, review_threshold=clf.review_override,
                            ood_threshold=clf.ood_threshold)
         where = self.address or "a local Ray instance"
         return f"ray: {actors} actor(s) × {threads} thread(s) on {where} ({cpus} CPUs)"

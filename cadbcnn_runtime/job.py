@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .calibration import describe_thresholds
 from .errors import ArgumentError, ModelRunError
 from .folder import Summary, classify_items, columns
 from .progress import Progress
@@ -174,7 +175,7 @@ def classify_to_file(source: str | os.PathLike, out: str | os.PathLike | None = 
         from .report_html import write_html_report
 
         by_key = {i.rel: i for i in items}
-        thr = f"review threshold {clf.review_threshold:.3f}" + (
+        thr = f"review threshold {describe_thresholds(clf.review_thresholds)}" + (
             f", OOD threshold {clf.ood_threshold:.4g}" if clf.ood_threshold is not None else "")
         write_html_report(html_path, for_report, class_names=names,
                           source_of=lambda key: read_item(by_key[key]) if key in by_key else None,

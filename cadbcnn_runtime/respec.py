@@ -16,7 +16,7 @@ import numpy as np
 
 from ._onnxmeta import _METADATA_PROPS, _fields, _records, content_digest, read_model_bytes
 from .atomic import write_atomic
-from .calibration import TARGET_RISK, fit_calibration
+from .calibration import TARGET_RISK, fit_calibration, hold_on_shifted, hold_per_class
 from .errors import ArgumentError, ExportError
 from .quality import content_scores, fit_quality
 from .spec import METADATA_KEY, ModelSpec
@@ -61,10 +61,17 @@ def replace_spec(data: bytes, spec: ModelSpec) -> bytes:
 
 
 def calibrate_model(model: Path, out: Path, *, val: Sequence[tuple[Path, int]], train: Sequence[Path],
-                    target_risk: float = TARGET_RISK, log: Callable[[str], None] = print) -> ModelSpec:
+                    target_risk: float = TARGET_RISK, shifted: Sequence[tuple[np.ndarray, int]] = (),
+                    shifted_target_risk: float = 0.02, per_class: bool = False, shifted_about: str = "",
+                    log: Callable[[str], None] = print) -> ModelSpec:
     """Fit temperature + review threshold (VAL: labelled held-out images) and the field-content check (TRAIN
     images) of an ONNX model, and write it to OUT with the new spec. The graph is not touched: a check reruns
-    both files on some validation images and requires identical logits."""
+    both files on some validation images and requires identical logits.
+
+    SHIFTED (RGB uint8 images of held-out images under synthetic acquisition shifts, labels kept) also holds the
+    review rule on them at ``shifted_target_risk``: one threshold for all (``calibration.shifted_review``), or with
+    ``per_class`` a threshold per predicted class (``calibration.class_review``; images the model flags as out
+    of distribution or blank are not counted as kept, exactly as the runtime would review them)."""
     from .classifier import Classifier
 
     if not val or not train:
@@ -83,6 +90,20 @@ def calibrate_model(model: Path, out: Path, *, val: Sequence[tuple[Path, int]], 
                                     fitted_on=f"validation split ({len(val)} images)")
     quality = fit_quality(np.concatenate([content_scores(x) for x in inputs(list(train))]),
                           fitted_on=f"training split ({len(train)} images)")
+    said = ""
+    if shifted:
+        fitted_on = f"{len(shifted)} shifted validation images{shifted_about}"
+        s_logits, s_flagged = _shifted_outputs(clf, [im for im, _ in shifted], min_content=quality["min_content"])
+        s_labels = np.array([k for _, k in shifted])
+        if per_class:
+            entry = hold_per_class(entry, review, s_logits, s_labels, s_flagged, class_names=clf.spec.class_names,
+                                   fitted_on=fitted_on, target_risk=shifted_target_risk)
+            said = "; per predicted class on shifted images: " + ", ".join(
+                f"{n} {t:.4f}" for n, t in entry["class_review"]["thresholds"].items())
+        else:
+            entry, review = hold_on_shifted(entry, review, s_logits, s_labels, fitted_on=fitted_on,
+                                            target_risk=shifted_target_risk)
+            said = f"; held on shifted images: {entry['shifted_review']['threshold']:.4f}"
     spec = clf.spec.replace(calibration=entry, review_threshold=review, quality=quality)
     write_atomic(Path(out), replace_spec(read_model_bytes(model), spec))
     with Classifier.from_file(out, device="cpu") as new:
@@ -92,5 +113,20 @@ def calibrate_model(model: Path, out: Path, *, val: Sequence[tuple[Path, int]], 
             raise ExportError(f"{out}: the re-specced model does not reproduce the source's logits; nothing written")
     log(f"temperature {entry['temperature']:.4f} (validation NLL {entry['before']['nll']:.4f} → "
         f"{entry['after']['nll']:.4f}, ECE {entry['before']['ece_15']:.4f} → {entry['after']['ece_15']:.4f}); review "
-        f"below {review:.4f}; field-content minimum {quality['min_content']:.2f} → {out}")
+        f"below {review:.4f}{said}; field-content minimum {quality['min_content']:.2f} → {out}")
     return spec
+
+
+def _shifted_outputs(clf, images: Sequence[np.ndarray], *, min_content: float) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, flagged) of RGB images: flagged = out of distribution (the spec's OOD threshold) or a blank field
+    (the new field-content minimum) — the images the runtime reviews whatever their confidence."""
+    logits, flagged = [], []
+    for i in range(0, len(images), 32):
+        x = np.stack([clf.preprocess(im) for im in images[i:i + 32]])
+        lg, ood = clf.run_all(x)
+        f = content_scores(x) < min_content
+        if ood is not None and clf.ood_threshold is not None:
+            f |= ~(ood <= clf.ood_threshold)
+        logits.append(lg)
+        flagged.append(f)
+    return np.concatenate(logits), np.concatenate(flagged)

@@ -134,6 +134,13 @@ class ModelSpec:
             need(self.calibration.get("method") == "temperature", "calibration.method must be 'temperature'")
             need(isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t > 0,
                  "calibration.temperature must be a finite number > 0")
+            per_class = self.calibration.get("class_review")
+            if per_class is not None:
+                thr = per_class.get("thresholds") if isinstance(per_class, Mapping) else None
+                need(isinstance(thr, Mapping) and set(thr) <= set(self.class_names) and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0.0 <= v <= 1.0
+                    for v in thr.values()),
+                     "calibration.class_review.thresholds must map class names to numbers in [0, 1]")
         if self.quality is not None:
             m = self.quality.get("min_content")
             need(isinstance(m, (int, float)) and not isinstance(m, bool) and math.isfinite(m) and m >= 0,

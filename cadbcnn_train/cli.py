@@ -10,7 +10,6 @@ from typing import Optional
 
 import typer
 
-from cadbcnn_runtime.errors import ArgumentError
 from cadbcnn_runtime.exits import cli_errors
 
 from .config import FREEZE_CHOICES, MODEL_NAMES, PRECISIONS, SPLITS
@@ -169,26 +168,28 @@ def calibrate(
     target_risk: float = typer.Option(0.005, min=0.0, max=1.0, help="Review rule: the lowest confidence at which "
                                       "at most this fraction of non-reviewed validation images is wrong."),
     shifted_copies: int = typer.Option(0, help="Also hold the review rule on N shifted copies of every validation "
-                                       "image (the shift report's acquisition shifts, as `fit --select-shifted`): "
-                                       "review below the higher of the two thresholds. Checkpoints only; 0 = off."),
+                                       "image (the shift report's acquisition shifts, as `fit --select-shifted`; 23 = "
+                                       "every shift): review below the higher of the two thresholds. 0 = off."),
     shifted_target_risk: float = typer.Option(0.02, min=0.0, max=1.0, help="With --shifted-copies: at most this "
                                               "fraction of non-reviewed shifted validation images is wrong."),
+    per_class: bool = typer.Option(False, "--per-class", help="With --shifted-copies: hold the shifted rule per "
+                                   "predicted class — each class's threshold is raised until at most "
+                                   "--shifted-target-risk of the kept shifted images given that class are wrong — "
+                                   "instead of one threshold for every class."),
 ) -> None:
     """Fit the temperature (validation NLL), the review threshold (validation risk–coverage) and the
     field-content check (training split) of a checkpoint or of an exported ONNX model."""
-    from .posthoc import calibrate_checkpoint, calibrate_onnx
-    from .shifts import check_copies
+    from .posthoc import calibrate_checkpoint, calibrate_onnx, check_shifted_options
 
-    check_copies(shifted_copies, "--shifted-copies")  # refused before any work
+    check_shifted_options(shifted_copies, shifted_target_risk, per_class)  # refused before any work
     if checkpoint.suffix == ".onnx":
-        if shifted_copies:
-            raise ArgumentError(f"{checkpoint}: --shifted-copies needs the checkpoint (it runs the model in torch "
-                                "on shifted validation images); calibrate the checkpoint, then export it")
-        calibrate_onnx(checkpoint, data, split_file=split_file, out=out, target_risk=target_risk, log=typer.echo)
+        calibrate_onnx(checkpoint, data, split_file=split_file, out=out, target_risk=target_risk,
+                       shifted_copies=shifted_copies, shifted_target_risk=shifted_target_risk, per_class=per_class,
+                       log=typer.echo)
     else:
         calibrate_checkpoint(checkpoint, data, split_file=split_file, out=out, target_risk=target_risk,
                              shifted_copies=shifted_copies, shifted_target_risk=shifted_target_risk,
-                             log=typer.echo)
+                             per_class=per_class, log=typer.echo)
 
 
 @app.command()

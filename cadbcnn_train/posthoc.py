@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from cadbcnn_runtime.calibration import TARGET_RISK, fit_calibration, hold_on_shifted
+from cadbcnn_runtime.calibration import TARGET_RISK, fit_calibration, hold_on_shifted, hold_per_class
 from cadbcnn_runtime.errors import ArgumentError, DatasetError
 from cadbcnn_runtime.spec import ModelSpec
 
@@ -112,16 +112,14 @@ SHIFTED_TARGET_RISK = 0.02
 
 
 def calibrate_checkpoint(checkpoint: Path, data: Path, *, split_file: Path | None = None, out: Path | None = None,
-                         target_risk: float = TARGET_RISK, shifted_copies: int = 0,
+                         target_risk: float = TARGET_RISK, shifted_copies: int = 0, per_class: bool = False,
                          shifted_target_risk: float = SHIFTED_TARGET_RISK, log=print) -> dict:
     """Fit the temperature and the review threshold of an existing checkpoint on its validation split.
 
     With ``shifted_copies`` N > 0 the review threshold must also hold on N shifted copies of every validation
     image (``selection.ShiftedValidation``, seeded by the run's seed): at most ``shifted_target_risk`` of the kept
     shifted images wrong; the spec's threshold is the higher of the two, the temperature the clean one's."""
-    check_copies(shifted_copies, "--shifted-copies")
-    if not 0.0 <= shifted_target_risk <= 1.0:
-        raise ArgumentError(f"--shifted-target-risk must be in [0, 1], got {shifted_target_risk}")
+    check_shifted_options(shifted_copies, shifted_target_risk, per_class)
     ck = load_checkpoint(checkpoint)
     model = ck.build_model()
     sf = Path(split_file) if split_file else Path(checkpoint).parent / "split.csv"
@@ -143,27 +141,54 @@ def calibrate_checkpoint(checkpoint: Path, data: Path, *, split_file: Path | Non
         shifted = ShiftedValidation.of_split(parts["val"], ck.spec, images=ds.images, copies=shifted_copies,
                                              seed=int(ck.config.get("seed", 0)))
         s_logits, s_labels = predict(model, DataLoader(shifted, batch_size=64), torch.device("cpu"))
-        entry, review = hold_on_shifted(entry, review, s_logits.numpy(), s_labels.numpy(),
-                                        target_risk=shifted_target_risk, fitted_on=f"{len(shifted)} shifted "
-                                        f"validation images ({shifted_copies} per image)")
+        fitted_on = f"{len(shifted)} shifted validation images ({shifted_copies} per image)"
+        if per_class:  # no OOD statistics yet at this step (fit-ood comes after): every shifted image counts
+            entry = hold_per_class(entry, review, s_logits.numpy(), s_labels.numpy(), None,
+                                   class_names=ck.class_names, fitted_on=fitted_on, target_risk=shifted_target_risk)
+        else:
+            entry, review = hold_on_shifted(entry, review, s_logits.numpy(), s_labels.numpy(),
+                                            target_risk=shifted_target_risk, fitted_on=fitted_on)
     quality = fit_content_check(parts["train"], ck.spec, ds.images, what="training split")
     dest = Path(out) if out else Path(checkpoint)
     resave_checkpoint(ck, dest, model=model,
                       spec=ck.spec.replace(calibration=entry, review_threshold=review, quality=quality))
-    shifted_said = "" if not shifted_copies else (
-        f" (clean rule {clean_review:.4f}; shifted rule {entry['shifted_review']['threshold']:.4f} on "
-        f"{entry['shifted_review']['fitted_on']}, accuracy {100 * entry['shifted_review']['accuracy']:.1f} %)")
+    if not shifted_copies:
+        shifted_said = ""
+    elif per_class:
+        rec = entry["class_review"]
+        shifted_said = (f" (raised per predicted class on {rec['fitted_on']}: " + ", ".join(
+            f"{n} {t:.4f}" for n, t in rec["thresholds"].items()) + ")")
+    else:
+        shifted_said = (f" (clean rule {clean_review:.4f}; shifted rule {entry['shifted_review']['threshold']:.4f} on "
+                        f"{entry['shifted_review']['fitted_on']}, accuracy "
+                        f"{100 * entry['shifted_review']['accuracy']:.1f} %)")
     log(f"temperature {entry['temperature']:.4f} fitted on {len(parts['val'])} validation images (NLL "
         f"{entry['before']['nll']:.4f} → {entry['after']['nll']:.4f}, ECE {entry['before']['ece_15']:.4f} → "
         f"{entry['after']['ece_15']:.4f}); review threshold {review:.4f}{shifted_said} → {dest}")
     return entry
 
 
+def check_shifted_options(shifted_copies: int, shifted_target_risk: float, per_class: bool) -> None:
+    """The shifted review rule's options, refused before any work."""
+    check_copies(shifted_copies, "--shifted-copies")
+    if not 0.0 <= shifted_target_risk <= 1.0:
+        raise ArgumentError(f"--shifted-target-risk must be in [0, 1], got {shifted_target_risk}")
+    if per_class and not shifted_copies:
+        raise ArgumentError("--per-class raises the review threshold per predicted class on shifted validation "
+                            "images: give --shifted-copies N too (e.g. --shifted-copies 23, every shift)")
+
+
 def calibrate_onnx(model: Path, data: Path, *, split_file: Path | None, out: Path | None = None,
-                   target_risk: float = TARGET_RISK, log=print) -> ModelSpec:
-    """``calibrate`` for a model that exists only as ONNX (torch-free path: ``cadbcnn_runtime.respec``)."""
+                   target_risk: float = TARGET_RISK, shifted_copies: int = 0, shifted_target_risk: float = 0.02,
+                   per_class: bool = False, log=print) -> ModelSpec:
+    """``calibrate`` for a model that exists only as ONNX (the model runs in ``cadbcnn_runtime.respec``, not torch).
+    With ``shifted_copies``, the shifted validation images are those of ``calibrate CHECKPOINT`` (seeded by the
+    spec's training seed)."""
+    from cadbcnn_runtime.preprocess import read_image
     from cadbcnn_runtime.respec import calibrate_model
     from cadbcnn_runtime.spec import ModelSpec as Spec
+
+    check_shifted_options(shifted_copies, shifted_target_risk, per_class)
 
     if split_file is None:
         raise DatasetError(f"{model}: an ONNX model has no split.csv beside it; pass --split-file (the training "
@@ -178,5 +203,14 @@ def calibrate_onnx(model: Path, data: Path, *, split_file: Path | None, out: Pat
     missing = [p for p, _ in val[:1]] + train[:1]
     if not val or not train or not all(p.is_file() for p in missing):
         raise DatasetError(f"{split_file}: needs train and val rows whose images exist under {root}")
+    shifted: list[tuple] = []
+    if shifted_copies:
+        from .selection import ShiftedValidation
+
+        spec = Spec.from_onnx(model)
+        sv = ShiftedValidation([read_image(p) for p, _ in val], [k for _, k in val], spec, copies=shifted_copies,
+                               seed=int(spec.training.get("seed", 0)))
+        shifted = list(zip(sv.images, sv.labels))
     return calibrate_model(model, Path(out) if out else Path(model), val=val, train=train, target_risk=target_risk,
-                           log=log)
+                           shifted=shifted, shifted_target_risk=shifted_target_risk, per_class=per_class,
+                           shifted_about=f" ({shifted_copies} per image)", log=log)

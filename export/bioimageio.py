@@ -82,7 +82,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from cadbcnn_runtime._onnxmeta import file_sha256
-from cadbcnn_runtime.calibration import temperature_of
+from cadbcnn_runtime.calibration import describe_thresholds, review_thresholds, temperature_of
 from cadbcnn_runtime.decode import IMAGE_SUFFIXES
 from cadbcnn_runtime.errors import ArgumentError, ExportError, ModelLoadError
 from cadbcnn_runtime.reliability import softmax
@@ -216,7 +216,7 @@ def _run_onnx(path: Path, x: np.ndarray) -> list[np.ndarray]:
 
 
 # -- cover ----------------------------------------------------------------------------------------------------
-def _cover(image_rgb: np.ndarray, probs: np.ndarray, spec: ModelSpec, *, review_threshold: float,
+def _cover(image_rgb: np.ndarray, probs: np.ndarray, spec: ModelSpec, *, review_thresholds: dict[str, float],
            ood: float | None, ood_threshold: float | None, dest: Path) -> Path:
     """A 2:1 PNG: the image with its predicted label drawn on it, and a probability panel. At most 500 KB."""
     import cv2
@@ -224,7 +224,7 @@ def _cover(image_rgb: np.ndarray, probs: np.ndarray, spec: ModelSpec, *, review_
     k = int(np.argmax(probs))
     conf = float(probs[k])
     is_ood = ood is not None and ood_threshold is not None and not ood <= ood_threshold
-    review = conf < review_threshold or is_ood
+    review = conf < review_thresholds[spec.class_names[k]] or is_ood
     width, height = COVER_SIZE
     while True:
         s = height / 512.0
@@ -319,7 +319,8 @@ def _documentation(spec: ModelSpec, *, temperature: float, n_test: int, source_n
         "The cadbcnn runtime sets `needs_review` when any of these holds; a bioimage.io consumer can reproduce the "
         "first two from the outputs (the thresholds are also in `config.cadbcnn` of the rdf):",
         "",
-        f"1. the top calibrated probability is below **{spec.review_threshold:.4g}**"
+        f"1. the top calibrated probability is below the review threshold of the class it names: **"
+        f"{describe_thresholds(review_thresholds(calib, spec.class_names, spec.review_threshold))}**"
         + (f" ({calib['review_rule']})" if calib and calib.get("review_rule") else "") + ";",
     ]
     if ood:
@@ -496,6 +497,7 @@ def build_package(model: Path, out_zip: Path, *, samples: Path = Path("models/sa
         x = np.stack([clf.preprocess(p) for p in images])
         ref_logits, ref_ood = clf.run_all(x)
         review_threshold, ood_threshold = clf.review_threshold, clf.ood_threshold
+        per_class = clf.review_thresholds
     temperature = temperature_of(spec.calibration)
     ref_probs = softmax(ref_logits, temperature)
     source_sha256 = file_sha256(model)
@@ -537,7 +539,7 @@ def build_package(model: Path, out_zip: Path, *, samples: Path = Path("models/sa
             np.save(work / f"test_output_{spec.ood['output']}.npy", outs[1])
             tifffile.imwrite(work / f"sample_output_{spec.ood['output']}.tif", outs[1][:1])
         first = read_image(images[0])
-        _cover(first, probs[0], spec, review_threshold=review_threshold,
+        _cover(first, probs[0], spec, review_thresholds=per_class,
                ood=None if spec.ood is None else float(outs[1][0]), ood_threshold=ood_threshold,
                dest=work / "cover.png")
         paper_ref = (f"{PAPER_TEXT} " + (f"DOI {paper_doi}" if paper_doi else (paper_url or
@@ -656,7 +658,8 @@ def _describe(spec: ModelSpec, *, work: Path, weights_sha256: str, opset: int, t
         "preprocessing": f"decode with OpenCV, convert to RGB, resize to {h}x{w} with INTER_AREA, CHW uint8",
         "temperature": float(temperature),
         "review_threshold": float(review_threshold),
-        "review_rule": "needs_review = max(probabilities) < review_threshold"
+        "review_thresholds": review_thresholds(spec.calibration, spec.class_names, review_threshold),
+        "review_rule": "needs_review = max(probabilities) < review_thresholds[class_names[argmax(probabilities)]]"
                        + (f" or {spec.ood['output']} > ood_threshold" if spec.ood else "")
                        + (" or field-content score < quality.min_content (computed outside the graph)"
                           if spec.quality else ""),

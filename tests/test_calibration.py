@@ -146,14 +146,158 @@ def test_calibrate_with_shifted_copies_reviews_below_the_higher_threshold(tmp_pa
     assert "shifted" in spec.calibration["review_rule"]
 
 
-def test_cli_calibrate_refuses_shifted_copies_out_of_range_or_on_an_onnx_file_before_any_work(tmp_path, onnx_model):
+def test_cli_calibrate_refuses_bad_shifted_options_before_any_work(tmp_path, onnx_model):
     from typer.testing import CliRunner
 
     from cadbcnn_train.cli import app
 
     data = make_dataset(tmp_path / "d", per_class=2, size=32)
     r = CliRunner().invoke(app, ["calibrate", str(onnx_model), "--data", str(data), "--split-file",
-                                 str(tmp_path / "s.csv"), "--out", str(tmp_path / "o.onnx"), "--shifted-copies", "2"])
-    assert r.exit_code == 2 and "needs the checkpoint" in r.output and not (tmp_path / "o.onnx").exists()
+                                 str(tmp_path / "s.csv"), "--out", str(tmp_path / "o.onnx"), "--per-class"])
+    assert r.exit_code == 2 and "give --shifted-copies N too" in r.output and not (tmp_path / "o.onnx").exists()
+    r = CliRunner().invoke(app, ["calibrate", str(onnx_model), "--data", str(data), "--split-file",
+                                 str(tmp_path / "s.csv"), "--out", str(tmp_path / "o.onnx"), "--shifted-copies", "24"])
+    assert r.exit_code == 2 and "--shifted-copies must be 0" in r.output and not (tmp_path / "o.onnx").exists()
     r = CliRunner().invoke(app, ["calibrate", str(tmp_path / "x.pt"), "--data", str(data), "--shifted-copies", "99"])
     assert r.exit_code == 2 and "--shifted-copies must be 0" in r.output
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The review rule per predicted class (calibration.class_review)
+# ---------------------------------------------------------------------------------------------------------------
+def _probs(label_conf):
+    """Probabilities whose argmax and max are the given (label, confidence) pairs."""
+    p = np.full((len(label_conf), 4), 0.0)
+    for i, (k, c) in enumerate(label_conf):
+        p[i] = (1 - c) / 3
+        p[i, k] = c
+    return p
+
+
+def test_per_class_review_raises_only_the_class_whose_kept_predictions_are_wrong():
+    from cadbcnn_runtime.calibration import per_class_review
+    from cadbcnn_runtime.reliability import choose_review_threshold
+
+    # Pro-B (3) labels: 40 right at 0.99, 10 wrong at 0.95; Benign (0) labels: 50 right at 0.9; Early (1): 50 right
+    # at 0.8; one wrong Pre-B (2) label at 0.999 that the OOD check flags: never kept, so it must not count.
+    pairs = [(3, 0.99)] * 40 + [(3, 0.95)] * 10 + [(0, 0.9)] * 50 + [(1, 0.8)] * 50 + [(2, 0.999)]
+    truth = np.array([3] * 40 + [0] * 10 + [0] * 50 + [1] * 50 + [0])
+    flagged = np.zeros(len(pairs), bool)
+    flagged[-1] = True
+    rec = per_class_review(_probs(pairs), truth, flagged, class_names=NAMES, floor=0.85, target_risk=0.02,
+                           fitted_on="x")
+    t = rec["thresholds"]
+    assert t["Pro-B"] == pytest.approx(0.99)          # the wrong Pro-B labels sit below it
+    assert t["Benign"] == pytest.approx(0.9)         # all right: the lowest confidence, above the floor
+    assert t["Early Pre-B"] == 0.85                  # all right below the floor: the floor
+    assert t["Pre-B"] == 0.85 and rec["kept_images"]["Pre-B"] == 0  # only a flagged image: nothing to hold
+    p = _probs(pairs)
+    for c, name in enumerate(NAMES):  # the documented target holds per class on the set
+        kept = ~flagged & (p.argmax(1) == c) & (p.max(1) >= t[name])
+        assert not kept.any() or np.mean(p.argmax(1)[kept] != truth[kept]) <= 0.02
+        m = ~flagged & (p.argmax(1) == c)
+        if m.any():
+            r = choose_review_threshold(p.max(1)[m], (p.argmax(1) == truth)[m], target_risk=0.02)
+            assert t[name] == pytest.approx(max(0.85, r.threshold))
+
+
+NAMES = ("Benign", "Early Pre-B", "Pre-B", "Pro-B")
+
+
+def _with_class_review(onnx_model, dest, thresholds, review=0.5):
+    from cadbcnn_runtime.respec import replace_spec
+
+    spec = ModelSpec.from_onnx(onnx_model)
+    entry = {"method": "temperature", "temperature": 1.0, "fitted_on": "t",
+             "class_review": {"thresholds": thresholds}}
+    dest.write_bytes(replace_spec(onnx_model.read_bytes(), spec.replace(calibration=entry, review_threshold=review)))
+    return dest
+
+
+def test_the_runtime_reviews_each_prediction_below_its_class_threshold(tmp_path, onnx_model):
+    names = ModelSpec.from_onnx(onnx_model).class_names
+    model = _with_class_review(onnx_model, tmp_path / "m.onnx", {names[0]: 0.99, names[1]: 0.3})
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (24, 3, 64, 64), dtype=np.uint8)
+    with Classifier.from_file(model, device="cpu") as clf:
+        assert clf.review_thresholds == {names[0]: 0.99, names[1]: 0.5, names[2]: 0.5, names[3]: 0.5}  # raise-only
+        preds = clf.classify(x)
+        for p in preds:
+            assert p.needs_review == (p.confidence < clf.review_thresholds[p.label] or p.out_of_distribution)
+            assert type(p.needs_review) is bool
+    with Classifier.from_file(model, device="cpu", review_threshold=0.2) as clf:  # an override replaces the rule
+        assert set(clf.review_thresholds.values()) == {0.2} and clf.review_override == 0.2
+        assert all(p.needs_review == (p.confidence < 0.2 or p.out_of_distribution) for p in clf.classify(x))
+
+
+@pytest.mark.parametrize("thresholds", [{"Nope": 0.9}, {"Benign": 1.5}, {"Benign": True}, "0.9"])
+def test_bad_class_review_thresholds_are_refused_by_the_spec(thresholds):
+    spec = ModelSpec(name="m", version="1", class_names=NAMES)
+    with pytest.raises(ModelSpecError, match="class_review"):
+        spec.replace(calibration={"method": "temperature", "temperature": 1.0,
+                                  "class_review": {"thresholds": thresholds}})
+
+
+def test_calibrate_onnx_per_class_end_to_end(tmp_path, onnx_model):
+    """`calibrate MODEL.onnx --shifted-copies 2 --per-class`: the graph is untouched, the spec gets a class_review
+    record whose thresholds are per_class_review on the shifted validation images (flagged ones not kept), and
+    the runtime applies them."""
+    import csv
+
+    from typer.testing import CliRunner
+
+    from cadbcnn_runtime.calibration import per_class_review
+    from cadbcnn_runtime.respec import replace_spec
+    from cadbcnn_train.cli import app
+    from cadbcnn_train.selection import ShiftedValidation
+
+    spec = ModelSpec.from_onnx(onnx_model)
+    folders = ("Benign", "Early", "Pre", "Pro")
+    src = tmp_path / "src.onnx"
+    src.write_bytes(replace_spec(onnx_model.read_bytes(), spec.replace(training={**spec.training,
+                                                                                 "class_folders": list(folders)})))
+    data = make_dataset(tmp_path / "d", per_class=6, size=32)
+    rows = [(p.relative_to(data).as_posix(), p.parent.name, "val" if i % 2 else "train")
+            for i, p in enumerate(sorted(data.rglob("*.png")))]
+    with (tmp_path / "split.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "split"])
+        w.writerows(rows)
+    out = tmp_path / "out.onnx"
+    r = CliRunner().invoke(app, ["calibrate", str(src), "--data", str(data), "--split-file", str(tmp_path / "split.csv"),
+                                 "--out", str(out), "--shifted-copies", "2", "--per-class",
+                                 "--shifted-target-risk", "0.3"])
+    assert r.exit_code == 0, r.output
+    assert "per predicted class on shifted images" in r.output
+    new = ModelSpec.from_onnx(out)
+    rec = new.calibration["class_review"]
+    assert rec["fitted_on"] == "24 shifted validation images (2 per image)" and rec["target_risk"] == 0.3
+    assert rec["floor"] == new.review_threshold and "raised per predicted class" in new.calibration["review_rule"]
+    # recompute the record from the same shifted images through the runtime
+    val = [(data / p, folders.index(lab)) for p, lab, sp in rows if sp == "val"]
+    from cadbcnn_runtime.preprocess import read_image
+    sv = ShiftedValidation([read_image(p) for p, _ in val], [k for _, k in val], spec, copies=2, seed=0)
+    with Classifier.from_file(out, device="cpu") as clf:
+        x = np.stack([clf.preprocess(im) for im in sv.images])
+        logits, ood = clf.run_all(x)
+        preds = clf.classify(x)
+        flagged = np.array([p.out_of_distribution or p.low_content for p in preds])
+        expected = per_class_review(softmax(logits, clf.temperature), np.array(sv.labels), flagged,
+                                    class_names=new.class_names, floor=new.review_threshold, target_risk=0.3,
+                                    fitted_on="x")
+        assert rec["thresholds"] == pytest.approx(expected["thresholds"])
+        assert clf.review_thresholds == pytest.approx(rec["thresholds"])
+        with Classifier.from_file(src, device="cpu") as before:
+            np.testing.assert_array_equal(before.run(x[:4]), clf.run(x[:4]))  # graph untouched
+
+
+def test_calibrate_checkpoint_per_class(tmp_path):
+    data = make_dataset(tmp_path / "d", per_class=12, size=32)
+    fit(small_cfg(data, tmp_path / "run", epochs=1, max_steps=2, fit_ood=False, calibrate=False), quiet=True)
+    entry = calibrate_checkpoint(tmp_path / "run" / "best.pt", data, out=tmp_path / "pc.pt", shifted_copies=2,
+                                 shifted_target_risk=0.1, per_class=True, log=lambda *a: None)
+    spec = load_checkpoint(tmp_path / "pc.pt").spec
+    rec = spec.calibration["class_review"]
+    assert set(rec["thresholds"]) == set(spec.class_names) and rec == entry["class_review"]
+    assert all(spec.review_threshold <= t <= 1 for t in rec["thresholds"].values())
+    assert "shifted_review" not in spec.calibration  # one shifted rule or the other

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import html
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 from qtpy.QtWidgets import (QFileDialog, QHBoxLayout, QLabel, QLineEdit, QPushButton, QVBoxLayout, QWidget)
@@ -43,8 +43,11 @@ def layer_image(layer, viewer=None) -> np.ndarray:
     return data
 
 
-def reason(p: "Prediction", review_threshold: float) -> str:
-    """Why a prediction needs review, in words ('' when it does not)."""
+def reason(p: "Prediction", review_threshold: float | Mapping[str, float]) -> str:
+    """Why a prediction needs review, in words ('' when it does not). ``review_threshold``: one threshold, or the
+    classifier's threshold per predicted class (``Classifier.review_thresholds``)."""
+    if isinstance(review_threshold, Mapping):
+        review_threshold = review_threshold[p.label]
     if not p.needs_review:
         return ""
     parts = []
@@ -53,11 +56,11 @@ def reason(p: "Prediction", review_threshold: float) -> str:
     if p.out_of_distribution:
         parts.append(f"out of distribution (score {p.ood_score:.3f})")
     if p.confidence < review_threshold:
-        parts.append(f"confidence {p.confidence:.3f} below the review threshold {review_threshold:.3f}")
+        parts.append(f"confidence {p.confidence:.3f} below the review threshold {review_threshold:.3f} of {p.label}")
     return "; ".join(parts)
 
 
-def format_prediction(p: "Prediction", review_threshold: float, name: str = "") -> str:
+def format_prediction(p: "Prediction", review_threshold: float | Mapping[str, float], name: str = "") -> str:
     """Rich text for the result panel."""
     colour = "#d9534f" if p.needs_review else "#3c9d5d"
     rows = "".join(f"<tr><td>{html.escape(k)}</td><td align='right'>{v:.3f}</td></tr>"
@@ -144,7 +147,7 @@ class CadbcnnWidget(QWidget):
         @thread_worker
         def work():
             clf = self._classifier()
-            return clf.predict(image), clf.review_threshold
+            return clf.predict(image), clf.review_thresholds
 
         self._start(work(), f"classifying {name}…", lambda res: self._show_prediction(name, *res))
 
