@@ -93,9 +93,10 @@ def _threshold(p: Predictions, risk: float) -> float:
     return choose_review_threshold(p.confidence[keep], p.correct[keep], target_risk=risk).threshold
 
 
-def fit_rules(val: Predictions, *, spec_threshold: float, clean_risk: float = 0.005,
+def fit_rules(val: Predictions, *, spec_threshold: float | Sequence[float], clean_risk: float = 0.005,
               shifted_risk: float = 0.02) -> dict[str, np.ndarray]:
-    """Every rule's threshold per predicted class, fitted on a validation report's predictions."""
+    """Every rule's threshold per predicted class, fitted on a validation report's predictions (``spec``: the
+    model file's own threshold, one number or one per class)."""
     k = len(val.class_names)
     clean = val.where(val.severity == "clean")
     shifted = val.where(np.isin(val.severity, SHIFTED) & (val.truth >= 0))
@@ -108,7 +109,7 @@ def fit_rules(val: Predictions, *, spec_threshold: float, clean_risk: float = 0.
                                for s in sorted(set(shifted.set))])
     per_class = np.array([max(t_clean, _threshold(shifted.where(shifted.label == c), shifted_risk))
                           for c in range(k)])
-    return {"spec": np.full(k, spec_threshold), "clean": np.full(k, t_clean), "pooled": np.full(k, t_pooled),
+    return {"spec": np.broadcast_to(np.asarray(spec_threshold, float), (k,)).copy(), "clean": np.full(k, t_clean), "pooled": np.full(k, t_pooled),
             "per-shift": np.full(k, t_shift), "per-class": per_class}
 
 
@@ -140,7 +141,7 @@ def score(p: Predictions, thresholds: np.ndarray, *, benign_index: int) -> dict[
     return {"sets": sets, "groups": groups}
 
 
-def compare(val: Predictions, test: Predictions, *, spec_threshold: float, benign: str = "Benign",
+def compare(val: Predictions, test: Predictions, *, spec_threshold: float | Sequence[float], benign: str = "Benign",
             clean_risk: float = 0.005, shifted_risk: float = 0.02) -> dict[str, Any]:
     """Fit every rule on ``val``, score each on ``test``; also how often ``spec`` disagrees with the runtime."""
     if val.class_names != test.class_names:
@@ -193,14 +194,18 @@ def markdown(result: dict[str, Any], *, title: str) -> str:
     return "\n".join(out) + "\n"
 
 
-def spec_threshold_of(report_dir: Path) -> float:
-    """The review threshold a shift report was run with (its JSON)."""
+def spec_thresholds_of(report_dir: Path) -> list[float]:
+    """The review threshold of each class a shift report was run with (its JSON: the spec's threshold, raised per
+    class where its calibration has a ``class_review``)."""
     import json
+
+    from cadbcnn_runtime.calibration import review_thresholds
 
     path = Path(report_dir) / "shift_report.json"
     if not path.is_file():
         raise DatasetError(f"{path}: not found; pass the folder of a `cadbcnn-train shift-report` run.")
-    return float(json.loads(path.read_text(encoding="utf-8"))["review_threshold"])
+    r = json.loads(path.read_text(encoding="utf-8"))
+    return list(review_thresholds(r.get("calibration"), r["class_names"], r["review_threshold"]).values())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -218,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for risk in (a.clean_risk, a.shifted_risk):
         if not 0 < risk < 1:
             ap.error(f"risks must be in (0, 1), got {risk}")
-    result = compare(Predictions.read(a.val), Predictions.read(a.test), spec_threshold=spec_threshold_of(a.test),
+    result = compare(Predictions.read(a.val), Predictions.read(a.test), spec_threshold=spec_thresholds_of(a.test),
                      clean_risk=a.clean_risk, shifted_risk=a.shifted_risk)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "review_rules.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

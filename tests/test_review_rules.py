@@ -23,13 +23,14 @@ def row(set_, severity, truth, label, conf, *, ood=False, low=False, healthy=Fal
             **{f"p_{n}": v for n, v in zip(NAMES, p)}}
 
 
-def write(folder, rows, threshold=0.9):
+def write(folder, rows, threshold=0.9, calibration=None):
     folder.mkdir(parents=True, exist_ok=True)
     with (folder / "predictions.csv").open("w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, [*PREDICTION_COLUMNS, *(f"p_{n}" for n in NAMES)])
         w.writeheader()
         w.writerows(rows)
-    (folder / "shift_report.json").write_text(json.dumps({"review_threshold": threshold}))
+    (folder / "shift_report.json").write_text(json.dumps({"review_threshold": threshold, "class_names": NAMES,
+                                                          "calibration": calibration}))
     return folder
 
 
@@ -122,3 +123,19 @@ def test_bad_arguments_are_refused(tmp_path):
     only_clean = write(tmp_path / "c", [r for r in validation_rows() if r["severity"] == "clean"])
     with pytest.raises(DatasetError, match="shifted sets"):
         R.fit_rules(R.Predictions.read(only_clean), spec_threshold=0.9)
+
+
+def test_the_spec_rule_reads_per_class_thresholds_from_the_report(tmp_path):
+    """A model with calibration.class_review: the 'spec' rule is its per-class thresholds, so it still reproduces
+    the runtime's flags."""
+    rows = validation_rows()
+    per_class = {"class_review": {"thresholds": {"Pro-B": 0.995}}}
+    for r in rows:
+        r["needs_review"] = int(r["out_of_distribution"] or r["low_content"]
+                                or r["confidence"] < (0.995 if r["label"] == "Pro-B" else 0.9))
+    val = write(tmp_path / "v", rows)
+    test = write(tmp_path / "t", rows, calibration=per_class)
+    assert R.spec_thresholds_of(test) == [0.9, 0.9, 0.9, 0.995]
+    assert R.main([str(val), str(test), "--out", str(tmp_path / "o")]) == 0
+    result = json.loads((tmp_path / "o" / "review_rules.json").read_text())
+    assert result["spec_disagrees_with_runtime"] == 0 and result["rules"]["spec"]["thresholds"][3] == 0.995
