@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator, Sequence
 import cv2
 import numpy as np
 
+from cadbcnn_runtime.calibration import describe_thresholds, review_thresholds
 from cadbcnn_runtime.classifier import Classifier
 from cadbcnn_runtime.errors import DatasetError, ImageError, ModelSpecError
 from cadbcnn_runtime.evaluation import (
@@ -395,6 +396,9 @@ def _kept(r: dict[str, Any]) -> str:
 def report_markdown(result: dict[str, Any]) -> str:
     """The header (what silent error means, the model's thresholds) and one table of every set."""
     thr, ood, t = result["review_threshold"], result["ood_threshold"], result["temperature"]
+    per_class = review_thresholds(result.get("calibration"), result["class_names"], thr)
+    thr_text = f"{thr:.2f}" if len(set(per_class.values())) == 1 else (
+        "the threshold of its label (" + describe_thresholds(per_class) + ")")
     malignant = ", ".join(n for n in result["class_names"] if n != result["benign_class"])
     c = result["clean"]
     lines = [
@@ -402,7 +406,7 @@ def report_markdown(result: dict[str, Any]) -> str:
         "**Silent error** = a wrong label with `needs_review` false. For images of a known class: label ≠ truth. "
         f"For healthy external images and blank fields: any malignant label ({malignant}) without review. "
         "Rates are fractions of all images of the set; *review %* is the price paid for them.", "",
-        f"The model reviews an image when its confidence < **{thr:.2f}**"
+        f"The model reviews an image when its confidence < **{thr_text}**"
         + (f" or its OOD score > **{ood:.4f}**" if ood is not None else "") + "; "
         + (f"softmax temperature **{t:.3f}** ({result['calibration'].get('fitted_on', 'fitted')})."
            if result.get("calibration") else "softmax of the raw logits (the spec has no calibration: T = 1).")

@@ -249,3 +249,16 @@ def test_cli_exit_code_2_on_bad_input(run, onnx_model, tmp_path, args, message):
     r = CliRunner().invoke(train_app, ["shift-report", str(onnx_model), *[x for kv in base.items() for x in kv]])
     assert r.exit_code == 2 and message in r.output, r.output
     assert not (tmp_path / "o" / "shift_report.json").exists()
+
+
+def test_markdown_names_per_class_thresholds(report):
+    """A model whose calibration raises the review threshold per class says so (one number would be wrong)."""
+    rep = json.loads(json.dumps(report[0]))
+    names = rep["class_names"]
+    rep["review_threshold"] = 0.5
+    rep["calibration"] = {"method": "temperature", "temperature": 1.0,
+                          "class_review": {"thresholds": {names[0]: 0.99}}}
+    md = S.report_markdown(rep)
+    assert f"the threshold of its label ({names[0]} 0.99, {names[1]} 0.5" in md
+    rep["calibration"] = None
+    assert "confidence < **0.50**" in S.report_markdown(rep)
