@@ -73,6 +73,25 @@ def hold_on_shifted(entry: dict[str, Any], review: float, logits: np.ndarray, la
     return {**entry, "shifted_review": record, "review_rule": rule}, max(float(review), threshold)
 
 
+def clean_rule_on_kept(entry: dict[str, Any], logits: np.ndarray, labels: np.ndarray, flagged: np.ndarray, *,
+                       target_risk: float) -> tuple[dict[str, Any], float]:
+    """``fit_calibration``'s review rule with only the images the runtime keeps counted as kept: images flagged
+    out of distribution or blank are reviewed whatever their confidence, so they are neither kept images nor
+    errors of the rule. (``fit_calibration`` counts every image — the rule for a model without those flags.)
+    Returns (the entry with the rule's record replaced, the threshold)."""
+    p = softmax(np.asarray(logits, dtype=np.float64), entry["temperature"])
+    labels = np.asarray(labels, dtype=np.int64)
+    keep = ~np.asarray(flagged, bool)
+    r = choose_review_threshold(p.max(1)[keep], (p.argmax(1) == labels)[keep], target_risk=target_risk)
+    kept = int(keep.sum())
+    return {**entry,
+            "review_rule": (f"lowest calibrated confidence at which <= {100 * target_risk:.2g} % of the kept "
+                            f"{entry['fitted_on']} images are wrong (risk-coverage; the {len(keep) - kept} images "
+                            "flagged out of distribution or blank are reviewed anyway and not counted as kept)"),
+            "review_achieved": bool(r.achieved), "review_coverage": float(r.coverage * kept / max(len(keep), 1))}, \
+        float(r.threshold)
+
+
 def per_class_review(probs: np.ndarray, labels: np.ndarray, flagged: np.ndarray | None, *,
                      class_names: Sequence[str], floor: float, target_risk: float, fitted_on: str) -> dict[str, Any]:
     """A review threshold for each *predicted* class: the lowest calibrated confidence at which at most

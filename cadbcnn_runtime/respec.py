@@ -16,7 +16,7 @@ import numpy as np
 
 from ._onnxmeta import _METADATA_PROPS, _fields, _records, content_digest, read_model_bytes
 from .atomic import write_atomic
-from .calibration import TARGET_RISK, fit_calibration, hold_on_shifted, hold_per_class
+from .calibration import TARGET_RISK, clean_rule_on_kept, fit_calibration, hold_on_shifted, hold_per_class
 from .errors import ArgumentError, ExportError
 from .quality import content_scores, fit_quality
 from .spec import METADATA_KEY, ModelSpec
@@ -70,8 +70,9 @@ def calibrate_model(model: Path, out: Path, *, val: Sequence[tuple[Path, int]], 
 
     SHIFTED (RGB uint8 images of held-out images under synthetic acquisition shifts, labels kept) also holds the
     review rule on them at ``shifted_target_risk``: one threshold for all (``calibration.shifted_review``), or with
-    ``per_class`` a threshold per predicted class (``calibration.class_review``; images the model flags as out
-    of distribution or blank are not counted as kept, exactly as the runtime would review them)."""
+    ``per_class`` a threshold per predicted class (``calibration.class_review``). With ``per_class`` both rules,
+    the clean one (the floor of every class) and the per-class one, count as kept only the images the runtime
+    keeps: images the model flags as out of distribution or blank are reviewed anyway."""
     from .classifier import Classifier
 
     if not val or not train:
@@ -93,9 +94,11 @@ def calibrate_model(model: Path, out: Path, *, val: Sequence[tuple[Path, int]], 
     said = ""
     if shifted:
         fitted_on = f"{len(shifted)} shifted validation images{shifted_about}"
-        s_logits, s_flagged = _shifted_outputs(clf, [im for im, _ in shifted], min_content=quality["min_content"])
+        s_logits, s_flagged = _flagged_outputs(clf, [im for im, _ in shifted], min_content=quality["min_content"])
         s_labels = np.array([k for _, k in shifted])
         if per_class:
+            v_logits, v_flagged = _flagged_outputs(clf, [p for p, _ in val], min_content=quality["min_content"])
+            entry, review = clean_rule_on_kept(entry, v_logits, labels, v_flagged, target_risk=target_risk)
             entry = hold_per_class(entry, review, s_logits, s_labels, s_flagged, class_names=clf.spec.class_names,
                                    fitted_on=fitted_on, target_risk=shifted_target_risk)
             said = "; per predicted class on shifted images: " + ", ".join(
@@ -117,9 +120,9 @@ def calibrate_model(model: Path, out: Path, *, val: Sequence[tuple[Path, int]], 
     return spec
 
 
-def _shifted_outputs(clf, images: Sequence[np.ndarray], *, min_content: float) -> tuple[np.ndarray, np.ndarray]:
-    """(logits, flagged) of RGB images: flagged = out of distribution (the spec's OOD threshold) or a blank field
-    (the new field-content minimum) — the images the runtime reviews whatever their confidence."""
+def _flagged_outputs(clf, images: Sequence, *, min_content: float) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, flagged) of images (paths or RGB arrays): flagged = out of distribution (the spec's OOD threshold)
+    or a blank field (the new field-content minimum) — the images the runtime reviews whatever their confidence."""
     logits, flagged = [], []
     for i in range(0, len(images), 32):
         x = np.stack([clf.preprocess(im) for im in images[i:i + 32]])

@@ -287,6 +287,16 @@ def test_calibrate_onnx_per_class_end_to_end(tmp_path, onnx_model):
                                     fitted_on="x")
         assert rec["thresholds"] == pytest.approx(expected["thresholds"])
         assert clf.review_thresholds == pytest.approx(rec["thresholds"])
+        # the floor is the clean rule on the validation images the runtime keeps (flagged ones reviewed anyway)
+        from cadbcnn_runtime.reliability import choose_review_threshold
+        xv = np.stack([clf.preprocess(p) for p, _ in val])
+        pv = clf.classify(xv)
+        keep = np.array([not (q.out_of_distribution or q.low_content) for q in pv])
+        conf = np.array([q.confidence for q in pv])
+        right = np.array([q.index for q in pv]) == np.array([k for _, k in val])
+        assert new.review_threshold == pytest.approx(
+            choose_review_threshold(conf[keep], right[keep], target_risk=0.005).threshold)
+        assert "not counted as kept" in new.calibration["review_rule"]
         with Classifier.from_file(src, device="cpu") as before:
             np.testing.assert_array_equal(before.run(x[:4]), clf.run(x[:4]))  # graph untouched
 
