@@ -85,7 +85,7 @@ def calibrate_model(model: Path, out: Path, *, val: Sequence[tuple[Path, int]], 
         for i in range(0, len(paths), 32):
             yield np.stack([clf.preprocess(p) for p in paths[i:i + 32]])
 
-    logits = np.concatenate([clf.run(x) for x in inputs([p for p, _ in val])])
+    logits, v_ood, v_content = _outputs(clf, [p for p, _ in val])  # one pass: the flags below need the same run
     labels = np.array([k for _, k in val])
     entry, review = fit_calibration(logits, labels, target_risk=target_risk,
                                     fitted_on=f"validation split ({len(val)} images)")
@@ -94,11 +94,12 @@ def calibrate_model(model: Path, out: Path, *, val: Sequence[tuple[Path, int]], 
     said = ""
     if shifted:
         fitted_on = f"{len(shifted)} shifted validation images{shifted_about}"
-        s_logits, s_flagged = _flagged_outputs(clf, [im for im, _ in shifted], min_content=quality["min_content"])
+        s_logits, s_ood, s_content = _outputs(clf, [im for im, _ in shifted])
+        s_flagged = _flagged(clf, s_ood, s_content, quality["min_content"])
         s_labels = np.array([k for _, k in shifted])
         if per_class:
-            v_logits, v_flagged = _flagged_outputs(clf, [p for p, _ in val], min_content=quality["min_content"])
-            entry, review = clean_rule_on_kept(entry, v_logits, labels, v_flagged, target_risk=target_risk)
+            v_flagged = _flagged(clf, v_ood, v_content, quality["min_content"])
+            entry, review = clean_rule_on_kept(entry, logits, labels, v_flagged, target_risk=target_risk)
             entry = hold_per_class(entry, review, s_logits, s_labels, s_flagged, class_names=clf.spec.class_names,
                                    fitted_on=fitted_on, target_risk=shifted_target_risk)
             said = "; per predicted class on shifted images: " + ", ".join(
@@ -120,16 +121,22 @@ def calibrate_model(model: Path, out: Path, *, val: Sequence[tuple[Path, int]], 
     return spec
 
 
-def _flagged_outputs(clf, images: Sequence, *, min_content: float) -> tuple[np.ndarray, np.ndarray]:
-    """(logits, flagged) of images (paths or RGB arrays): flagged = out of distribution (the spec's OOD threshold)
-    or a blank field (the new field-content minimum) — the images the runtime reviews whatever their confidence."""
-    logits, flagged = [], []
+def _outputs(clf, images: Sequence) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """(logits, OOD scores or None, field-content scores) of images (paths or RGB arrays), batches of 32."""
+    logits, ood, content = [], [], []
     for i in range(0, len(images), 32):
         x = np.stack([clf.preprocess(im) for im in images[i:i + 32]])
-        lg, ood = clf.run_all(x)
-        f = content_scores(x) < min_content
-        if ood is not None and clf.ood_threshold is not None:
-            f |= ~(ood <= clf.ood_threshold)
+        lg, o = clf.run_all(x)
         logits.append(lg)
-        flagged.append(f)
-    return np.concatenate(logits), np.concatenate(flagged)
+        ood.append(o)
+        content.append(content_scores(x))
+    return np.concatenate(logits), (None if ood[0] is None else np.concatenate(ood)), np.concatenate(content)
+
+
+def _flagged(clf, ood: np.ndarray | None, content: np.ndarray, min_content: float) -> np.ndarray:
+    """The images the runtime reviews whatever their confidence: out of distribution (the spec's OOD threshold) or
+    a blank field (the new field-content minimum)."""
+    flagged = content < min_content
+    if ood is not None and clf.ood_threshold is not None:
+        flagged |= ~(ood <= clf.ood_threshold)
+    return flagged
