@@ -9,6 +9,9 @@
 #   scripts/release.sh shift RUN NAME               # shift report of RUN's gate model -> docs/shift/NAME (~17 min)
 #   scripts/release.sh shiftcal RUN NAME            # RUN's release.pt with the review rule also held on shifted
 #                                                   # validation images -> RUN/shiftcal, its gate, shift report
+#   scripts/release.sh perclass RUN NAME            # RUN's gate model with one review threshold per predicted
+#                                                   # class (every shift of every validation image) ->
+#                                                   # RUN/gate/cadbcnn-perclass.onnx, its shift report (~30 min)
 #   scripts/release.sh ship RUN                     # gate, exports with parity gates, figures, OOD report;
 #                                                   # writes models/ and docs/ only if every gate passes
 #
@@ -68,8 +71,8 @@ post() {
 
 shift_report() {
   # Every shifted set of the test split and both external healthy folders (reporting only; docs/SHIFT.md).
-  local run=$1 name=$2
-  $B/cadbcnn-train shift-report "$run/gate/cadbcnn.onnx" --data "$DATA" --split-file "$run/split.csv" --split test \
+  local run=$1 name=$2 model=${3:-$1/gate/cadbcnn.onnx}
+  $B/cadbcnn-train shift-report "$model" --data "$DATA" --split-file "$run/split.csv" --split test \
       --external "$EXTERNAL/bccd-fields:healthy" --external "$EXTERNAL/pbc-cells:healthy" --out "docs/shift/$name"
 }
 
@@ -84,6 +87,16 @@ shiftcal() {
       --shifted-copies "${SHIFTED_COPIES:-2}" --shifted-target-risk "${SHIFTED_RISK:-0.02}"
   gate "$out"
   shift_report "$out" "$name"
+}
+
+perclass() {
+  # The review rule of the released file (docs/SHIFT.md, "One review threshold per predicted class"): on the gate
+  # model, so both rules count only the images its OOD and blank-field checks keep. Temperature refitted on the
+  # same validation logits (unchanged), weights untouched.
+  local run=$1 name=$2 out=$1/gate/cadbcnn-perclass.onnx
+  $B/cadbcnn-train calibrate "$run/gate/cadbcnn.onnx" --data "$DATA" --split-file "$run/split.csv" \
+      --shifted-copies "${SHIFTED_COPIES:-23}" --shifted-target-risk "${SHIFTED_RISK:-0.02}" --per-class --out "$out"
+  shift_report "$run" "$name" "$out"
 }
 
 gate() {
@@ -123,6 +136,7 @@ case "${1:-}" in
   gate) gate "${2:?run directory}" ;;
   shift) shift_report "${2:?run directory}" "${3:?report name (docs/shift/NAME)}" ;;
   shiftcal) shiftcal "${2:?run directory}" "${3:?report name (docs/shift/NAME)}" ;;
+  perclass) perclass "${2:?run directory}" "${3:?report name (docs/shift/NAME)}" ;;
   ship) ship "${2:?run directory}" ;;
-  *) echo "usage: scripts/release.sh candidate SEED [SPLIT_CSV] | post RUN | gate RUN | shift RUN NAME | shiftcal RUN NAME | ship RUN" >&2; exit 2 ;;
+  *) echo "usage: scripts/release.sh candidate SEED [SPLIT_CSV] | post RUN | gate RUN | shift RUN NAME | shiftcal RUN NAME | perclass RUN NAME | ship RUN" >&2; exit 2 ;;
 esac
