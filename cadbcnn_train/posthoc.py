@@ -19,6 +19,7 @@ from cadbcnn_runtime.spec import ModelSpec
 from . import data as D
 from .checkpoint import load_checkpoint, resave_checkpoint, weights_sha256
 from .metrics import compute_metrics, metrics_summary, write_metrics
+from .onnx_init import freeze
 from .ood import fit_ood, spec_entry
 from .shifts import check_copies
 from .train import fit_content_check, predict, recalibrate_bn
@@ -63,7 +64,9 @@ def recalibrate_checkpoint(checkpoint: Path, data: Path, *, split_file: Path | N
     ds = D.load(root, class_folders=ck.class_folders, only=pick)
     loader = DataLoader(D.ImageDataset(ds.samples, ck.spec, images=ds.images), batch_size=32, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
-    n = recalibrate_bn(model, loader, torch.device("cpu"), "fp32", images)
+    # A run trained with --freeze kept those modules as loaded; their statistics stay (see recalibrate_bn).
+    frozen = freeze(model, ck.config.get("freeze", "none"))
+    n = recalibrate_bn(model, loader, torch.device("cpu"), "fp32", images, keep=frozen)
     dest = Path(out) if out else Path(checkpoint)
     # Everything derived from the old weights goes with them: the calibration (and the review threshold it
     # chose), the OOD statistics and threshold (fitted on the old features) and the metrics. The field-content
@@ -74,6 +77,7 @@ def recalibrate_checkpoint(checkpoint: Path, data: Path, *, split_file: Path | N
     stale = [what for what, had in (("calibration", ck.spec.calibration), ("OOD statistics", ck.ood or ck.spec.ood),
                                     ("metrics", ck.metrics or ck.spec.metrics)) if had]
     log(f"BatchNorm statistics recomputed on {n} clean train-split images → {dest}"
+        + (f" (frozen at training, statistics kept: {', '.join(frozen)})" if frozen else "")
         + (f"; dropped, as they were computed on the old weights: {', '.join(stale)} — run "
            "`cadbcnn-train refit-ood`, `cadbcnn-train calibrate` and `cadbcnn-train evaluate --store` on it"
            if stale else ""))

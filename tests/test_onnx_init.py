@@ -48,7 +48,7 @@ def test_rederived_batchnorm_keeps_the_function_and_gets_real_statistics(onnx_mo
     data = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (16, 3, 64, 64), dtype=np.uint8))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data, torch.zeros(16)), batch_size=8)
     assert rederive_batchnorm(m, loader, torch.device("cpu")) == 16
-    np.testing.assert_allclose(_logits(m), before, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(_logits(m), before, rtol=1e-3, atol=5e-3)
     bn = m.branch_a[1]
     assert not torch.allclose(bn.running_var, torch.ones_like(bn.running_var))
 
@@ -86,6 +86,23 @@ def test_fit_init_fine_tunes_the_exported_model_and_records_it(onnx_model, tmp_p
     key = "branch_a.4.0.conv1.weight"  # frozen: unchanged; a later stage: trained
     assert torch.equal(tuned.state_dict()[key], start.state_dict()[key])
     assert not torch.equal(tuned.state_dict()["branch_a.7.0.conv1.weight"], start.state_dict()["branch_a.7.0.conv1.weight"])
+    # Frozen modules compute what the exported model computes: precise BN (bn_recal_images) and
+    # `recalibrate-bn` keep their statistics and re-measure the trained stages' only.
+    x = torch.rand(4, 3, 64, 64) * 255
+    frozen_part = lambda m: m.branch_a[:6](m.normalize(x))  # noqa: E731 — stem, layer1, layer2
+    with torch.no_grad():
+        torch.testing.assert_close(frozen_part(tuned.eval()), frozen_part(start.eval()), rtol=1e-3, atol=5e-3)
+    from typer.testing import CliRunner
+
+    from cadbcnn_train.cli import app
+
+    r = CliRunner().invoke(app, ["recalibrate-bn", str(tmp_path / "run" / "best.pt"), "--data", str(data),
+                                 "--out", str(tmp_path / "re.pt"), "--images", "16"])
+    assert r.exit_code == 0 and "statistics kept: branch_a.0" in r.output, r.output
+    re = load_checkpoint(tmp_path / "re.pt")
+    bn = "branch_a.4.0.bn1.running_mean"
+    assert torch.equal(re.state_dict[bn], ck.state_dict[bn])
+    assert not torch.equal(re.state_dict["branch_a.7.0.bn1.running_mean"], ck.state_dict["branch_a.7.0.bn1.running_mean"])
 
 
 def test_fit_init_refuses_mismatches_before_training(onnx_model, tmp_path):

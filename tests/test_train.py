@@ -219,6 +219,23 @@ def test_recalibrate_bn_restores_statistics_of_clean_images():
     torch.testing.assert_close(bn.running_mean, pre.mean((0, 2, 3)), rtol=1e-4, atol=1e-4)
 
 
+def test_recalibrate_bn_keeps_the_statistics_of_frozen_modules():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from cadbcnn_train.model import create_model
+    from cadbcnn_train.train import recalibrate_bn
+
+    torch.manual_seed(0)
+    m = create_model("cadbcnn", num_classes=4).train()
+    m.branch_a[1].running_mean.fill_(5.0)
+    m.branch_b[1].running_mean.fill_(5.0)
+    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    recalibrate_bn(m, DataLoader(TensorDataset(x, torch.zeros(8)), batch_size=4), torch.device("cpu"),
+                   keep=["branch_a.1"])
+    assert torch.all(m.branch_a[1].running_mean == 5.0) and not torch.all(m.branch_b[1].running_mean == 5.0)
+    assert m.training and m.branch_a[1].training  # every module's mode as it was
+
+
 def test_cli_recalibrate_bn(tmp_path):
     data = make_dataset(tmp_path / "d", per_class=8, size=32)
     fit(small_cfg(data, tmp_path / "run", epochs=1, max_steps=2, bn_recal_images=0), quiet=True)
