@@ -196,10 +196,9 @@ def rederive_batchnorm(model: nn.Module, loader: DataLoader, device: torch.devic
     return seen
 
 
-def freeze(model: nn.Module, what: str) -> list[str]:
-    """Stop training part of a dual-branch model: ``early`` = each branch's stem and first two stages,
-    ``backbone`` = both branches entirely (only the fusion and the head learn). Frozen BatchNorms stay in eval
-    mode (see ``keep_frozen_bn_eval``). Returns the frozen module names."""
+def frozen_modules(model: nn.Module, what: str) -> list[str]:
+    """The names of the modules ``--freeze WHAT`` fixes: ``early`` = each branch's stem and first two stages,
+    ``backbone`` = both branches entirely (only the fusion and the head learn)."""
     if what == "none":
         return []
     trunks = [n for n in ("branch_a", "branch_b") if hasattr(model, n)]
@@ -207,13 +206,20 @@ def freeze(model: nn.Module, what: str) -> list[str]:
         raise CheckpointError(f"--freeze {what}: this model has no branches to freeze")
     names = []
     for t in trunks:
-        seq = getattr(model, t)
-        parts = list(seq.named_children())
+        parts = [n for n, _ in getattr(model, t).named_children()]
         keep = parts if what == "backbone" else parts[:6]  # stem conv, bn, relu, maxpool, layer1, layer2
-        for child_name, child in keep:
-            for p in child.parameters():
-                p.requires_grad_(False)
-            names.append(f"{t}.{child_name}")
+        names += [f"{t}.{n}" for n in keep]
+    return names
+
+
+def freeze(model: nn.Module, what: str) -> list[str]:
+    """Stop training ``frozen_modules(model, what)``. Frozen BatchNorms stay in eval mode (see
+    ``keep_frozen_bn_eval``) and keep their statistics in precise BN (``train.recalibrate_bn(keep=…)``).
+    Returns the frozen module names."""
+    names = frozen_modules(model, what)
+    for name in names:
+        for p in model.get_submodule(name).parameters():
+            p.requires_grad_(False)
     return names
 
 

@@ -19,7 +19,7 @@ from cadbcnn_runtime.spec import ModelSpec
 from . import data as D
 from .checkpoint import load_checkpoint, resave_checkpoint, weights_sha256
 from .metrics import compute_metrics, metrics_summary, write_metrics
-from .onnx_init import freeze
+from .onnx_init import frozen_modules
 from .ood import fit_ood, spec_entry
 from .shifts import check_copies
 from .train import fit_content_check, predict, recalibrate_bn
@@ -65,7 +65,7 @@ def recalibrate_checkpoint(checkpoint: Path, data: Path, *, split_file: Path | N
     loader = DataLoader(D.ImageDataset(ds.samples, ck.spec, images=ds.images), batch_size=32, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
     # A run trained with --freeze kept those modules as loaded; their statistics stay (see recalibrate_bn).
-    frozen = freeze(model, ck.config.get("freeze", "none"))
+    frozen = frozen_modules(model, ck.config.get("freeze", "none"))
     n = recalibrate_bn(model, loader, torch.device("cpu"), "fp32", images, keep=frozen)
     dest = Path(out) if out else Path(checkpoint)
     # Everything derived from the old weights goes with them: the calibration (and the review threshold it

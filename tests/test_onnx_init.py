@@ -48,7 +48,7 @@ def test_rederived_batchnorm_keeps_the_function_and_gets_real_statistics(onnx_mo
     data = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (16, 3, 64, 64), dtype=np.uint8))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data, torch.zeros(16)), batch_size=8)
     assert rederive_batchnorm(m, loader, torch.device("cpu")) == 16
-    np.testing.assert_allclose(_logits(m), before, rtol=1e-3, atol=5e-3)
+    np.testing.assert_allclose(_logits(m), before, rtol=1e-4, atol=1e-4)
     bn = m.branch_a[1]
     assert not torch.allclose(bn.running_var, torch.ones_like(bn.running_var))
 
