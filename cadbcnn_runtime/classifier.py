@@ -27,6 +27,7 @@ from ._onnxmeta import content_digest, metadata_of, read_model_bytes
 from .errors import ArgumentError, DeviceError, ModelLoadError, ModelRunError, ModelSpecError
 from .calibration import review_thresholds, temperature_of
 from .preprocess import ImageSource, load_and_preprocess
+from .appearance import AppearanceCheck, appearance_features
 from .quality import content_scores
 from .reliability import softmax
 from .session import BACKEND_NAMES, CPU_EP, CUDA_EP, check_backend, make_verified_session, resolve_threads
@@ -50,6 +51,8 @@ class Prediction:
     content_score: float | None = None   # None when the spec has no field-content check
     low_content: bool = False            # blank / near-uniform field: always needs review
     backend: str = "onnxruntime"         # what computed it: onnxruntime | openvino
+    appearance_score: float | None = None  # None when the spec has no appearance check; > 1: atypical
+    atypical_appearance: bool = False    # colour/contrast unlike the training images of its label: needs review
 
 
 def default_model_path() -> Path:
@@ -102,6 +105,7 @@ class Classifier:
         self.ood_threshold = None if spec.ood is None else (
             float(spec.ood["threshold"]) if ood_threshold is None else float(ood_threshold))
         self._outputs = [spec.output_name] + ([spec.ood["output"]] if spec.ood else [])
+        self.appearance = None if spec.appearance is None else AppearanceCheck(spec.appearance, spec.class_names)
 
     # -- construction ----------------------------------------------------------
     @classmethod
@@ -222,29 +226,36 @@ class Classifier:
         return self.run_all(batch)[0]
 
     def predictions(self, logits: np.ndarray, ood: np.ndarray | None = None,
-                    content: np.ndarray | None = None) -> list[Prediction]:
+                    content: np.ndarray | None = None, appearance: np.ndarray | None = None) -> list[Prediction]:
         """needs_review = confidence < the review threshold of the predicted class, or out of distribution, or a
-        blank/near-uniform field."""
+        blank/near-uniform field, or an appearance unlike the training images of the predicted class
+        (``appearance``: the images' ``appearance_features``, scored against the spec's check)."""
         probs = softmax(logits, self.temperature)
         min_content = None if self.spec.quality is None else float(self.spec.quality["min_content"])
+        labels = probs.argmax(1) if len(probs) else np.zeros(0, np.int64)
+        looks = (None if appearance is None or self.appearance is None
+                 else self.appearance.scores(appearance, labels))
         out = []
         for i, p in enumerate(probs):
-            k = int(p.argmax())
+            k = int(labels[i])
             conf = float(p[k])
             score = None if ood is None else float(ood[i])
             is_ood = score is not None and self.ood_threshold is not None and not score <= self.ood_threshold
             c = None if content is None else float(content[i])
             low = c is not None and min_content is not None and not c >= min_content
+            a = None if looks is None else float(looks[i])
+            odd = a is not None and not a <= 1.0
             out.append(Prediction(self.spec.class_names[k], k, conf,
                                   {n: float(v) for n, v in zip(self.spec.class_names, p)},
-                                  conf < self._thresholds[k] or is_ood or low, score, is_ood, c, low,
-                                  self.backend))
+                                  conf < self._thresholds[k] or is_ood or low or odd, score, is_ood, c, low,
+                                  self.backend, appearance_score=a, atypical_appearance=odd))
         return out
 
     def classify(self, batch: np.ndarray) -> list[Prediction]:
         """Predictions for a preprocessed (N, 3, H, W) batch."""
         content = content_scores(batch) if self.spec.quality is not None else None
-        return self.predictions(*self.run_all(batch), content)
+        looks = appearance_features(batch) if self.appearance is not None else None
+        return self.predictions(*self.run_all(batch), content, looks)
 
     def predict(self, image: ImageSource) -> Prediction:
         return self.classify(self.preprocess(image)[None])[0]

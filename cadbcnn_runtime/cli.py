@@ -35,6 +35,8 @@ def _table(rows: list[dict], class_names) -> str:
         review = ("yes" if r["needs_review"] else "no") if r["status"] == "ok" else ""
         if r.get("out_of_distribution") is True:
             review = "OOD"
+        if r.get("atypical_appearance") is True:
+            review = "look"
         if r.get("low_content") is True:
             review = "blank"
         status = "ok" if r["status"] == "ok" else f"error: {r['error']}"
@@ -127,7 +129,9 @@ def _report(result) -> int:
     per_class = ", ".join(f"{n} {s.per_class.get(n, 0)}" for n in names)
     _say(f"{result.total} images: {s.ok} classified ({per_class}); {s.needs_review} need review"
          + (f" ({s.out_of_distribution} out of distribution)" if result.has_ood else "")
-         + (f" ({s.low_content} blank or near-uniform)" if result.has_quality else "") + "; "
+         + (f" ({s.low_content} blank or near-uniform)" if result.has_quality else "")
+         + (f" ({s.atypical_appearance} unlike the training images' colour and contrast)"
+            if result.has_appearance else "") + "; "
          f"{s.errors} errors; {s.skipped_resume} already done (--resume); "
          f"{s.images_per_s:.1f} images/s ({result.backend}, {result.precision})" + (f" → {where}" if where else ""))
     if s.errors:

@@ -40,18 +40,21 @@ class Outputs:
     probs: np.ndarray          # (N, K) in the spec's class order
     ood_score: np.ndarray | None = None    # the OOD score, None without an OOD output
     low_content: np.ndarray | None = None  # blank-field flags, None without a field-content check
+    atypical_appearance: np.ndarray | None = None  # appearance-check flags, None without the check
 
 
 def outputs_of(preds: list, class_names, has_ood: bool) -> Outputs:
     """The per-image arrays of a list of ``Prediction``s."""
     has_content = any(p.content_score is not None for p in preds)
+    has_look = any(p.appearance_score is not None for p in preds)
     return Outputs(np.array([p.index for p in preds], np.int64), np.array([p.confidence for p in preds]),
                    np.array([p.needs_review for p in preds], bool),
                    np.array([p.out_of_distribution for p in preds], bool) if has_ood else None,
                    np.array([[p.probabilities[n] for n in class_names] for p in preds]).reshape(len(preds),
                                                                                              len(class_names)),
                    ood_score=np.array([p.ood_score for p in preds], np.float64) if has_ood else None,
-                   low_content=np.array([p.low_content for p in preds], bool) if has_content else None)
+                   low_content=np.array([p.low_content for p in preds], bool) if has_content else None,
+                   atypical_appearance=np.array([p.atypical_appearance for p in preds], bool) if has_look else None)
 
 
 def run_model(clf: Classifier, images: Iterable[np.ndarray], *, batch: int = BATCH) -> Outputs:

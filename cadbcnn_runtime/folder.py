@@ -91,8 +91,9 @@ def discover(folder: Path, *, recursive: bool = False) -> list[Item]:
     return items
 
 
-def columns(class_names, ood: bool = False, quality: bool = False) -> list[str]:
-    extra = (["ood_score", "out_of_distribution"] if ood else []) + (["low_content"] if quality else [])
+def columns(class_names, ood: bool = False, quality: bool = False, appearance: bool = False) -> list[str]:
+    extra = ((["ood_score", "out_of_distribution"] if ood else []) + (["low_content"] if quality else [])
+             + (["appearance_score", "atypical_appearance"] if appearance else []))
     return ["path", "label", "confidence", "needs_review", *[f"p_{c}" for c in class_names], *extra, "status",
             "error"]
 
@@ -104,6 +105,8 @@ def ok_row(rel: str, p: Prediction) -> dict:
         row.update({"ood_score": round(p.ood_score, 6), "out_of_distribution": p.out_of_distribution})
     if p.content_score is not None:
         row["low_content"] = p.low_content
+    if p.appearance_score is not None:
+        row.update({"appearance_score": round(p.appearance_score, 6), "atypical_appearance": p.atypical_appearance})
     row.update({"status": "ok", "error": ""})
     return row
 
@@ -124,6 +127,7 @@ class Summary:
     needs_review: int = 0
     out_of_distribution: int = 0
     low_content: int = 0
+    atypical_appearance: int = 0
     per_class: Counter = field(default_factory=Counter)
     seconds: float = 0.0
 
@@ -141,6 +145,7 @@ class Summary:
         self.needs_review += bool(row["needs_review"])
         self.out_of_distribution += row.get("out_of_distribution") is True
         self.low_content += row.get("low_content") is True
+        self.atypical_appearance += row.get("atypical_appearance") is True
 
 
 def deliver(rows: list[dict], *, summary: Summary, on_rows: Callable[[list[dict]], None],

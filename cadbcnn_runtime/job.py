@@ -42,6 +42,7 @@ class JobResult:
     class_names: tuple = ()
     has_ood: bool = False
     has_quality: bool = False
+    has_appearance: bool = False  # the spec has an appearance check (atypical_appearance column)
     precision: str = ""           # the variant that ran (fp32 | int8 | fp16) and why
     precision_reason: str = ""
     backend: str = ""             # what ran it: onnxruntime | openvino
@@ -129,7 +130,8 @@ def classify_to_file(source: str | os.PathLike, out: str | os.PathLike | None = 
             clf.close()  # the actors load their own copies; this one only validated the model up front
             say(f"engine {info}")
         names = clf.spec.class_names
-        cols = columns(names, ood=clf.spec.ood is not None, quality=clf.spec.quality is not None)
+        cols = columns(names, ood=clf.spec.ood is not None, quality=clf.spec.quality is not None,
+                       appearance=clf.spec.appearance is not None)
         items = list_items(source, recursive=recursive)
         previous = read_previous(out_path, cols, names) if (resume and out_path) else []
         done_keys = {row_key(r["path"]) for r in previous}
@@ -185,4 +187,4 @@ def classify_to_file(source: str | os.PathLike, out: str | os.PathLike | None = 
         say(f"review report → {html_path}")
     return JobResult(code, summary, len(items), where, collected, info, failure, tuple(names),
                      clf.spec.ood is not None, clf.spec.quality is not None, clf.precision, clf.precision_reason,
-                     clf.backend)
+                     clf.backend, clf.spec.appearance is not None)

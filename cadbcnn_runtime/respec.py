@@ -18,6 +18,7 @@ from ._onnxmeta import _METADATA_PROPS, _fields, _records, content_digest, read_
 from .atomic import write_atomic
 from .calibration import TARGET_RISK, clean_rule_on_kept, fit_calibration, hold_on_shifted, hold_per_class
 from .errors import ArgumentError, ExportError
+from .appearance import AppearanceCheck, appearance_features, fit_appearance
 from .quality import content_scores, fit_quality
 from .spec import METADATA_KEY, ModelSpec
 
@@ -63,6 +64,7 @@ def replace_spec(data: bytes, spec: ModelSpec) -> bytes:
 def calibrate_model(model: Path, out: Path, *, val: Sequence[tuple[Path, int]], train: Sequence[Path],
                     target_risk: float = TARGET_RISK, shifted: Sequence[tuple[np.ndarray, int]] = (),
                     shifted_target_risk: float = 0.02, per_class: bool = False, shifted_about: str = "",
+                    train_labels: Sequence[int] | None = None, appearance_quantile: float | None = None,
                     log: Callable[[str], None] = print) -> ModelSpec:
     """Fit temperature + review threshold (VAL: labelled held-out images) and the field-content check (TRAIN
     images) of an ONNX model, and write it to OUT with the new spec. The graph is not touched: a check reruns
@@ -72,33 +74,50 @@ def calibrate_model(model: Path, out: Path, *, val: Sequence[tuple[Path, int]], 
     review rule on them at ``shifted_target_risk``: one threshold for all (``calibration.shifted_review``), or with
     ``per_class`` a threshold per predicted class (``calibration.class_review``). With ``per_class`` both rules,
     the clean one (the floor of every class) and the per-class one, count as kept only the images the runtime
-    keeps: images the model flags as out of distribution or blank are reviewed anyway."""
+    keeps: images the model flags as out of distribution or blank are reviewed anyway.
+
+    ``appearance_quantile`` also fits the appearance check (``cadbcnn_runtime.appearance``) on the TRAIN images and
+    their classes (``train_labels``); with ``per_class`` the images it flags count as flagged too. Without it the
+    spec's appearance entry is removed: a check fitted for another review rule is not kept silently."""
     from .classifier import Classifier
 
     if not val or not train:
         raise ArgumentError("calibration needs labelled validation images and training images")
     if Path(out).suffix != ".onnx":
         raise ArgumentError(f"{out}: the output file must end in .onnx")
+    if appearance_quantile is not None:
+        if not 0.5 <= appearance_quantile < 1.0:
+            raise ArgumentError(f"the appearance quantile must be in [0.5, 1), got {appearance_quantile}")
+        if train_labels is None or len(train_labels) != len(train):
+            raise ArgumentError("the appearance check needs the class of every training image (train_labels)")
     clf = Classifier.from_file(model, device="cpu")
 
     def inputs(paths: Sequence[Path]):
         for i in range(0, len(paths), 32):
             yield np.stack([clf.preprocess(p) for p in paths[i:i + 32]])
 
-    logits, v_ood, v_content = _outputs(clf, [p for p, _ in val])  # one pass: the flags below need the same run
+    logits, v_ood, v_content, v_look = _outputs(clf, [p for p, _ in val])  # one pass: the flags below need it
     labels = np.array([k for _, k in val])
     entry, review = fit_calibration(logits, labels, target_risk=target_risk,
                                     fitted_on=f"validation split ({len(val)} images)")
-    quality = fit_quality(np.concatenate([content_scores(x) for x in inputs(list(train))]),
-                          fitted_on=f"training split ({len(train)} images)")
+    content, looks = [], []
+    for x in inputs(list(train)):
+        content.append(content_scores(x))
+        if appearance_quantile is not None:
+            looks.append(appearance_features(x))
+    quality = fit_quality(np.concatenate(content), fitted_on=f"training split ({len(train)} images)")
+    appearance = None if appearance_quantile is None else fit_appearance(
+        np.concatenate(looks), np.asarray(train_labels), clf.spec.class_names, quantile=appearance_quantile,
+        fitted_on=f"training split ({len(train)} images)")
+    check = None if appearance is None else AppearanceCheck(appearance, clf.spec.class_names)
     said = ""
     if shifted:
         fitted_on = f"{len(shifted)} shifted validation images{shifted_about}"
-        s_logits, s_ood, s_content = _outputs(clf, [im for im, _ in shifted])
-        s_flagged = _flagged(clf, s_ood, s_content, quality["min_content"])
+        s_logits, s_ood, s_content, s_look = _outputs(clf, [im for im, _ in shifted])
+        s_flagged = _flagged(clf, s_ood, s_content, quality["min_content"], check, s_look, s_logits)
         s_labels = np.array([k for _, k in shifted])
         if per_class:
-            v_flagged = _flagged(clf, v_ood, v_content, quality["min_content"])
+            v_flagged = _flagged(clf, v_ood, v_content, quality["min_content"], check, v_look, logits)
             entry, review = clean_rule_on_kept(entry, logits, labels, v_flagged, target_risk=target_risk)
             entry = hold_per_class(entry, review, s_logits, s_labels, s_flagged, class_names=clf.spec.class_names,
                                    fitted_on=fitted_on, target_risk=shifted_target_risk)
@@ -108,7 +127,7 @@ def calibrate_model(model: Path, out: Path, *, val: Sequence[tuple[Path, int]], 
             entry, review = hold_on_shifted(entry, review, s_logits, s_labels, fitted_on=fitted_on,
                                             target_risk=shifted_target_risk)
             said = f"; held on shifted images: {entry['shifted_review']['threshold']:.4f}"
-    spec = clf.spec.replace(calibration=entry, review_threshold=review, quality=quality)
+    spec = clf.spec.replace(calibration=entry, review_threshold=review, quality=quality, appearance=appearance)
     write_atomic(Path(out), replace_spec(read_model_bytes(model), spec))
     with Classifier.from_file(out, device="cpu") as new:
         x = next(inputs([p for p, _ in val[:16]]))
@@ -117,26 +136,36 @@ def calibrate_model(model: Path, out: Path, *, val: Sequence[tuple[Path, int]], 
             raise ExportError(f"{out}: the re-specced model does not reproduce the source's logits; nothing written")
     log(f"temperature {entry['temperature']:.4f} (validation NLL {entry['before']['nll']:.4f} → "
         f"{entry['after']['nll']:.4f}, ECE {entry['before']['ece_15']:.4f} → {entry['after']['ece_15']:.4f}); review "
-        f"below {review:.4f}{said}; field-content minimum {quality['min_content']:.2f} → {out}")
+        f"below {review:.4f}{said}; field-content minimum {quality['min_content']:.2f}"
+        + ("" if appearance is None else f"; appearance check at the {100 * appearance_quantile:g}th percentile of "
+           "each class's training images") + f" → {out}")
     return spec
 
 
-def _outputs(clf, images: Sequence) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """(logits, OOD scores or None, field-content scores) of images (paths or RGB arrays), batches of 32."""
-    logits, ood, content = [], [], []
+def _outputs(clf, images: Sequence) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
+    """(logits, OOD scores or None, field-content scores, appearance features) of images (paths or RGB arrays),
+    batches of 32."""
+    logits, ood, content, looks = [], [], [], []
     for i in range(0, len(images), 32):
         x = np.stack([clf.preprocess(im) for im in images[i:i + 32]])
         lg, o = clf.run_all(x)
         logits.append(lg)
         ood.append(o)
         content.append(content_scores(x))
-    return np.concatenate(logits), (None if ood[0] is None else np.concatenate(ood)), np.concatenate(content)
+        looks.append(appearance_features(x))
+    return (np.concatenate(logits), (None if ood[0] is None else np.concatenate(ood)), np.concatenate(content),
+            np.concatenate(looks))
 
 
-def _flagged(clf, ood: np.ndarray | None, content: np.ndarray, min_content: float) -> np.ndarray:
-    """The images the runtime reviews whatever their confidence: out of distribution (the spec's OOD threshold) or
-    a blank field (the new field-content minimum)."""
+def _flagged(clf, ood: np.ndarray | None, content: np.ndarray, min_content: float,
+             check: AppearanceCheck | None = None, looks: np.ndarray | None = None,
+             logits: np.ndarray | None = None) -> np.ndarray:
+    """The images the runtime reviews whatever their confidence: out of distribution (the spec's OOD threshold), a
+    blank field (the new field-content minimum) or, with ``check``, an appearance unlike the training images of the
+    predicted class."""
     flagged = content < min_content
     if ood is not None and clf.ood_threshold is not None:
         flagged |= ~(ood <= clf.ood_threshold)
+    if check is not None:
+        flagged |= ~(check.scores(looks, np.asarray(logits).argmax(1)) <= 1.0)
     return flagged

@@ -65,6 +65,7 @@ class ModelSpec:
     ood: Mapping[str, Any] | None = None   # second output: {"output", "method", "threshold", ...}
     calibration: Mapping[str, Any] | None = None  # {"method": "temperature", "temperature": T, ...}
     quality: Mapping[str, Any] | None = None  # field-content check: {"measure", "min_content", ...}
+    appearance: Mapping[str, Any] | None = None  # appearance check per predicted class (appearance.py)
     training: Mapping[str, Any] = field(default_factory=dict)
     metrics: Mapping[str, Any] | None = None
     adaptation: tuple[Mapping[str, Any], ...] = ()  # local changes after release, oldest first (refit-ood, …)
@@ -92,6 +93,8 @@ class ModelSpec:
             object.__setattr__(self, "calibration", copy.deepcopy(dict(self.calibration)))
         if self.quality is not None:
             object.__setattr__(self, "quality", copy.deepcopy(dict(self.quality)))
+        if self.appearance is not None:
+            object.__setattr__(self, "appearance", copy.deepcopy(dict(self.appearance)))
         self.validate()
 
     # -- validation ---------------------------------------------------------
@@ -145,6 +148,10 @@ class ModelSpec:
             m = self.quality.get("min_content")
             need(isinstance(m, (int, float)) and not isinstance(m, bool) and math.isfinite(m) and m >= 0,
                  "quality.min_content must be a finite number >= 0")
+        if self.appearance is not None:
+            from .appearance import check_entry
+
+            problems += check_entry(self.appearance, self.class_names)
         need(self.variant in VARIANTS, f"variant must be one of {VARIANTS}")
         for key in ("weights_sha256", "content_sha256"):
             v = getattr(self, key)

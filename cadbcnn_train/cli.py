@@ -176,16 +176,22 @@ def calibrate(
                                    "predicted class — each class's threshold is raised until at most "
                                    "--shifted-target-risk of the kept shifted images given that class are wrong — "
                                    "instead of one threshold for every class."),
+    appearance_check: Optional[float] = typer.Option(
+        None, help="Also fit the appearance check (ONNX models): review an image whose colour and contrast "
+                   "statistics are farther from the training images of its predicted class than this quantile of "
+                   "those images' own distances (e.g. 0.995). With --per-class the thresholds are fitted on the "
+                   "images it keeps. Off by default; calibrating without it removes a model's check."),
 ) -> None:
     """Fit the temperature (validation NLL), the review threshold (validation risk–coverage) and the
     field-content check (training split) of a checkpoint or of an exported ONNX model."""
-    from .posthoc import calibrate_checkpoint, calibrate_onnx, check_shifted_options
+    from .posthoc import calibrate_checkpoint, calibrate_onnx, check_appearance_option, check_shifted_options
 
     check_shifted_options(shifted_copies, shifted_target_risk, per_class)  # refused before any work
+    check_appearance_option(appearance_check, onnx=checkpoint.suffix == ".onnx")
     if checkpoint.suffix == ".onnx":
         calibrate_onnx(checkpoint, data, split_file=split_file, out=out, target_risk=target_risk,
                        shifted_copies=shifted_copies, shifted_target_risk=shifted_target_risk, per_class=per_class,
-                       log=typer.echo)
+                       appearance_quantile=appearance_check, log=typer.echo)
     else:
         calibrate_checkpoint(checkpoint, data, split_file=split_file, out=out, target_risk=target_risk,
                              shifted_copies=shifted_copies, shifted_target_risk=shifted_target_risk,

@@ -182,9 +182,21 @@ def check_shifted_options(shifted_copies: int, shifted_target_risk: float, per_c
                             "images: give --shifted-copies N too (e.g. --shifted-copies 23, every shift)")
 
 
+def check_appearance_option(quantile: float | None, *, onnx: bool) -> None:
+    """``calibrate --appearance-check``, refused before any work."""
+    if quantile is None:
+        return
+    if not onnx:
+        raise ArgumentError("--appearance-check is fitted on an exported model, with the flags its runtime computes: "
+                            "export the checkpoint (`cadbcnn-export CHECKPOINT -o MODEL.onnx`, after fit-ood) and "
+                            "calibrate MODEL.onnx")
+    if not 0.5 <= quantile < 1.0:
+        raise ArgumentError(f"--appearance-check must be a quantile in [0.5, 1), e.g. 0.995; got {quantile}")
+
+
 def calibrate_onnx(model: Path, data: Path, *, split_file: Path | None, out: Path | None = None,
                    target_risk: float = TARGET_RISK, shifted_copies: int = 0, shifted_target_risk: float = 0.02,
-                   per_class: bool = False, log=print) -> ModelSpec:
+                   per_class: bool = False, appearance_quantile: float | None = None, log=print) -> ModelSpec:
     """``calibrate`` for a model that exists only as ONNX (the model runs in ``cadbcnn_runtime.respec``, not torch).
     With ``shifted_copies``, the shifted validation images are those of ``calibrate CHECKPOINT`` (seeded by the
     spec's training seed)."""
@@ -193,6 +205,7 @@ def calibrate_onnx(model: Path, data: Path, *, split_file: Path | None, out: Pat
     from cadbcnn_runtime.spec import ModelSpec as Spec
 
     check_shifted_options(shifted_copies, shifted_target_risk, per_class)
+    check_appearance_option(appearance_quantile, onnx=True)
 
     if split_file is None:
         raise DatasetError(f"{model}: an ONNX model has no split.csv beside it; pass --split-file (the training "
@@ -204,6 +217,7 @@ def calibrate_onnx(model: Path, data: Path, *, split_file: Path | None, out: Pat
     rows = D.split_rows(Path(split_file))
     val = [(root / r["path"], folders.index(r["label"])) for r in rows if r["split"] == "val"]
     train = [root / r["path"] for r in rows if r["split"] == "train"]
+    train_labels = [folders.index(r["label"]) for r in rows if r["split"] == "train"]
     missing = [p for p, _ in val[:1]] + train[:1]
     if not val or not train or not all(p.is_file() for p in missing):
         raise DatasetError(f"{split_file}: needs train and val rows whose images exist under {root}")
@@ -217,4 +231,5 @@ def calibrate_onnx(model: Path, data: Path, *, split_file: Path | None, out: Pat
         shifted = list(zip(sv.images, sv.labels))
     return calibrate_model(model, Path(out) if out else Path(model), val=val, train=train, target_risk=target_risk,
                            shifted=shifted, shifted_target_risk=shifted_target_risk, per_class=per_class,
-                           shifted_about=f" ({shifted_copies} per image)", log=log)
+                           shifted_about=f" ({shifted_copies} per image)", train_labels=train_labels,
+                           appearance_quantile=appearance_quantile, log=log)

@@ -45,7 +45,8 @@ class Predictions:
     healthy: np.ndarray
     label: np.ndarray
     confidence: np.ndarray
-    flagged: np.ndarray        # reviewed whatever the confidence: out of distribution or a blank field
+    flagged: np.ndarray        # reviewed whatever the confidence: out of distribution, a blank field, or an
+    #                            appearance unlike the training images of the predicted class
     needs_review: np.ndarray   # what the runtime said
 
     @classmethod
@@ -69,7 +70,8 @@ class Predictions:
         return cls(names, col("set", str, object), col("severity", str, object),
                    col("truth", lambda v: index[v] if v else -1, np.int64), col("healthy", lambda v: v == "1", bool),
                    col("label", index.__getitem__, np.int64), col("confidence", float, np.float64),
-                   np.array([r["out_of_distribution"] == "1" or r["low_content"] == "1" for r in rows], bool),
+                   np.array([r["out_of_distribution"] == "1" or r["low_content"] == "1"
+                             or r.get("atypical_appearance") == "1" for r in rows], bool),
                    col("needs_review", lambda v: v == "1", bool))
 
     def __len__(self) -> int:

@@ -203,6 +203,8 @@ def set_result(out: Outputs, truth: np.ndarray | None, *, healthy: bool, benign_
                               out_of_distribution=out.ood)}
     r["ece"] = (expected_calibration_error(out.confidence, out.index == truth)
                 if truth is not None and len(truth) else None)
+    r["appearance_rate"] = (None if out.atypical_appearance is None or not len(out.atypical_appearance)
+                            else float(out.atypical_appearance.mean()))
     return r
 
 
@@ -343,7 +345,7 @@ def shift_report(model: Path, data: Path, split_file: Path, out: Path, *, split:
 #: is known to be benign (blank fields, ``DIR:healthy``); ``ood_score`` and ``low_content`` are empty when the
 #: model has no OOD output or no field-content check.
 PREDICTION_COLUMNS = ("set", "kind", "severity", "image", "truth", "healthy", "label", "confidence", "ood_score",
-                      "out_of_distribution", "low_content", "needs_review")
+                      "out_of_distribution", "low_content", "atypical_appearance", "needs_review")
 
 
 def write_predictions(kept: Sequence[tuple], class_names: Sequence[str], path: Path) -> None:
@@ -362,7 +364,8 @@ def write_predictions(kept: Sequence[tuple], class_names: Sequence[str], path: P
                 w.writerow([name, kind, severity, i, "" if truth is None else class_names[int(truth[i])],
                             int(healthy), class_names[int(res.index[i])], f"{res.confidence[i]:.6g}",
                             opt(res.ood_score, i, lambda v: f"{v:.6g}"), opt(res.ood, i, int),
-                            opt(res.low_content, i, int), int(res.needs_review[i]),
+                            opt(res.low_content, i, int), opt(res.atypical_appearance, i, int),
+                            int(res.needs_review[i]),
                             *(f"{v:.6g}" for v in res.probs[i])])
 
 
@@ -400,6 +403,7 @@ def report_markdown(result: dict[str, Any]) -> str:
     thr_text = f"{thr:.2f}" if len(set(per_class.values())) == 1 else (
         "the threshold of its label (" + describe_thresholds(per_class) + ")")
     malignant = ", ".join(n for n in result["class_names"] if n != result["benign_class"])
+    looks = any(r.get("appearance_rate") is not None for r in result["sets"].values())
     c = result["clean"]
     lines = [
         f"# Shift report — `{Path(result['model']).name}`", "",
@@ -407,22 +411,26 @@ def report_markdown(result: dict[str, Any]) -> str:
         f"For healthy external images and blank fields: any malignant label ({malignant}) without review. "
         "Rates are fractions of all images of the set; *review %* is the price paid for them.", "",
         f"The model reviews an image when its confidence < **{thr_text}**"
-        + (f" or its OOD score > **{ood:.4f}**" if ood is not None else "") + "; "
+        + (f" or its OOD score > **{ood:.4f}**" if ood is not None else "")
+        + (" or its colour and contrast are unlike the training images of its label (appearance check, *look %*)"
+           if looks else "") + "; "
         + (f"softmax temperature **{t:.3f}** ({result['calibration'].get('fitted_on', 'fitted')})."
            if result.get("calibration") else "softmax of the raw logits (the spec has no calibration: T = 1).")
         + f" Shifted sets are the {result['split']} split's images, each keeping its class label"
         + (f" (limited to {result['limit']})" if result["limit"] else "") + f"; seed {result['seed']}.", "",
         f"Clean {result['split']} split: NLL {c['nll']:.4f}, Brier {c['brier']:.4f}, ECE {c['ece']:.4f}, "
         f"AURC {c['aurc']:.5f}.", "",
-        "| set | kind | severity | n | accuracy % | review % | OOD % | malignant % | silent errors (%) "
-        "| accuracy non-reviewed % (n) | ECE |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| set | kind | severity | n | accuracy % | review % | OOD % | " + ("look % | " if looks else "")
+        + "malignant % | silent errors (%) | accuracy non-reviewed % (n) | ECE |",
+        "|---|---|---|---:|---:|---:|---:|" + ("---:|" if looks else "") + "---:|---:|---:|---:|",
     ]
     for name, r in result["sets"].items():
         extra = f" — {r['unreadable']} unreadable" if r.get("unreadable") else ""
         ece = "—" if r["ece"] is None else f"{r['ece']:.3f}"
         lines.append(f"| {name}{extra} | {r['kind']} | {r['severity']} | {r['n']} | {_pct(r['accuracy'])} | "
-                     f"{_pct(r['review_rate'])} | {_pct(r['ood_rate'])} | {_pct(r['malignant_rate'])} | {_silent(r)} | "
+                     f"{_pct(r['review_rate'])} | {_pct(r['ood_rate'])} | "
+                     + (f"{_pct(r.get('appearance_rate'))} | " if looks else "")
+                     + f"{_pct(r['malignant_rate'])} | {_silent(r)} | "
                      f"{_kept(r)} | {ece} |")
     sw = result["sets"].get(SCALEBAR_SWAPPED)
     if sw and sw.get("moved_to_donor_class") is not None:

@@ -1,0 +1,132 @@
+"""Appearance check: an image whose colour and contrast are unlike the training images *of the class it was given*
+is routed to review, whatever the model's confidence.
+
+Why: the released model's silent errors under a new site's stain, camera or exposure are confident (an Early Pre-B
+under a −20° hue shift called Benign at 0.999), so no confidence threshold separates them from the lab's own images
+without reviewing most of those too; the OOD score reads the trunks' features, which such shifts move little. The
+image statistics do move: each shift pushes them away from where the lab's images of the predicted class sit.
+
+Features (``FEATURES``, 15 numbers): for each channel of CIELAB (OpenCV's 8-bit coding: L*·255/100, a* + 128,
+b* + 128) of the image at the model's input size — mean, standard deviation, 5th, 50th and 95th percentile (the
+smallest level whose cumulative share reaches the fraction). Per class, the training images of that class give a
+mean vector and a covariance (plus ``RIDGE`` × identity: features are 8-bit levels, and a percentile that is constant
+within a class must not make the distance infinite). An image's score is its Mahalanobis distance to the class it
+was *predicted* as, divided by that class's cut — the ``quantile`` (default 0.995) of the training images' own
+distances — so a score above 1 is ``atypical_appearance`` and needs review. Fitted on the training split only
+(never on external images); the entry travels in the spec (``appearance``) and the runtime applies it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import cv2
+import numpy as np
+
+FEATURES = ("CIELAB (OpenCV 8-bit) L, a, b of the image at the model input size: mean, std, "
+            "5th/50th/95th percentile each")
+N_FEATURES = 15
+PERCENTILES = (0.05, 0.50, 0.95)
+RIDGE = 1.0           # added to the covariance's diagonal, in (8-bit level)^2
+DEFAULT_QUANTILE = 0.995
+
+
+def _hwc_uint8(image_chw: np.ndarray) -> np.ndarray:
+    x = np.asarray(image_chw)
+    if x.dtype != np.uint8:  # float32 input models: [0, 1]
+        x = np.clip(np.rint(x.astype(np.float32) * 255.0), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(x.transpose(1, 2, 0))
+
+
+def appearance_features(batch: np.ndarray) -> np.ndarray:
+    """(N, 15) features of a preprocessed (N, 3, H, W) RGB batch (uint8, or float32 in [0, 1])."""
+    batch = np.asarray(batch)
+    if batch.ndim != 4 or batch.shape[1] != 3:
+        raise ValueError(f"expected a (N, 3, H, W) batch, got shape {batch.shape}")
+    out = np.empty((len(batch), N_FEATURES), np.float64)
+    for i, im in enumerate(batch):
+        lab = cv2.cvtColor(_hwc_uint8(im), cv2.COLOR_RGB2LAB).reshape(-1, 3)
+        n = lab.shape[0]
+        for c in range(3):
+            ch = lab[:, c]
+            counts = np.bincount(ch, minlength=256).astype(np.float64)
+            levels = np.arange(256, dtype=np.float64)
+            mean = float((counts * levels).sum() / n)
+            var = float((counts * (levels - mean) ** 2).sum() / n)
+            cdf = np.cumsum(counts) / n
+            pct = [float(np.searchsorted(cdf, q - 1e-12, side="left")) for q in PERCENTILES]
+            out[i, 5 * c:5 * c + 5] = [mean, np.sqrt(var), *pct]
+    return out
+
+
+def _distances(features: np.ndarray, mean: np.ndarray, inv_cov: np.ndarray) -> np.ndarray:
+    d = np.asarray(features, np.float64) - mean
+    # elementwise einsum (no BLAS call: see quality.content_scores on OpenBLAS threads slowing the next ORT run)
+    return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", d, inv_cov, d), 0.0))
+
+
+def fit_appearance(features: np.ndarray, labels: np.ndarray, class_names: Sequence[str], *, fitted_on: str,
+                   quantile: float = DEFAULT_QUANTILE) -> dict[str, Any]:
+    """The spec's ``appearance`` entry from the features of training images and their true classes."""
+    features = np.asarray(features, np.float64)
+    labels = np.asarray(labels, np.int64)
+    if not 0.5 <= quantile < 1.0:
+        raise ValueError(f"the appearance quantile must be in [0.5, 1), got {quantile}")
+    if features.ndim != 2 or features.shape[1] != N_FEATURES or len(features) != len(labels):
+        raise ValueError(f"expected ({len(labels)}, {N_FEATURES}) features, got {features.shape}")
+    classes = {}
+    for k, name in enumerate(class_names):
+        x = features[labels == k]
+        if len(x) < 2 * N_FEATURES:
+            raise ValueError(f"class {name!r} has {len(x)} training images; the appearance check needs at least "
+                             f"{2 * N_FEATURES} per class")
+        mean = x.mean(0)
+        inv = np.linalg.inv(np.cov(x, rowvar=False) + RIDGE * np.eye(N_FEATURES))
+        inv = (inv + inv.T) / 2
+        cut = float(np.quantile(_distances(x, mean, inv), quantile))
+        classes[name] = {"n": int(len(x)), "mean": mean.tolist(), "inv_cov": inv.tolist(), "cut": cut}
+    return {"measure": FEATURES, "method": "mahalanobis to the predicted class", "ridge": RIDGE,
+            "quantile": float(quantile), "fitted_on": fitted_on, "classes": classes,
+            "rule": (f"needs review when the image's distance to the training images of its predicted class exceeds "
+                     f"the {100 * quantile:g}th percentile of those images' own distances (score > 1)")}
+
+
+def check_entry(entry: Mapping[str, Any], class_names: Sequence[str]) -> list[str]:
+    """What is wrong with a spec's ``appearance`` entry (empty when nothing is)."""
+    classes = entry.get("classes") if isinstance(entry, Mapping) else None
+    if not isinstance(classes, Mapping) or set(classes) != set(class_names):
+        return ["appearance.classes must hold an entry for every class name"]
+    problems = []
+    for name, c in classes.items():
+        try:
+            mean = np.asarray(c["mean"], np.float64)
+            inv = np.asarray(c["inv_cov"], np.float64)
+            cut = c["cut"]
+            ok = (mean.shape == (N_FEATURES,) and inv.shape == (N_FEATURES, N_FEATURES)
+                  and bool(np.isfinite(mean).all() and np.isfinite(inv).all())
+                  and isinstance(cut, (int, float)) and not isinstance(cut, bool) and np.isfinite(cut) and cut > 0)
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            problems.append(f"appearance.classes[{name!r}] must hold mean ({N_FEATURES}), inv_cov "
+                            f"({N_FEATURES}×{N_FEATURES}) and a finite cut > 0")
+    return problems
+
+
+class AppearanceCheck:
+    """A spec's ``appearance`` entry, ready to score: ``scores(features, predicted)`` → distance / cut."""
+
+    def __init__(self, entry: Mapping[str, Any], class_names: Sequence[str]):
+        c = entry["classes"]
+        self.means = [np.asarray(c[n]["mean"], np.float64) for n in class_names]
+        self.inv_covs = [np.asarray(c[n]["inv_cov"], np.float64) for n in class_names]
+        self.cuts = np.array([float(c[n]["cut"]) for n in class_names])
+
+    def scores(self, features: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+        features = np.asarray(features, np.float64)
+        predicted = np.asarray(predicted, np.int64)
+        out = np.empty(len(features), np.float64)
+        for k in np.unique(predicted):
+            m = predicted == k
+            out[m] = _distances(features[m], self.means[k], self.inv_covs[k]) / self.cuts[k]
+        return out
