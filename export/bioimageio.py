@@ -330,6 +330,13 @@ def _documentation(spec: ModelSpec, *, temperature: float, n_test: int, source_n
                      f"— is below **{float(spec.quality['min_content']):.3g}** (a blank or near-uniform field). This "
                      "check is computed outside the graph (`cadbcnn_runtime.quality.content_scores`); a consumer "
                      "of this package must apply it itself.")
+    if spec.appearance:
+        n = 2 + bool(ood) + bool(spec.quality)
+        lines.append(f"{n}. the appearance score — {spec.appearance.get('measure', 'see the spec')}, Mahalanobis "
+                     "distance to the training images of the predicted class divided by that class's cut — is above "
+                     "**1** (colour and contrast unlike the training images of that class). Computed outside the "
+                     "graph (`cadbcnn_runtime.appearance`, statistics in `config.cadbcnn.appearance`); a consumer "
+                     "of this package must apply it itself.")
     lines += [
         "",
         "A prediction without a flag still needs the human review the intended use demands.",
@@ -662,9 +669,12 @@ def _describe(spec: ModelSpec, *, work: Path, weights_sha256: str, opset: int, t
         "review_rule": "needs_review = max(probabilities) < review_thresholds[class_names[argmax(probabilities)]]"
                        + (f" or {spec.ood['output']} > ood_threshold" if spec.ood else "")
                        + (" or field-content score < quality.min_content (computed outside the graph)"
-                          if spec.quality else ""),
+                          if spec.quality else "")
+                       + (" or appearance score > 1 (appearance statistics, computed outside the graph)"
+                          if spec.appearance else ""),
         "ood_threshold": None if ood_threshold is None else float(ood_threshold),
         "quality": None if spec.quality is None else json.loads(json.dumps(dict(spec.quality))),
+        "appearance": None if spec.appearance is None else json.loads(json.dumps(dict(spec.appearance))),
         "metrics": None if spec.metrics is None else json.loads(json.dumps(dict(spec.metrics))),
     }
     limitations = ("Single centre, one microscope, camera and staining protocol; image-level split (no patient "

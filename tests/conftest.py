@@ -78,3 +78,30 @@ def onnx_model(tmp_path_factory) -> Path:
     from make_test_model import build
 
     return build(tmp_path_factory.mktemp("model") / "model.onnx")
+
+
+FOLDERS = ("Benign", "Early", "Pre", "Pro")
+
+
+def onnx_calibration_setup(tmp_path: Path, onnx_model: Path, *, per_class: int, val_every: int):
+    """For `calibrate MODEL.onnx` tests: (the model with class folders in its spec, the synthetic dataset, its
+    split rows (path, label, split) — of every VAL_EVERY sorted images the last in val, the rest in train — and the
+    split CSV)."""
+    import csv
+
+    from cadbcnn_runtime import ModelSpec
+    from cadbcnn_runtime.respec import replace_spec
+
+    spec = ModelSpec.from_onnx(onnx_model)
+    src = tmp_path / "src.onnx"
+    src.write_bytes(replace_spec(onnx_model.read_bytes(),
+                                 spec.replace(training={**spec.training, "class_folders": list(FOLDERS)})))
+    data = make_dataset(tmp_path / "d", per_class=per_class, size=32)
+    rows = [(p.relative_to(data).as_posix(), p.parent.name, "val" if i % val_every == val_every - 1 else "train")
+            for i, p in enumerate(sorted(data.rglob("*.png")))]
+    split = tmp_path / "split.csv"
+    with split.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "split"])
+        w.writerows(rows)
+    return src, data, rows, split

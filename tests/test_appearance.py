@@ -19,7 +19,7 @@ from cadbcnn_runtime.appearance import (
 from cadbcnn_runtime.cli import app as infer_app
 from cadbcnn_runtime.errors import ModelSpecError
 from cadbcnn_runtime.respec import replace_spec
-from conftest import make_dataset
+from conftest import FOLDERS, onnx_calibration_setup
 
 NAMES = ("Benign", "Early Pre-B", "Pre-B", "Pro-B")
 
@@ -136,19 +136,9 @@ def test_calibrate_onnx_fits_the_check_first_and_the_per_class_rule_on_what_it_k
     from cadbcnn_train.selection import ShiftedValidation
 
     spec = ModelSpec.from_onnx(onnx_model)
-    folders = ("Benign", "Early", "Pre", "Pro")
-    src = tmp_path / "src.onnx"
-    src.write_bytes(replace_spec(onnx_model.read_bytes(), spec.replace(training={**spec.training,
-                                                                                 "class_folders": list(folders)})))
-    data = make_dataset(tmp_path / "d", per_class=40, size=32)
-    rows = [(p.relative_to(data).as_posix(), p.parent.name, "val" if i % 5 == 0 else "train")
-            for i, p in enumerate(sorted(data.rglob("*.png")))]
-    with (tmp_path / "split.csv").open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "label", "split"])
-        w.writerows(rows)
+    src, data, rows, split = onnx_calibration_setup(tmp_path, onnx_model, per_class=40, val_every=5)
     out = tmp_path / "out.onnx"
-    args = ["calibrate", str(src), "--data", str(data), "--split-file", str(tmp_path / "split.csv"), "--out", str(out),
+    args = ["calibrate", str(src), "--data", str(data), "--split-file", str(split), "--out", str(out),
             "--shifted-copies", "2", "--per-class", "--shifted-target-risk", "0.3"]
     r = CliRunner().invoke(app, args + ["--appearance-check", "0.98"])
     assert r.exit_code == 0, r.output
@@ -156,7 +146,7 @@ def test_calibrate_onnx_fits_the_check_first_and_the_per_class_rule_on_what_it_k
     new = ModelSpec.from_onnx(out)
     assert new.appearance["quantile"] == 0.98 and new.appearance["fitted_on"] == "training split (128 images)"
     assert [new.appearance["classes"][n]["n"] for n in new.class_names] == [32] * 4
-    val = [(data / p, folders.index(lab)) for p, lab, sp in rows if sp == "val"]
+    val = [(data / p, FOLDERS.index(lab)) for p, lab, sp in rows if sp == "val"]
     sv = ShiftedValidation([read_image(p) for p, _ in val], [k for _, k in val], spec, copies=2, seed=0)
     with Classifier.from_file(out, device="cpu") as clf:
         x = np.stack([clf.preprocess(im) for im in sv.images])

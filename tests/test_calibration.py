@@ -12,7 +12,7 @@ from cadbcnn_runtime.reliability import softmax
 from cadbcnn_train.checkpoint import load_checkpoint, resave_checkpoint
 from cadbcnn_train.posthoc import calibrate_checkpoint, recalibrate_checkpoint
 from cadbcnn_train.train import fit
-from conftest import make_dataset, save_random_checkpoint
+from conftest import FOLDERS, make_dataset, onnx_calibration_setup, save_random_checkpoint
 from test_train import small_cfg
 
 
@@ -242,29 +242,16 @@ def test_calibrate_onnx_per_class_end_to_end(tmp_path, onnx_model):
     """`calibrate MODEL.onnx --shifted-copies 2 --per-class`: the graph is untouched, the spec gets a class_review
     record whose thresholds are per_class_review on the shifted validation images (flagged ones not kept), and
     the runtime applies them."""
-    import csv
-
     from typer.testing import CliRunner
 
     from cadbcnn_runtime.calibration import per_class_review
-    from cadbcnn_runtime.respec import replace_spec
     from cadbcnn_train.cli import app
     from cadbcnn_train.selection import ShiftedValidation
 
     spec = ModelSpec.from_onnx(onnx_model)
-    folders = ("Benign", "Early", "Pre", "Pro")
-    src = tmp_path / "src.onnx"
-    src.write_bytes(replace_spec(onnx_model.read_bytes(), spec.replace(training={**spec.training,
-                                                                                 "class_folders": list(folders)})))
-    data = make_dataset(tmp_path / "d", per_class=6, size=32)
-    rows = [(p.relative_to(data).as_posix(), p.parent.name, "val" if i % 2 else "train")
-            for i, p in enumerate(sorted(data.rglob("*.png")))]
-    with (tmp_path / "split.csv").open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "label", "split"])
-        w.writerows(rows)
+    src, data, rows, split = onnx_calibration_setup(tmp_path, onnx_model, per_class=6, val_every=2)
     out = tmp_path / "out.onnx"
-    r = CliRunner().invoke(app, ["calibrate", str(src), "--data", str(data), "--split-file", str(tmp_path / "split.csv"),
+    r = CliRunner().invoke(app, ["calibrate", str(src), "--data", str(data), "--split-file", str(split),
                                  "--out", str(out), "--shifted-copies", "2", "--per-class",
                                  "--shifted-target-risk", "0.3"])
     assert r.exit_code == 0, r.output
@@ -274,7 +261,7 @@ def test_calibrate_onnx_per_class_end_to_end(tmp_path, onnx_model):
     assert rec["fitted_on"] == "24 shifted validation images (2 per image)" and rec["target_risk"] == 0.3
     assert rec["floor"] == new.review_threshold and "raised per predicted class" in new.calibration["review_rule"]
     # recompute the record from the same shifted images through the runtime
-    val = [(data / p, folders.index(lab)) for p, lab, sp in rows if sp == "val"]
+    val = [(data / p, FOLDERS.index(lab)) for p, lab, sp in rows if sp == "val"]
     from cadbcnn_runtime.preprocess import read_image
     sv = ShiftedValidation([read_image(p) for p, _ in val], [k for _, k in val], spec, copies=2, seed=0)
     with Classifier.from_file(out, device="cpu") as clf:
