@@ -186,5 +186,6 @@ def classify_to_file(source: str | os.PathLike, out: str | os.PathLike | None = 
                                      f"{clf.backend}) · {thr}")
         say(f"review report → {html_path}")
     return JobResult(code, summary, len(items), where, collected, info, failure, tuple(names),
-                     clf.spec.ood is not None, clf.spec.quality is not None, clf.precision, clf.precision_reason,
-                     clf.backend, clf.spec.appearance is not None)
+                     clf.spec.ood is not None, clf.spec.quality is not None,
+                     has_appearance=clf.spec.appearance is not None, precision=clf.precision,
+                     precision_reason=clf.precision_reason, backend=clf.backend)

@@ -121,6 +121,7 @@ def test_the_runtime_reviews_an_atypical_image_whatever_its_confidence(onnx_mode
     cv2.imwrite(str(d / "cool.png"), cv2.cvtColor(cool[0], cv2.COLOR_RGB2BGR))
     r = CliRunner().invoke(infer_app, [str(d), "--model", str(model), "--out", str(tmp_path / "r.csv"), "-q"])
     assert r.exit_code == 0 and "1 unlike the training images' colour and contrast" in r.output, r.output
+    assert "(onnxruntime, fp32)" in r.output, r.output  # the summary's other fields stay where they were
     rows = {row["path"]: row for row in csv.DictReader((tmp_path / "r.csv").open())}
     assert rows["cool.png"]["atypical_appearance"] == "True" and rows["cool.png"]["needs_review"] == "True"
     assert rows["typical.png"]["atypical_appearance"] == "False" and float(rows["typical.png"]["appearance_score"]) <= 1
