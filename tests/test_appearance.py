@@ -1,5 +1,6 @@
 """Appearance check: colour/contrast statistics per predicted class, fitted on training images, carried by the
-spec, applied by the runtime (needs_review), fitted by `calibrate --appearance-check` before the per-class rule."""
+spec, applied by the runtime (needs_review), fitted by `calibrate --appearance-check` before the per-class rule.
+The tests marked ``runtime`` also run in the torch-free environment (make test-runtime)."""
 
 import csv
 
@@ -38,6 +39,7 @@ def _batch(images):
     return np.stack([im.transpose(2, 0, 1) for im in images])
 
 
+@pytest.mark.runtime  # torch-free: the runtime suite runs it too
 def test_features_are_the_documented_cielab_statistics_and_ignore_the_input_dtype():
     img = _images((200, 150, 180), 1, seed=0)[0]
     f = appearance_features(_batch([img]))
@@ -62,6 +64,7 @@ def _fitted(quantile=0.99):
     return colours, train, labels, entry
 
 
+@pytest.mark.runtime  # torch-free: the runtime suite runs it too
 def test_fit_flags_a_colour_shift_of_the_predicted_class_and_keeps_its_own_images():
     colours, train, labels, entry = _fitted()
     check = AppearanceCheck(entry, NAMES)
@@ -76,6 +79,7 @@ def test_fit_flags_a_colour_shift_of_the_predicted_class_and_keeps_its_own_image
     assert entry["quantile"] == 0.99 and set(entry["classes"]) == set(NAMES) and not check_entry(entry, NAMES)
 
 
+@pytest.mark.runtime  # torch-free: the runtime suite runs it too
 def test_fit_refuses_too_few_images_and_bad_quantiles():
     feats = np.zeros((8, N_FEATURES))
     with pytest.raises(ValueError, match="at least 30"):
@@ -84,6 +88,7 @@ def test_fit_refuses_too_few_images_and_bad_quantiles():
         fit_appearance(feats, np.zeros(8, int), ("a", "b"), fitted_on="x", quantile=1.0)
 
 
+@pytest.mark.runtime  # torch-free: the runtime suite runs it too
 def test_the_spec_carries_the_entry_and_refuses_a_broken_one(onnx_model):
     _, _, _, entry = _fitted()
     spec = ModelSpec.from_onnx(onnx_model).replace(appearance=entry)
@@ -99,6 +104,7 @@ def test_the_spec_carries_the_entry_and_refuses_a_broken_one(onnx_model):
         spec.replace(appearance=short)
 
 
+@pytest.mark.runtime  # torch-free: the runtime suite runs it too
 def test_the_runtime_reviews_an_atypical_image_whatever_its_confidence(onnx_model, tmp_path):
     spec = ModelSpec.from_onnx(onnx_model)
     model = tmp_path / "look.onnx"
