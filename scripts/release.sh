@@ -9,8 +9,9 @@
 #   scripts/release.sh shift RUN NAME               # shift report of RUN's gate model -> docs/shift/NAME (~17 min)
 #   scripts/release.sh shiftcal RUN NAME            # RUN's release.pt with the review rule also held on shifted
 #                                                   # validation images -> RUN/shiftcal, its gate, shift report
-#   scripts/release.sh perclass RUN NAME            # RUN's gate model with one review threshold per predicted
-#                                                   # class (every shift of every validation image) ->
+#   scripts/release.sh perclass RUN NAME            # RUN's gate model with the released review rule: the
+#                                                   # appearance check (APPEARANCE=0.98 | off) and one threshold per
+#                                                   # predicted class (every shift of every validation image) ->
 #                                                   # RUN/gate/cadbcnn-perclass.onnx, its shift report (~30 min)
 #   scripts/release.sh ship RUN                     # gate, exports with parity gates, figures, OOD report;
 #                                                   # writes models/ and docs/ only if every gate passes
@@ -90,12 +91,15 @@ shiftcal() {
 }
 
 perclass() {
-  # The review rule of the released file (docs/SHIFT.md, "One review threshold per predicted class"): on the gate
-  # model, so both rules count only the images its OOD and blank-field checks keep. Temperature refitted on the
-  # same validation logits (unchanged), weights untouched.
-  local run=$1 name=$2 out=$1/gate/cadbcnn-perclass.onnx
+  # The review rule of the released file (docs/SHIFT.md, "One review threshold per predicted class" and "The
+  # appearance check"): on the gate model, so both rules count only the images its OOD, blank-field and appearance
+  # checks keep. Temperature refitted on the same validation logits (unchanged), weights untouched.
+  # APPEARANCE=off leaves the appearance check out (the rule of 2026-12-05).
+  local run=$1 name=$2 out=$1/gate/cadbcnn-perclass.onnx look=()
+  [[ "${APPEARANCE:-0.98}" == off ]] || look=(--appearance-check "${APPEARANCE:-0.98}")
   $B/cadbcnn-train calibrate "$run/gate/cadbcnn.onnx" --data "$DATA" --split-file "$run/split.csv" \
-      --shifted-copies "${SHIFTED_COPIES:-23}" --shifted-target-risk "${SHIFTED_RISK:-0.02}" --per-class --out "$out"
+      --shifted-copies "${SHIFTED_COPIES:-23}" --shifted-target-risk "${SHIFTED_RISK:-0.02}" --per-class \
+      "${look[@]}" --out "$out"
   shift_report "$run" "$name" "$out"
 }
 
