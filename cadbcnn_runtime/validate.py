@@ -184,6 +184,8 @@ def validate(model: Path | str | None, folder: Path, out: Path, *, class_map: Ma
     benign = spec.class_names.index(BENIGN) if BENIGN in spec.class_names else 0
     stats = silent_error_stats(outputs.index, truth, outputs.needs_review, healthy=local.healthy,
                                benign_index=benign, out_of_distribution=outputs.ood)
+    if outputs.atypical_appearance is not None:  # the appearance check's share of the reviews, for the reader
+        stats["appearance_rate"] = float(outputs.atypical_appearance.mean())
     kind = "labelled" if truth is not None else "healthy" if local.healthy else "unlabelled"
     result: dict[str, Any] = {"folder": str(folder), "kind": kind, "model": model_info, "stats": stats,
                               "review_threshold": review_threshold, "ood_threshold": ood_threshold,
@@ -195,7 +197,8 @@ def validate(model: Path | str | None, folder: Path, out: Path, *, class_map: Ma
          "label": labels[int(outputs.index[j])], "confidence": float(outputs.confidence[j]),
          "needs_review": bool(outputs.needs_review[j]),
          "out_of_distribution": None if outputs.ood is None else bool(outputs.ood[j]),
-         "ood_score": None if not np.isfinite(scores[j]) else float(scores[j])}
+         "ood_score": None if not np.isfinite(scores[j]) else float(scores[j]),
+         "atypical_appearance": None if outputs.atypical_appearance is None else bool(outputs.atypical_appearance[j])}
         for j, i in enumerate(kept)]
     if truth is not None:
         result["macro_f1"] = macro_f1(truth, outputs.index, len(labels))
@@ -275,6 +278,10 @@ def report_markdown(r: Mapping[str, Any]) -> str:
              "|---|---:|---:|---:|---:|---:|---:|",
              f"| {r['kind']} | {s['n']} | {_pct(s['accuracy'])} | {_pct(s['review_rate'])} | {_pct(s['ood_rate'])} | "
              f"{silent} | {_pct(s['accuracy_non_reviewed'])} |", ""]
+    if s.get("appearance_rate") is not None:
+        lines += [f"Appearance check: {_pct(s['appearance_rate'])} of the images have colour and contrast unlike the "
+                  "training images of the class they were given (reviewed whatever their confidence). Most of a "
+                  "set flagged here means this site's stain, camera or exposure differs from the training lab's.", ""]
     if r["kind"] == "healthy":
         lines += [f"Healthy set: any malignant label is an error; malignant labels (reviewed or not): "
                   f"{_pct(s['malignant_rate'])}.", ""]

@@ -3,6 +3,7 @@ spec, applied by the runtime (needs_review), fitted by `calibrate --appearance-c
 The tests marked ``runtime`` also run in the torch-free environment (make test-runtime)."""
 
 import csv
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -131,6 +132,13 @@ def test_the_runtime_reviews_an_atypical_image_whatever_its_confidence(onnx_mode
     rows = {row["path"]: row for row in csv.DictReader((tmp_path / "r.csv").open())}
     assert rows["cool.png"]["atypical_appearance"] == "True" and rows["cool.png"]["needs_review"] == "True"
     assert rows["typical.png"]["atypical_appearance"] == "False" and float(rows["typical.png"]["appearance_score"]) <= 1
+    from cadbcnn_runtime.validate import validate  # a new site's report says how much the check reviews
+
+    res = validate(model, d, tmp_path / "v", figures=False)
+    assert res["stats"]["appearance_rate"] == 0.5
+    assert {Path(i["path"]).name: i["atypical_appearance"] for i in res["images"]} == {"typical.png": False,
+                                                                                      "cool.png": True}
+    assert "Appearance check: 50" in (tmp_path / "v" / "validation.md").read_text()
 
 
 def test_calibrate_onnx_fits_the_check_first_and_the_per_class_rule_on_what_it_keeps(tmp_path, onnx_model):
