@@ -17,7 +17,7 @@ import numpy as np
 from ._onnxmeta import _METADATA_PROPS, _fields, _records, content_digest, read_model_bytes
 from .atomic import write_atomic
 from .calibration import TARGET_RISK, clean_rule_on_kept, fit_calibration, hold_on_shifted, hold_per_class
-from .errors import ArgumentError, ExportError
+from .errors import ArgumentError, DatasetError, ExportError
 from .appearance import AppearanceCheck, appearance_features, fit_appearance
 from .quality import content_scores, fit_quality
 from .spec import METADATA_KEY, ModelSpec
@@ -106,9 +106,13 @@ def calibrate_model(model: Path, out: Path, *, val: Sequence[tuple[Path, int]], 
         if appearance_quantile is not None:
             looks.append(appearance_features(x))
     quality = fit_quality(np.concatenate(content), fitted_on=f"training split ({len(train)} images)")
-    appearance = None if appearance_quantile is None else fit_appearance(
-        np.concatenate(looks), np.asarray(train_labels), clf.spec.class_names, quantile=appearance_quantile,
-        fitted_on=f"training split ({len(train)} images)")
+    try:
+        appearance = None if appearance_quantile is None else fit_appearance(
+            np.concatenate(looks), np.asarray(train_labels), clf.spec.class_names, quantile=appearance_quantile,
+            fitted_on=f"training split ({len(train)} images)")
+    except ValueError as exc:
+        raise DatasetError(f"{model}: the appearance check cannot be fitted on this training split ({exc}); add "
+                           "training images of that class or leave out --appearance-check") from None
     check = None if appearance is None else AppearanceCheck(appearance, clf.spec.class_names)
     said = ""
     if shifted:

@@ -195,3 +195,13 @@ def test_cli_refuses_the_check_on_a_checkpoint(tmp_path):
     r = CliRunner().invoke(app, ["calibrate", str(tmp_path / "x.pt"), "--data", str(tmp_path),
                                  "--appearance-check", "0.995"])
     assert r.exit_code != 0 and "fitted on an exported model" in r.output, r.output
+
+
+def test_calibrate_refuses_a_class_too_small_for_the_check(tmp_path, onnx_model):
+    from cadbcnn_train.cli import app
+
+    src, data, rows, split = onnx_calibration_setup(tmp_path, onnx_model, per_class=6, val_every=2)
+    r = CliRunner().invoke(app, ["calibrate", str(src), "--data", str(data), "--split-file", str(split), "--out",
+                                 str(tmp_path / "o.onnx"), "--appearance-check", "0.98"])
+    assert r.exit_code != 0 and "cannot be fitted on this training split" in r.output, r.output
+    assert "at least 30" in r.output and not (tmp_path / "o.onnx").exists()
