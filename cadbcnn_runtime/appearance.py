@@ -11,8 +11,8 @@ b* + 128) of the image at the model's input size — mean, standard deviation, 5
 smallest level whose cumulative share reaches the fraction). Per class, the training images of that class give a
 mean vector and a covariance (plus ``RIDGE`` × identity: features are 8-bit levels, and a percentile that is constant
 within a class must not make the distance infinite). An image's score is its Mahalanobis distance to the class it
-was *predicted* as, divided by that class's cut — the ``quantile`` (default 0.98, the released file's) of the training images' own
-distances — so a score above 1 is ``atypical_appearance`` and needs review. Fitted on the training split only
+was *predicted* as, divided by that class's cut — the ``quantile`` (default 0.98, the released file's) of the
+training images' own distances — so a score above 1 is ``atypical_appearance`` and needs review. Fitted on the training split only
 (never on external images); the entry travels in the spec (``appearance``) and the runtime applies it.
 """
 
