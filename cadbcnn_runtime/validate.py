@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from .calibration import describe_thresholds
 from .classifier import Classifier
 from .errors import ArgumentError, CadbcnnError, DatasetError
 from .evaluation import Outputs, clean_metrics, outputs_of, plot_reliability, plot_risk_coverage
@@ -176,6 +177,7 @@ def validate(model: Path | str | None, folder: Path, out: Path, *, class_map: Ma
         local = scan(folder, spec.class_names, folders, class_map=class_map, healthy=healthy)
         outputs, scores, kept, errors = _run(clf, local.paths, batch)
         review_threshold, ood_threshold = clf.review_threshold, clf.ood_threshold
+        per_class = dict(clf.review_thresholds)
         model_info = {"path": str(clf.path), "name": spec.name, "version": spec.version,
                       "precision": clf.precision, "backend": clf.backend, "adaptation": list(spec.adaptation)}
     if not kept:
@@ -188,7 +190,8 @@ def validate(model: Path | str | None, folder: Path, out: Path, *, class_map: Ma
         stats["appearance_rate"] = float(outputs.atypical_appearance.mean())
     kind = "labelled" if truth is not None else "healthy" if local.healthy else "unlabelled"
     result: dict[str, Any] = {"folder": str(folder), "kind": kind, "model": model_info, "stats": stats,
-                              "review_threshold": review_threshold, "ood_threshold": ood_threshold,
+                              "review_threshold": review_threshold, "review_thresholds": per_class,
+                              "ood_threshold": ood_threshold,
                               "unreadable": errors, "class_folders": local.folders, "rules": RULES}
     labels = list(spec.class_names)
     result["predicted"] = {c: int((outputs.index == k).sum()) for k, c in enumerate(labels)}
@@ -264,6 +267,14 @@ def _pct(v: float | None) -> str:
     return "–" if v is None else f"{100 * v:.2f} %"
 
 
+def _thresholds_text(r: Mapping[str, Any]) -> str:
+    """The review threshold, or each predicted class's where the model has one per class."""
+    per_class = r.get("review_thresholds") or {}
+    if len(set(per_class.values())) > 1:
+        return "the threshold of its label (" + describe_thresholds(per_class) + ")"
+    return f"{r['review_threshold']:.4g}"
+
+
 def report_markdown(r: Mapping[str, Any]) -> str:
     s = r["stats"]
     silent = "–" if s["silent_errors"] is None else f"{s['silent_errors']} ({_pct(s['silent_error_rate'])})"
@@ -272,7 +283,7 @@ def report_markdown(r: Mapping[str, Any]) -> str:
                                                                 " (unverified: no labels; label a sample to confirm)"),
              "", f"Decided by: {r['verdict_rule']}", "",
              f"Model `{r['model']['path']}` ({r['model']['precision']}, {r['model'].get('backend', 'onnxruntime')}); review below confidence "
-             f"{r['review_threshold']:.4g}" + ("" if r["ood_threshold"] is None else
+             + _thresholds_text(r) + ("" if r["ood_threshold"] is None else
                                                f", out of distribution above OOD score {r['ood_threshold']:.4g}") + ".",
              "", "| set | images | accuracy | review rate | OOD rate | silent errors | accuracy of non-reviewed |",
              "|---|---:|---:|---:|---:|---:|---:|",

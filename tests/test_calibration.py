@@ -228,6 +228,18 @@ def test_the_runtime_reviews_each_prediction_below_its_class_threshold(tmp_path,
     with Classifier.from_file(model, device="cpu", review_threshold=0.2) as clf:  # an override replaces the rule
         assert set(clf.review_thresholds.values()) == {0.2} and clf.review_override == 0.2
         assert all(p.needs_review == (p.confidence < 0.2 or p.out_of_distribution) for p in clf.classify(x))
+    # a new site's validation report states the rule the runtime applied, not only its floor
+    import cv2
+
+    from cadbcnn_runtime.validate import validate
+
+    d = tmp_path / "site"
+    d.mkdir()
+    for i, im in enumerate(x[:4]):
+        cv2.imwrite(str(d / f"{i}.png"), im.transpose(1, 2, 0))
+    res = validate(model, d, tmp_path / "v", figures=False)
+    assert res["review_thresholds"] == {names[0]: 0.99, names[1]: 0.5, names[2]: 0.5, names[3]: 0.5}
+    assert f"the threshold of its label ({names[0]} 0.99, {names[1]} 0.5" in (tmp_path / "v" / "validation.md").read_text()
 
 
 @pytest.mark.parametrize("thresholds", [{"Nope": 0.9}, {"Benign": 1.5}, {"Benign": True}, "0.9"])
