@@ -23,6 +23,8 @@ from typing import Any, Mapping, Sequence
 import cv2
 import numpy as np
 
+from .errors import ArgumentError
+
 FEATURES = ("CIELAB (OpenCV 8-bit) L, a, b of the image at the model input size: mean, std, "
             "5th/50th/95th percentile each")
 N_FEATURES = 15
@@ -59,6 +61,17 @@ def appearance_features(batch: np.ndarray) -> np.ndarray:
     return out
 
 
+def check_quantile(quantile: float, what: str = "the appearance quantile") -> None:
+    """Refuse a quantile the check cannot use (ArgumentError, a ValueError), before any work."""
+    if not 0.5 <= quantile < 1.0:
+        raise ArgumentError(f"{what} must be a quantile in [0.5, 1), e.g. {DEFAULT_QUANTILE}; got {quantile}")
+
+
+def atypical(scores: np.ndarray) -> np.ndarray:
+    """The check's rule on ``AppearanceCheck.scores``: above 1 (or not a number) is atypical and needs review."""
+    return ~(np.asarray(scores, np.float64) <= 1.0)
+
+
 def _distances(features: np.ndarray, mean: np.ndarray, inv_cov: np.ndarray) -> np.ndarray:
     d = np.asarray(features, np.float64) - mean
     # elementwise einsum (no BLAS call: see quality.content_scores on OpenBLAS threads slowing the next ORT run)
@@ -70,8 +83,7 @@ def fit_appearance(features: np.ndarray, labels: np.ndarray, class_names: Sequen
     """The spec's ``appearance`` entry from the features of training images and their true classes."""
     features = np.asarray(features, np.float64)
     labels = np.asarray(labels, np.int64)
-    if not 0.5 <= quantile < 1.0:
-        raise ValueError(f"the appearance quantile must be in [0.5, 1), got {quantile}")
+    check_quantile(quantile)
     if features.ndim != 2 or features.shape[1] != N_FEATURES or len(features) != len(labels):
         raise ValueError(f"expected ({len(labels)}, {N_FEATURES}) features, got {features.shape}")
     classes = {}

@@ -27,7 +27,7 @@ from ._onnxmeta import content_digest, metadata_of, read_model_bytes
 from .errors import ArgumentError, DeviceError, ModelLoadError, ModelRunError, ModelSpecError
 from .calibration import review_thresholds, temperature_of
 from .preprocess import ImageSource, load_and_preprocess
-from .appearance import AppearanceCheck, appearance_features
+from .appearance import AppearanceCheck, appearance_features, atypical
 from .quality import content_scores
 from .reliability import softmax
 from .session import BACKEND_NAMES, CPU_EP, CUDA_EP, check_backend, make_verified_session, resolve_threads
@@ -232,9 +232,10 @@ class Classifier:
         (``appearance``: the images' ``appearance_features``, scored against the spec's check)."""
         probs = softmax(logits, self.temperature)
         min_content = None if self.spec.quality is None else float(self.spec.quality["min_content"])
-        labels = probs.argmax(1) if len(probs) else np.zeros(0, np.int64)
+        labels = probs.argmax(1)
         looks = (None if appearance is None or self.appearance is None
                  else self.appearance.scores(appearance, labels))
+        odd_all = None if looks is None else atypical(looks)
         out = []
         for i, p in enumerate(probs):
             k = int(labels[i])
@@ -244,7 +245,7 @@ class Classifier:
             c = None if content is None else float(content[i])
             low = c is not None and min_content is not None and not c >= min_content
             a = None if looks is None else float(looks[i])
-            odd = a is not None and not a <= 1.0
+            odd = a is not None and bool(odd_all[i])
             out.append(Prediction(self.spec.class_names[k], k, conf,
                                   {n: float(v) for n, v in zip(self.spec.class_names, p)},
                                   conf < self._thresholds[k] or is_ood or low or odd, score, is_ood, c, low,

@@ -18,7 +18,7 @@ from ._onnxmeta import _METADATA_PROPS, _fields, _records, content_digest, read_
 from .atomic import write_atomic
 from .calibration import TARGET_RISK, clean_rule_on_kept, fit_calibration, hold_on_shifted, hold_per_class
 from .errors import ArgumentError, DatasetError, ExportError
-from .appearance import AppearanceCheck, appearance_features, fit_appearance
+from .appearance import AppearanceCheck, appearance_features, atypical, check_quantile, fit_appearance
 from .quality import content_scores, fit_quality
 from .spec import METADATA_KEY, ModelSpec
 
@@ -86,8 +86,7 @@ def calibrate_model(model: Path, out: Path, *, val: Sequence[tuple[Path, int]], 
     if Path(out).suffix != ".onnx":
         raise ArgumentError(f"{out}: the output file must end in .onnx")
     if appearance_quantile is not None:
-        if not 0.5 <= appearance_quantile < 1.0:
-            raise ArgumentError(f"the appearance quantile must be in [0.5, 1), got {appearance_quantile}")
+        check_quantile(appearance_quantile)
         if train_labels is None or len(train_labels) != len(train):
             raise ArgumentError("the appearance check needs the class of every training image (train_labels)")
     clf = Classifier.from_file(model, device="cpu")
@@ -96,14 +95,15 @@ def calibrate_model(model: Path, out: Path, *, val: Sequence[tuple[Path, int]], 
         for i in range(0, len(paths), 32):
             yield np.stack([clf.preprocess(p) for p in paths[i:i + 32]])
 
-    logits, v_ood, v_content, v_look = _outputs(clf, [p for p, _ in val])  # one pass: the flags below need it
+    looks_needed = appearance_quantile is not None
+    logits, v_ood, v_content, v_look = _outputs(clf, [p for p, _ in val], looks_needed)  # one pass: the flags need it
     labels = np.array([k for _, k in val])
     entry, review = fit_calibration(logits, labels, target_risk=target_risk,
                                     fitted_on=f"validation split ({len(val)} images)")
     content, looks = [], []
     for x in inputs(list(train)):
         content.append(content_scores(x))
-        if appearance_quantile is not None:
+        if looks_needed:
             looks.append(appearance_features(x))
     quality = fit_quality(np.concatenate(content), fitted_on=f"training split ({len(train)} images)")
     try:
@@ -117,7 +117,7 @@ def calibrate_model(model: Path, out: Path, *, val: Sequence[tuple[Path, int]], 
     said = ""
     if shifted:
         fitted_on = f"{len(shifted)} shifted validation images{shifted_about}"
-        s_logits, s_ood, s_content, s_look = _outputs(clf, [im for im, _ in shifted])
+        s_logits, s_ood, s_content, s_look = _outputs(clf, [im for im, _ in shifted], looks_needed)
         s_flagged = _flagged(clf, s_ood, s_content, quality["min_content"], check, s_look, s_logits)
         s_labels = np.array([k for _, k in shifted])
         if per_class:
@@ -146,9 +146,10 @@ def calibrate_model(model: Path, out: Path, *, val: Sequence[tuple[Path, int]], 
     return spec
 
 
-def _outputs(clf, images: Sequence) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
-    """(logits, OOD scores or None, field-content scores, appearance features) of images (paths or RGB arrays),
-    batches of 32."""
+def _outputs(clf, images: Sequence, looks_needed: bool = False
+             ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray | None]:
+    """(logits, OOD scores or None, field-content scores, appearance features or None unless ``looks_needed``) of
+    images (paths or RGB arrays), batches of 32."""
     logits, ood, content, looks = [], [], [], []
     for i in range(0, len(images), 32):
         x = np.stack([clf.preprocess(im) for im in images[i:i + 32]])
@@ -156,9 +157,10 @@ def _outputs(clf, images: Sequence) -> tuple[np.ndarray, np.ndarray | None, np.n
         logits.append(lg)
         ood.append(o)
         content.append(content_scores(x))
-        looks.append(appearance_features(x))
+        if looks_needed:
+            looks.append(appearance_features(x))
     return (np.concatenate(logits), (None if ood[0] is None else np.concatenate(ood)), np.concatenate(content),
-            np.concatenate(looks))
+            np.concatenate(looks) if looks_needed else None)
 
 
 def _flagged(clf, ood: np.ndarray | None, content: np.ndarray, min_content: float,
@@ -171,5 +173,5 @@ def _flagged(clf, ood: np.ndarray | None, content: np.ndarray, min_content: floa
     if ood is not None and clf.ood_threshold is not None:
         flagged |= ~(ood <= clf.ood_threshold)
     if check is not None:
-        flagged |= ~(check.scores(looks, np.asarray(logits).argmax(1)) <= 1.0)
+        flagged |= atypical(check.scores(looks, np.asarray(logits).argmax(1)))
     return flagged

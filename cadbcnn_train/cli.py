@@ -179,7 +179,7 @@ def calibrate(
     appearance_check: Optional[float] = typer.Option(
         None, help="Also fit the appearance check (ONNX models): review an image whose colour and contrast "
                    "statistics are farther from the training images of its predicted class than this quantile of "
-                   "those images' own distances (e.g. 0.995). With --per-class the thresholds are fitted on the "
+                   "those images' own distances (e.g. 0.98, the released file's). With --per-class the thresholds are fitted on the "
                    "images it keeps. Off by default; calibrating without it removes a model's check."),
 ) -> None:
     """Fit the temperature (validation NLL), the review threshold (validation risk–coverage) and the

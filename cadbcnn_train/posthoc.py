@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from cadbcnn_runtime.appearance import check_quantile
 from cadbcnn_runtime.calibration import TARGET_RISK, fit_calibration, hold_on_shifted, hold_per_class
 from cadbcnn_runtime.errors import ArgumentError, DatasetError
 from cadbcnn_runtime.spec import ModelSpec
@@ -190,8 +191,7 @@ def check_appearance_option(quantile: float | None, *, onnx: bool) -> None:
         raise ArgumentError("--appearance-check is fitted on an exported model, with the flags its runtime computes: "
                             "export the checkpoint (`cadbcnn-export CHECKPOINT -o MODEL.onnx`, after fit-ood) and "
                             "calibrate MODEL.onnx")
-    if not 0.5 <= quantile < 1.0:
-        raise ArgumentError(f"--appearance-check must be a quantile in [0.5, 1), e.g. 0.995; got {quantile}")
+    check_quantile(quantile, "--appearance-check")
 
 
 def calibrate_onnx(model: Path, data: Path, *, split_file: Path | None, out: Path | None = None,

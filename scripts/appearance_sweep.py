@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cadbcnn_runtime.appearance import AppearanceCheck, appearance_features, fit_appearance
+from cadbcnn_runtime.appearance import AppearanceCheck, appearance_features, atypical, fit_appearance
 from cadbcnn_runtime.preprocess import preprocess
 from cadbcnn_runtime.spec import ModelSpec
 from cadbcnn_train.review_rules import Predictions, fit_rules, score
@@ -68,7 +68,7 @@ def main() -> int:
         if q is not None:
             check = AppearanceCheck(fit_appearance(f_train, train_y, names, fitted_on="train", quantile=q), names)
             for name, idx in rows_of.items():
-                flagged[idx] |= check.scores(per_set[name], pred.label[idx]) > 1  # rows in image order
+                flagged[idx] |= atypical(check.scores(per_set[name], pred.label[idx]))  # rows in image order
         p = pred.where(sev)
         p.flagged = flagged[sev]
         t = fit_rules(p, spec_threshold=thr_spec)["per-class"]
