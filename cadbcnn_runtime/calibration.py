@@ -8,6 +8,7 @@ temperature before the softmax, so ``Prediction.confidence`` is the calibrated p
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -115,17 +116,142 @@ def per_class_review(probs: np.ndarray, labels: np.ndarray, flagged: np.ndarray 
             "fitted_on": fitted_on, "kept_images": n, "achieved": achieved, "accuracy": float(correct.mean())}
 
 
+def each_shift_review(probs: np.ndarray, labels: np.ndarray, flagged: np.ndarray | None, shifts: Sequence[str], *,
+                      clean_probs: np.ndarray, clean_flagged: np.ndarray | None, class_names: Sequence[str],
+                      floor: float, target_risk: float, fitted_on: str) -> dict[str, Any]:
+    """A review threshold for each *predicted* class such that in **every shift's** images (``shifts``: the shift
+    of each image) at most ``target_risk`` are silent errors (wrong and not reviewed; the denominator is all of
+    that shift's images, as in the shift report), reviewing as few of the clean validation images (``clean_probs``)
+    as it can; never below ``floor``. ``flagged`` images are reviewed whatever their confidence.
+
+    ``per_class_review`` holds the risk on each class's pooled shifted images: a class whose errors cluster in one
+    shift can then exceed the target there, and one whose errors are spread thin pays for a margin no shift needs.
+    This rule fits the constraint the shift report checks (``each_shift_thresholds``). Returns the
+    ``class_review`` record, with ``rule`` "each shift" and the worst shift's silent-error rate on these images."""
+    p = np.asarray(probs, dtype=np.float64)
+    cp = np.asarray(clean_probs, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    kept = np.ones(len(p), bool) if flagged is None else ~np.asarray(flagged, bool)
+    c_kept = np.ones(len(cp), bool) if clean_flagged is None else ~np.asarray(clean_flagged, bool)
+    r = each_shift_thresholds(p.argmax(1), p.max(1), labels, kept, shifts, cp.argmax(1), cp.max(1), c_kept,
+                              n_classes=len(class_names), floor=floor, target_risk=target_risk)
+    pred = p.argmax(1)
+    return {"thresholds": {n: float(t) for n, t in zip(class_names, r["thresholds"])}, "floor": float(floor),
+            "target_risk": float(target_risk), "rule": "each shift", "fitted_on": fitted_on,
+            "kept_images": {n: int((kept & (pred == c)).sum()) for c, n in enumerate(class_names)},
+            "achieved": r["achieved"], "worst_shift": r["worst_shift"], "clean_reviewed": r["clean_reviewed"],
+            "accuracy": float((pred == labels).mean())}
+
+
+def each_shift_thresholds(pred: np.ndarray, conf: np.ndarray, labels: np.ndarray, kept: np.ndarray,
+                          shifts: Sequence[str], clean_pred: np.ndarray, clean_conf: np.ndarray,
+                          clean_kept: np.ndarray, *, n_classes: int, floor: float, target_risk: float,
+                          max_moves: int = 1000) -> dict[str, Any]:
+    """``each_shift_review`` on arrays: predicted class, confidence and truth of each shifted image, whether the
+    runtime keeps it (not flagged), its shift; predicted class, confidence and kept of each clean image.
+
+    Thresholds are observed confidences, as ``choose_review_threshold``'s. A local search from the per-class
+    pooled rule's thresholds: each step takes the best of moving one class's threshold, or raising one and
+    lowering another as far as every shift still holds — fewest clean images reviewed while every shift holds (while
+    some shift does not: least total excess over the shifts' budgets), ties to fewer shifted images reviewed —
+    until no step improves. Not achieved (``achieved`` False) when no thresholds ≤ 1 hold every shift."""
+    pred, conf = np.asarray(pred, np.int64), np.asarray(conf, np.float64)
+    wrong_kept = np.asarray(kept, bool) & (pred != np.asarray(labels, np.int64))
+    shifts = np.asarray(shifts)
+    if not len(shifts) == len(pred) == len(conf) == len(wrong_kept):
+        raise ValueError("expected one prediction, confidence, label, kept flag and shift name per shifted image")
+    names, g_of = np.unique(shifts, return_inverse=True)
+    n_of = np.bincount(g_of, minlength=len(names))
+    budget = target_risk * n_of + 1e-9
+    k = n_classes
+    cands, silent, c_rev, s_rev, start = [], [], [], [], []
+    for c in range(k):
+        m = np.asarray(kept, bool) & (pred == c)
+        cand = np.unique(np.r_[float(floor), conf[m][conf[m] >= floor], 1.0])
+        cands.append(cand)
+        top = np.searchsorted(cand, conf, side="right") - 1  # confidence x is kept at every candidate <= x
+        w = wrong_kept & (pred == c)
+        s = np.zeros((len(names), len(cand) + 1))
+        np.add.at(s, (g_of[w], top[w] + 1), 1)
+        silent.append(s[:, ::-1].cumsum(1)[:, ::-1][:, 1:])  # silent[g, j]: kept wrong images at candidate j
+        cm = np.asarray(clean_kept, bool) & (np.asarray(clean_pred) == c)
+        c_rev.append(np.searchsorted(np.sort(np.asarray(clean_conf)[cm]), cand, side="left"))  # confidence < cand
+        s_rev.append(np.searchsorted(np.sort(conf[m]), cand, side="left"))
+        t0 = choose_review_threshold(conf[m], ~w[m], target_risk=target_risk).threshold if m.any() else floor
+        start.append(min(int(np.searchsorted(cand, max(t0, floor), side="left")), len(cand) - 1))
+    j = np.array(start)
+
+    def totals(jj: np.ndarray, without: Sequence[int] = ()) -> np.ndarray:
+        return sum((silent[c][:, jj[c]] for c in range(k) if c not in without), np.zeros(len(names)))
+
+    def cost(jj: np.ndarray) -> tuple[float, int, int]:
+        return (float(np.maximum(totals(jj) - budget, 0).sum()), int(sum(c_rev[c][jj[c]] for c in range(k))),
+                int(sum(s_rev[c][jj[c]] for c in range(k))))
+
+    best = cost(j)
+    for _ in range(max_moves):
+        options = []
+        for a in range(k):
+            # one class moves: its lowest candidate with the least excess over the budgets
+            excess = np.maximum(totals(j, (a,))[:, None] + silent[a] - budget[:, None], 0).sum(0)
+            options.append(np.r_[j[:a], int(np.flatnonzero(excess <= excess.min() + 1e-12)[0]), j[a + 1:]])
+            if best[0] > 0:
+                continue
+            for b in range(k):  # a raised, b lowered as far as every shift still holds
+                if b == a:
+                    continue
+                slack = budget[:, None] - totals(j, (a, b))[:, None] - silent[a][:, j[a] + 1:]
+                lowest = np.max([np.searchsorted(-silent[b][g], -slack[g], side="left") for g in range(len(names))],
+                                axis=0)
+                for ja, jb in zip(range(j[a] + 1, len(cands[a])), lowest):
+                    if jb < j[b]:
+                        jj = j.copy()
+                        jj[a], jj[b] = ja, jb
+                        options.append(jj)
+        scored = sorted((cost(jj), tuple(jj)) for jj in options)
+        if not scored or not scored[0][0] < best:
+            break
+        best, j = scored[0][0], np.array(scored[0][1])
+    rates = totals(j) / n_of
+    worst = int(np.argmax(rates))
+    return {"thresholds": [float(cands[c][j[c]]) for c in range(k)], "achieved": best[0] == 0.0,
+            "worst_shift": {"shift": str(names[worst]), "silent_error_rate": float(rates[worst])},
+            "clean_reviewed": best[1]}
+
+
 def hold_per_class(entry: dict[str, Any], review: float, logits: np.ndarray, labels: np.ndarray,
                    flagged: np.ndarray | None, *, class_names: Sequence[str], fitted_on: str,
-                   target_risk: float) -> dict[str, Any]:
+                   target_risk: float, each_shift: EachShift | None = None) -> dict[str, Any]:
     """A clean calibration (``fit_calibration``'s entry and threshold) whose review rule must also hold on shifted
     held-out images *per predicted class*: the entry with a ``class_review`` record. The spec's
-    ``review_threshold`` stays ``review`` (the floor of every class); the runtime raises it per class."""
-    record = per_class_review(softmax(np.asarray(logits, dtype=np.float64), entry["temperature"]), labels, flagged,
-                              class_names=class_names, floor=review, target_risk=target_risk, fitted_on=fitted_on)
-    rule = (f"{entry['review_rule']}; raised per predicted class until <= {100 * target_risk:.2g} % of the kept "
-            f"{fitted_on} given that class are wrong")
+    ``review_threshold`` stays ``review`` (the floor of every class); the runtime raises it per class.
+
+    Without ``each_shift`` each class holds ``target_risk`` on its pooled shifted images (``per_class_review``);
+    with it, every shift holds it (``each_shift_review``: the shift of each image and the clean images it counts)."""
+    p = softmax(np.asarray(logits, dtype=np.float64), entry["temperature"])
+    if each_shift is None:
+        record = per_class_review(p, labels, flagged, class_names=class_names, floor=review, target_risk=target_risk,
+                                  fitted_on=fitted_on)
+        rule = (f"{entry['review_rule']}; raised per predicted class until <= {100 * target_risk:.2g} % of the kept "
+                f"{fitted_on} given that class are wrong")
+    else:
+        record = each_shift_review(
+            p, labels, flagged, each_shift.shifts, class_names=class_names, floor=review, target_risk=target_risk,
+            fitted_on=fitted_on, clean_probs=softmax(np.asarray(each_shift.clean_logits, dtype=np.float64),
+                                                     entry["temperature"]), clean_flagged=each_shift.clean_flagged)
+        rule = (f"{entry['review_rule']}; raised per predicted class until <= {100 * target_risk:.2g} % of each "
+                f"shift's images among the {fitted_on} are silent errors, reviewing the fewest clean images")
     return {**entry, "class_review": record, "review_rule": rule}
+
+
+@dataclass(frozen=True)
+class EachShift:
+    """What ``hold_per_class`` needs to hold the rule on every shift: the shift of each shifted image, and the
+    clean validation images' logits and flags (the rule reviews as few of them as it can)."""
+
+    shifts: Sequence[str]
+    clean_logits: np.ndarray
+    clean_flagged: np.ndarray | None = None
 
 
 def review_thresholds(calibration: Mapping[str, Any] | None, class_names: Sequence[str],

@@ -16,7 +16,8 @@ import numpy as np
 
 from ._onnxmeta import _METADATA_PROPS, _fields, _records, content_digest, read_model_bytes
 from .atomic import write_atomic
-from .calibration import TARGET_RISK, clean_rule_on_kept, fit_calibration, hold_on_shifted, hold_per_class
+from .calibration import (TARGET_RISK, EachShift, clean_rule_on_kept, fit_calibration, hold_on_shifted,
+                          hold_per_class)
 from .errors import ArgumentError, DatasetError, ExportError
 from .appearance import AppearanceCheck, appearance_features, atypical, check_quantile, fit_appearance
 from .quality import content_scores, fit_quality
@@ -65,7 +66,7 @@ def calibrate_model(model: Path, out: Path, *, val: Sequence[tuple[Path, int]], 
                     target_risk: float = TARGET_RISK, shifted: Sequence[tuple[np.ndarray, int]] = (),
                     shifted_target_risk: float = 0.02, per_class: bool = False, shifted_about: str = "",
                     train_labels: Sequence[int] | None = None, appearance_quantile: float | None = None,
-                    log: Callable[[str], None] = print) -> ModelSpec:
+                    shift_names: Sequence[str] | None = None, log: Callable[[str], None] = print) -> ModelSpec:
     """Fit temperature + review threshold (VAL: labelled held-out images) and the field-content check (TRAIN
     images) of an ONNX model, and write it to OUT with the new spec. The graph is not touched: a check reruns
     both files on some validation images and requires identical logits.
@@ -78,13 +79,18 @@ def calibrate_model(model: Path, out: Path, *, val: Sequence[tuple[Path, int]], 
 
     ``appearance_quantile`` also fits the appearance check (``cadbcnn_runtime.appearance``) on the TRAIN images and
     their classes (``train_labels``); with ``per_class`` the images it flags count as flagged too. Without it the
-    spec's appearance entry is removed: a check fitted for another review rule is not kept silently."""
+    spec's appearance entry is removed: a check fitted for another review rule is not kept silently.
+
+    ``shift_names`` (the shift of each SHIFTED image; needs ``per_class``) holds the per-class rule on every shift's
+    images rather than each class's pooled ones (``calibration.each_shift_review``)."""
     from .classifier import Classifier
 
     if not val or not train:
         raise ArgumentError("calibration needs labelled validation images and training images")
     if Path(out).suffix != ".onnx":
         raise ArgumentError(f"{out}: the output file must end in .onnx")
+    if shift_names is not None and (not per_class or len(shift_names) != len(shifted)):
+        raise ArgumentError("holding the rule on every shift needs per_class and one shift name per shifted image")
     if appearance_quantile is not None:
         check_quantile(appearance_quantile)
         if train_labels is None or len(train_labels) != len(train):
@@ -123,10 +129,14 @@ def calibrate_model(model: Path, out: Path, *, val: Sequence[tuple[Path, int]], 
         if per_class:
             v_flagged = _flagged(clf, v_ood, v_content, quality["min_content"], check, v_look, logits)
             entry, review = clean_rule_on_kept(entry, logits, labels, v_flagged, target_risk=target_risk)
+            each = None if shift_names is None else EachShift(shift_names, logits, v_flagged)
             entry = hold_per_class(entry, review, s_logits, s_labels, s_flagged, class_names=clf.spec.class_names,
-                                   fitted_on=fitted_on, target_risk=shifted_target_risk)
-            said = "; per predicted class on shifted images: " + ", ".join(
+                                   fitted_on=fitted_on, target_risk=shifted_target_risk, each_shift=each)
+            said = f"; per predicted class on {'every shift of the ' if each else ''}shifted images: " + ", ".join(
                 f"{n} {t:.4f}" for n, t in entry["class_review"]["thresholds"].items())
+            if each:
+                worst = entry["class_review"]["worst_shift"]
+                said += f" (worst shift: {worst['shift']}, {100 * worst['silent_error_rate']:.2f} % silent)"
         else:
             entry, review = hold_on_shifted(entry, review, s_logits, s_labels, fitted_on=fitted_on,
                                             target_risk=shifted_target_risk)

@@ -181,21 +181,25 @@ def calibrate(
                    "statistics are farther from the training images of its predicted class than this quantile of "
                    "those images' own distances (e.g. 0.98, the released file's). With --per-class the thresholds are fitted on the "
                    "images it keeps. Off by default; calibrating without it removes a model's check."),
+    each_shift: bool = typer.Option(False, "--each-shift", help="With --per-class: hold --shifted-target-risk on "
+                                    "every shift's images (silent errors among all of that shift's copies, the "
+                                    "shift report's measure) instead of each class's pooled ones, reviewing as few "
+                                    "clean validation images as that allows (the released file's rule, at 0.015)."),
 ) -> None:
     """Fit the temperature (validation NLL), the review threshold (validation risk–coverage) and the
     field-content check (training split) of a checkpoint or of an exported ONNX model."""
     from .posthoc import calibrate_checkpoint, calibrate_onnx, check_appearance_option, check_shifted_options
 
-    check_shifted_options(shifted_copies, shifted_target_risk, per_class)  # refused before any work
+    check_shifted_options(shifted_copies, shifted_target_risk, per_class, each_shift)  # refused before any work
     check_appearance_option(appearance_check, onnx=checkpoint.suffix == ".onnx")
     if checkpoint.suffix == ".onnx":
         calibrate_onnx(checkpoint, data, split_file=split_file, out=out, target_risk=target_risk,
                        shifted_copies=shifted_copies, shifted_target_risk=shifted_target_risk, per_class=per_class,
-                       appearance_quantile=appearance_check, log=typer.echo)
+                       appearance_quantile=appearance_check, each_shift=each_shift, log=typer.echo)
     else:
         calibrate_checkpoint(checkpoint, data, split_file=split_file, out=out, target_risk=target_risk,
                              shifted_copies=shifted_copies, shifted_target_risk=shifted_target_risk,
-                             per_class=per_class, log=typer.echo)
+                             per_class=per_class, each_shift=each_shift, log=typer.echo)
 
 
 @app.command()

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from cadbcnn_runtime.appearance import check_quantile
-from cadbcnn_runtime.calibration import TARGET_RISK, fit_calibration, hold_on_shifted, hold_per_class
+from cadbcnn_runtime.calibration import TARGET_RISK, EachShift, fit_calibration, hold_on_shifted, hold_per_class
 from cadbcnn_runtime.errors import ArgumentError, DatasetError
 from cadbcnn_runtime.spec import ModelSpec
 
@@ -118,13 +118,15 @@ SHIFTED_TARGET_RISK = 0.02
 
 def calibrate_checkpoint(checkpoint: Path, data: Path, *, split_file: Path | None = None, out: Path | None = None,
                          target_risk: float = TARGET_RISK, shifted_copies: int = 0, per_class: bool = False,
-                         shifted_target_risk: float = SHIFTED_TARGET_RISK, log=print) -> dict:
+                         shifted_target_risk: float = SHIFTED_TARGET_RISK, each_shift: bool = False,
+                         log=print) -> dict:
     """Fit the temperature and the review threshold of an existing checkpoint on its validation split.
 
     With ``shifted_copies`` N > 0 the review threshold must also hold on N shifted copies of every validation
     image (``selection.ShiftedValidation``, seeded by the run's seed): at most ``shifted_target_risk`` of the kept
-    shifted images wrong; the spec's threshold is the higher of the two, the temperature the clean one's."""
-    check_shifted_options(shifted_copies, shifted_target_risk, per_class)
+    shifted images wrong; the spec's threshold is the higher of the two, the temperature the clean one's.
+    ``per_class`` holds it per predicted class; ``each_shift`` also on every shift's images."""
+    check_shifted_options(shifted_copies, shifted_target_risk, per_class, each_shift)
     ck = load_checkpoint(checkpoint)
     model = ck.build_model()
     sf = Path(split_file) if split_file else Path(checkpoint).parent / "split.csv"
@@ -148,8 +150,10 @@ def calibrate_checkpoint(checkpoint: Path, data: Path, *, split_file: Path | Non
         s_logits, s_labels = predict(model, DataLoader(shifted, batch_size=64), torch.device("cpu"))
         fitted_on = f"{len(shifted)} shifted validation images ({shifted_copies} per image)"
         if per_class:  # no OOD statistics yet at this step (fit-ood comes after): every shifted image counts
+            each = EachShift([s.name for s in shifted.shifts], logits.numpy()) if each_shift else None
             entry = hold_per_class(entry, review, s_logits.numpy(), s_labels.numpy(), None,
-                                   class_names=ck.class_names, fitted_on=fitted_on, target_risk=shifted_target_risk)
+                                   class_names=ck.class_names, fitted_on=fitted_on, target_risk=shifted_target_risk,
+                                   each_shift=each)
         else:
             entry, review = hold_on_shifted(entry, review, s_logits.numpy(), s_labels.numpy(),
                                             target_risk=shifted_target_risk, fitted_on=fitted_on)
@@ -173,7 +177,8 @@ def calibrate_checkpoint(checkpoint: Path, data: Path, *, split_file: Path | Non
     return entry
 
 
-def check_shifted_options(shifted_copies: int, shifted_target_risk: float, per_class: bool) -> None:
+def check_shifted_options(shifted_copies: int, shifted_target_risk: float, per_class: bool,
+                          each_shift: bool = False) -> None:
     """The shifted review rule's options, refused before any work."""
     check_copies(shifted_copies, "--shifted-copies")
     if not 0.0 <= shifted_target_risk <= 1.0:
@@ -181,6 +186,9 @@ def check_shifted_options(shifted_copies: int, shifted_target_risk: float, per_c
     if per_class and not shifted_copies:
         raise ArgumentError("--per-class raises the review threshold per predicted class on shifted validation "
                             "images: give --shifted-copies N too (e.g. --shifted-copies 23, every shift)")
+    if each_shift and not per_class:
+        raise ArgumentError("--each-shift holds the per-class review rule on every shift's images: give --per-class "
+                            "and --shifted-copies N too (N = 23 gives every validation image every shift)")
 
 
 def check_appearance_option(quantile: float | None, *, onnx: bool) -> None:
@@ -196,7 +204,8 @@ def check_appearance_option(quantile: float | None, *, onnx: bool) -> None:
 
 def calibrate_onnx(model: Path, data: Path, *, split_file: Path | None, out: Path | None = None,
                    target_risk: float = TARGET_RISK, shifted_copies: int = 0, shifted_target_risk: float = 0.02,
-                   per_class: bool = False, appearance_quantile: float | None = None, log=print) -> ModelSpec:
+                   per_class: bool = False, appearance_quantile: float | None = None, each_shift: bool = False,
+                   log=print) -> ModelSpec:
     """``calibrate`` for a model that exists only as ONNX (the model runs in ``cadbcnn_runtime.respec``, not torch).
     With ``shifted_copies``, the shifted validation images are those of ``calibrate CHECKPOINT`` (seeded by the
     spec's training seed)."""
@@ -204,7 +213,7 @@ def calibrate_onnx(model: Path, data: Path, *, split_file: Path | None, out: Pat
     from cadbcnn_runtime.respec import calibrate_model
     from cadbcnn_runtime.spec import ModelSpec as Spec
 
-    check_shifted_options(shifted_copies, shifted_target_risk, per_class)
+    check_shifted_options(shifted_copies, shifted_target_risk, per_class, each_shift)
     check_appearance_option(appearance_quantile, onnx=True)
 
     if split_file is None:
@@ -222,6 +231,7 @@ def calibrate_onnx(model: Path, data: Path, *, split_file: Path | None, out: Pat
     if not val or not train or not all(p.is_file() for p in missing):
         raise DatasetError(f"{split_file}: needs train and val rows whose images exist under {root}")
     shifted: list[tuple] = []
+    names = None
     if shifted_copies:
         from .selection import ShiftedValidation
 
@@ -229,7 +239,8 @@ def calibrate_onnx(model: Path, data: Path, *, split_file: Path | None, out: Pat
         sv = ShiftedValidation([read_image(p) for p, _ in val], [k for _, k in val], spec, copies=shifted_copies,
                                seed=int(spec.training.get("seed", 0)))
         shifted = list(zip(sv.images, sv.labels))
+        names = [s.name for s in sv.shifts] if each_shift else None
     return calibrate_model(model, Path(out) if out else Path(model), val=val, train=train, target_risk=target_risk,
                            shifted=shifted, shifted_target_risk=shifted_target_risk, per_class=per_class,
                            shifted_about=f" ({shifted_copies} per image)", train_labels=train_labels,
-                           appearance_quantile=appearance_quantile, log=log)
+                           appearance_quantile=appearance_quantile, shift_names=names, log=log)

@@ -16,6 +16,9 @@ never external folders) and scored on another report:
   the pooled shifted validation images *given that class*. Errors under shift concentrate in a few labels
   (over-exposed images read as Pro-B), so a class whose kept predictions are rarely wrong need not pay for one
   that is. The clean threshold is a floor for every class: a class's threshold is only ever raised.
+* ``each-shift``: per predicted class, as few clean validation images reviewed as possible while every shift's
+  silent-error rate (wrong and kept, among all of that shift's images) is at most ``shifted_risk``
+  (``calibration.each_shift_thresholds``; ``calibrate --per-class --each-shift``); floor ``clean`` as above.
 """
 
 from __future__ import annotations
@@ -28,10 +31,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from cadbcnn_runtime.errors import DatasetError
+from cadbcnn_runtime.calibration import each_shift_thresholds
 from cadbcnn_runtime.reliability import choose_review_threshold, silent_error_stats
 
 SHIFTED = ("mild", "strong")  # the severities of the synthetic shift sets (fitted on; scored as groups)
-RULES = ("spec", "clean", "pooled", "per-shift", "per-class")
+RULES = ("spec", "clean", "pooled", "per-shift", "per-class", "each-shift")
 
 
 @dataclass
@@ -111,8 +115,12 @@ def fit_rules(val: Predictions, *, spec_threshold: float | Sequence[float], clea
                                for s in sorted(set(shifted.set))])
     per_class = np.array([max(t_clean, _threshold(shifted.where(shifted.label == c), shifted_risk))
                           for c in range(k)])
-    return {"spec": np.broadcast_to(np.asarray(spec_threshold, float), (k,)).copy(), "clean": np.full(k, t_clean), "pooled": np.full(k, t_pooled),
-            "per-shift": np.full(k, t_shift), "per-class": per_class}
+    each = each_shift_thresholds(shifted.label, shifted.confidence, shifted.truth, ~shifted.flagged, shifted.set,
+                                 clean.label, clean.confidence, ~clean.flagged, n_classes=k, floor=t_clean,
+                                 target_risk=shifted_risk)["thresholds"]
+    return {"spec": np.broadcast_to(np.asarray(spec_threshold, float), (k,)).copy(), "clean": np.full(k, t_clean),
+            "pooled": np.full(k, t_pooled), "per-shift": np.full(k, t_shift), "per-class": per_class,
+            "each-shift": np.array(each)}
 
 
 def review(p: Predictions, thresholds: np.ndarray) -> np.ndarray:

@@ -11,7 +11,7 @@
 #                                                   # validation images -> RUN/shiftcal, its gate, shift report
 #   scripts/release.sh perclass RUN NAME            # RUN's gate model with the released review rule: the
 #                                                   # appearance check (APPEARANCE=0.98 | off) and one threshold per
-#                                                   # predicted class (every shift of every validation image) ->
+#                                                   # predicted class held on every shift (EACH_SHIFT=on | off) ->
 #                                                   # RUN/gate/cadbcnn-perclass.onnx, its shift report (~30 min)
 #   scripts/release.sh ship RUN                     # gate, exports with parity gates, figures, OOD report;
 #                                                   # writes models/ and docs/ only if every gate passes
@@ -94,12 +94,15 @@ perclass() {
   # The review rule of the released file (docs/SHIFT.md, "One review threshold per predicted class" and "The
   # appearance check"): on the gate model, so both rules count only the images its OOD, blank-field and appearance
   # checks keep. Temperature refitted on the same validation logits (unchanged), weights untouched.
-  # APPEARANCE=off leaves the appearance check out (the rule of 2026-12-05).
-  local run=$1 name=$2 out=$1/gate/cadbcnn-perclass.onnx look=()
+  # APPEARANCE=off leaves the appearance check out (the rule of 2026-12-05); EACH_SHIFT=off holds the per-class rule
+  # on each class's pooled shifted images at SHIFTED_RISK=0.02 (the rule of 2026-12-06, session 11) instead of on
+  # every shift's images at 0.015 ("Every shift held", docs/SHIFT.md).
+  local run=$1 name=$2 out=$1/gate/cadbcnn-perclass.onnx look=() each=(--each-shift) risk=${SHIFTED_RISK:-0.015}
   [[ "${APPEARANCE:-0.98}" == off ]] || look=(--appearance-check "${APPEARANCE:-0.98}")
+  [[ "${EACH_SHIFT:-on}" == off ]] && each=() && risk=${SHIFTED_RISK:-0.02}
   $B/cadbcnn-train calibrate "$run/gate/cadbcnn.onnx" --data "$DATA" --split-file "$run/split.csv" \
-      --shifted-copies "${SHIFTED_COPIES:-23}" --shifted-target-risk "${SHIFTED_RISK:-0.02}" --per-class \
-      "${look[@]}" --out "$out"
+      --shifted-copies "${SHIFTED_COPIES:-23}" --shifted-target-risk "$risk" --per-class \
+      "${look[@]}" "${each[@]}" --out "$out"
   shift_report "$run" "$name" "$out"
 }
 

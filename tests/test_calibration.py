@@ -160,6 +160,10 @@ def test_cli_calibrate_refuses_bad_shifted_options_before_any_work(tmp_path, onn
     assert r.exit_code == 2 and "--shifted-copies must be 0" in r.output and not (tmp_path / "o.onnx").exists()
     r = CliRunner().invoke(app, ["calibrate", str(tmp_path / "x.pt"), "--data", str(data), "--shifted-copies", "99"])
     assert r.exit_code == 2 and "--shifted-copies must be 0" in r.output
+    r = CliRunner().invoke(app, ["calibrate", str(onnx_model), "--data", str(data), "--split-file",
+                                 str(tmp_path / "s.csv"), "--out", str(tmp_path / "o.onnx"), "--shifted-copies", "23",
+                                 "--each-shift"])
+    assert r.exit_code == 2 and "give --per-class" in r.output and not (tmp_path / "o.onnx").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -250,13 +254,14 @@ def test_bad_class_review_thresholds_are_refused_by_the_spec(thresholds):
                                   "class_review": {"thresholds": thresholds}})
 
 
-def test_calibrate_onnx_per_class_end_to_end(tmp_path, onnx_model):
-    """`calibrate MODEL.onnx --shifted-copies 2 --per-class`: the graph is untouched, the spec gets a class_review
-    record whose thresholds are per_class_review on the shifted validation images (flagged ones not kept), and
-    the runtime applies them."""
+@pytest.mark.parametrize("each_shift", [False, True])
+def test_calibrate_onnx_per_class_end_to_end(tmp_path, onnx_model, each_shift):
+    """`calibrate MODEL.onnx --shifted-copies 2 --per-class [--each-shift]`: the graph is untouched, the spec gets a
+    class_review record whose thresholds are per_class_review (each_shift_review) on the shifted validation images
+    (flagged ones not kept), and the runtime applies them."""
     from typer.testing import CliRunner
 
-    from cadbcnn_runtime.calibration import per_class_review
+    from cadbcnn_runtime.calibration import each_shift_review, per_class_review
     from cadbcnn_train.cli import app
     from cadbcnn_train.selection import ShiftedValidation
 
@@ -265,9 +270,10 @@ def test_calibrate_onnx_per_class_end_to_end(tmp_path, onnx_model):
     out = tmp_path / "out.onnx"
     r = CliRunner().invoke(app, ["calibrate", str(src), "--data", str(data), "--split-file", str(split),
                                  "--out", str(out), "--shifted-copies", "2", "--per-class",
-                                 "--shifted-target-risk", "0.3"])
+                                 "--shifted-target-risk", "0.3"] + ["--each-shift"] * each_shift)
     assert r.exit_code == 0, r.output
-    assert "per predicted class on shifted images" in r.output
+    assert ("per predicted class on every shift of the shifted images" if each_shift
+            else "per predicted class on shifted images") in r.output
     new = ModelSpec.from_onnx(out)
     rec = new.calibration["class_review"]
     assert rec["fitted_on"] == "24 shifted validation images (2 per image)" and rec["target_risk"] == 0.3
@@ -281,16 +287,24 @@ def test_calibrate_onnx_per_class_end_to_end(tmp_path, onnx_model):
         logits, ood = clf.run_all(x)
         preds = clf.classify(x)
         flagged = np.array([p.out_of_distribution or p.low_content for p in preds])
-        expected = per_class_review(softmax(logits, clf.temperature), np.array(sv.labels), flagged,
-                                    class_names=new.class_names, floor=new.review_threshold, target_risk=0.3,
-                                    fitted_on="x")
+        xv = np.stack([clf.preprocess(p) for p, _ in val])
+        pv = clf.classify(xv)
+        keep = np.array([not (q.out_of_distribution or q.low_content) for q in pv])
+        if each_shift:
+            expected = each_shift_review(softmax(logits, clf.temperature), np.array(sv.labels), flagged,
+                                         [s.name for s in sv.shifts], clean_probs=softmax(clf.run(xv), clf.temperature),
+                                         clean_flagged=~keep, class_names=new.class_names,
+                                         floor=new.review_threshold, target_risk=0.3, fitted_on="x")
+            assert rec["rule"] == "each shift" and "of each shift's images" in new.calibration["review_rule"]
+            assert rec["worst_shift"] == expected["worst_shift"] and rec["worst_shift"]["silent_error_rate"] <= 0.3
+        else:
+            expected = per_class_review(softmax(logits, clf.temperature), np.array(sv.labels), flagged,
+                                        class_names=new.class_names, floor=new.review_threshold, target_risk=0.3,
+                                        fitted_on="x")
         assert rec["thresholds"] == pytest.approx(expected["thresholds"])
         assert clf.review_thresholds == pytest.approx(rec["thresholds"])
         # the floor is the clean rule on the validation images the runtime keeps (flagged ones reviewed anyway)
         from cadbcnn_runtime.reliability import choose_review_threshold
-        xv = np.stack([clf.preprocess(p) for p, _ in val])
-        pv = clf.classify(xv)
-        keep = np.array([not (q.out_of_distribution or q.low_content) for q in pv])
         conf = np.array([q.confidence for q in pv])
         right = np.array([q.index for q in pv]) == np.array([k for _, k in val])
         assert new.review_threshold == pytest.approx(
@@ -300,13 +314,98 @@ def test_calibrate_onnx_per_class_end_to_end(tmp_path, onnx_model):
             np.testing.assert_array_equal(before.run(x[:4]), clf.run(x[:4]))  # graph untouched
 
 
-def test_calibrate_checkpoint_per_class(tmp_path):
+@pytest.mark.parametrize("each_shift", [False, True])
+def test_calibrate_checkpoint_per_class(tmp_path, each_shift):
     data = make_dataset(tmp_path / "d", per_class=12, size=32)
     fit(small_cfg(data, tmp_path / "run", epochs=1, max_steps=2, fit_ood=False, calibrate=False), quiet=True)
     entry = calibrate_checkpoint(tmp_path / "run" / "best.pt", data, out=tmp_path / "pc.pt", shifted_copies=2,
-                                 shifted_target_risk=0.1, per_class=True, log=lambda *a: None)
+                                 shifted_target_risk=0.1, per_class=True, each_shift=each_shift, log=lambda *a: None)
+    assert entry["class_review"].get("rule") == ("each shift" if each_shift else None)
     spec = load_checkpoint(tmp_path / "pc.pt").spec
     rec = spec.calibration["class_review"]
     assert set(rec["thresholds"]) == set(spec.class_names) and rec == entry["class_review"]
     assert all(spec.review_threshold <= t <= 1 for t in rec["thresholds"].values())
     assert "shifted_review" not in spec.calibration  # one shifted rule or the other
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The review rule held on every shift (calibrate --per-class --each-shift)
+# ---------------------------------------------------------------------------------------------------------------
+def _silent_per_shift(p, truth, flagged, shifts, thresholds):
+    t = np.array([thresholds[n] for n in NAMES])
+    silent = ~flagged & (p.argmax(1) != truth) & (p.max(1) >= t[p.argmax(1)])
+    return {s: float(silent[shifts == s].mean()) for s in np.unique(shifts)}
+
+
+def test_each_shift_review_holds_a_shift_the_pooled_class_rule_lets_through():
+    from cadbcnn_runtime.calibration import each_shift_review, per_class_review
+
+    # shift "hue": 4 Early Pre-B images called Benign at 0.95 among 100 (4 % silent); shift "blur": 200 Benign
+    # images called Benign at 0.9 and 0.99 — pooled over Benign labels 4 / 204 = 2.0 % wrong, so the pooled rule
+    # keeps the lowest Benign confidence, 0.9, and the four silent errors with it.
+    pairs = [(0, 0.95)] * 4 + [(1, 0.99)] * 96 + [(0, 0.9)] * 100 + [(0, 0.99)] * 100
+    truth = np.array([1] * 4 + [1] * 96 + [0] * 200)
+    shifts = np.array(["hue"] * 100 + ["blur"] * 200)
+    clean = _probs([(0, 0.97)] * 20 + [(1, 0.99)] * 20)
+    p = _probs(pairs)
+    pooled = per_class_review(p, truth, None, class_names=NAMES, floor=0.85, target_risk=0.02, fitted_on="x")
+    assert pooled["thresholds"]["Benign"] == 0.9
+    assert _silent_per_shift(p, truth, np.zeros(len(p), bool), shifts, pooled["thresholds"])["hue"] == 0.04
+    rec = each_shift_review(p, truth, None, shifts, clean_probs=clean, clean_flagged=None, class_names=NAMES,
+                            floor=0.85, target_risk=0.02, fitted_on="x")
+    per_shift = _silent_per_shift(p, truth, np.zeros(len(p), bool), shifts, rec["thresholds"])
+    assert max(per_shift.values()) <= 0.02 and rec["achieved"] and rec["rule"] == "each shift"
+    assert rec["worst_shift"] == {"shift": max(per_shift, key=per_shift.get), "silent_error_rate": max(per_shift.values())}
+    # the lowest threshold that reviews enough of the 0.95 calls: two of the four kept (2 %) would do, but tied
+    # confidences are kept or reviewed together, so the next observed Benign confidence above 0.95
+    assert rec["thresholds"]["Benign"] == pytest.approx(0.99)
+    assert rec["clean_reviewed"] == 20  # the 20 clean Benign calls at 0.97 pay for it
+
+
+def test_each_shift_review_spares_the_clean_images_a_pooled_class_rule_reviews():
+    from cadbcnn_runtime.calibration import each_shift_review, per_class_review
+
+    # ten shifts, each with one Pre-B image called Pro-B at 0.95 among 100 (1 % silent per shift) and 20 Pro-B
+    # calls at 0.99; pooled over Pro-B labels 10 / 210 = 4.8 % wrong, so the pooled rule raises Pro-B above 0.95
+    # and reviews the clean Pro-B calls at 0.96. Flagged images never count as kept: an OOD-flagged wrong call at
+    # 0.999 in every shift must not move anything.
+    pairs, truth, shifts, flagged = [], [], [], []
+    for s in range(10):
+        pairs += [(3, 0.95)] + [(3, 0.99)] * 20 + [(1, 0.9)] * 78 + [(0, 0.999)]
+        truth += [2] + [3] * 20 + [1] * 78 + [1]
+        shifts += [f"s{s}"] * 100
+        flagged += [False] * 99 + [True]
+    p, truth, shifts, flagged = _probs(pairs), np.array(truth), np.array(shifts), np.array(flagged)
+    clean = _probs([(3, 0.96)] * 10 + [(3, 0.999)] * 30 + [(0, 0.9)] * 10)
+    pooled = per_class_review(p, truth, flagged, class_names=NAMES, floor=0.85, target_risk=0.02, fitted_on="x")
+    assert pooled["thresholds"]["Pro-B"] == pytest.approx(0.99)
+    rec = each_shift_review(p, truth, flagged, shifts, clean_probs=clean, clean_flagged=None, class_names=NAMES,
+                            floor=0.85, target_risk=0.02, fitted_on="x")
+    # every shift holds at the floor: Pro-B comes down to it (Early Pre-B stays at its lowest observed confidence,
+    # 0.9, where the pooled rule put it: no image lies between it and the floor)
+    assert rec["thresholds"] == {"Benign": 0.85, "Early Pre-B": 0.9, "Pre-B": 0.85, "Pro-B": 0.85}
+    assert max(_silent_per_shift(p, truth, flagged, shifts, rec["thresholds"]).values()) == 0.01
+    assert rec["clean_reviewed"] == 0 and rec["worst_shift"]["silent_error_rate"] == 0.01
+    assert rec["kept_images"]["Benign"] == 0  # the flagged calls
+
+
+def test_each_shift_review_trades_one_class_for_another_and_says_when_it_cannot_hold():
+    from cadbcnn_runtime.calibration import each_shift_review
+
+    # one shift, budget 2 of 100: Benign calls wrong at 0.96 (2) and Pro-B calls wrong at 0.93 (2) — one class must
+    # be raised. Raising Benign reviews 30 clean Benign calls at 0.97, raising Pro-B 5 clean Pro-B calls at 0.94:
+    # the rule raises Pro-B.
+    pairs = [(0, 0.96)] * 2 + [(3, 0.93)] * 2 + [(0, 0.999)] * 48 + [(3, 0.999)] * 48
+    truth = np.array([1, 1, 2, 2] + [0] * 48 + [3] * 48)
+    shifts = np.array(["s"] * 100)
+    clean = _probs([(0, 0.97)] * 30 + [(3, 0.94)] * 5)
+    rec = each_shift_review(_probs(pairs), truth, None, shifts, clean_probs=clean, clean_flagged=None,
+                            class_names=NAMES, floor=0.9, target_risk=0.02, fitted_on="x")
+    assert rec["thresholds"]["Benign"] == 0.9 and rec["thresholds"]["Pro-B"] == pytest.approx(0.999)
+    assert rec["clean_reviewed"] == 5 and rec["achieved"]
+    # a wrong call at confidence 1.0 cannot be reviewed by any threshold: not achieved, said so
+    pairs = [(0, 1.0)] * 5 + [(0, 0.999)] * 95
+    rec = each_shift_review(_probs(pairs), np.array([1] * 5 + [0] * 95), None, np.array(["s"] * 100),
+                            clean_probs=clean, clean_flagged=None, class_names=NAMES, floor=0.9, target_risk=0.02,
+                            fitted_on="x")
+    assert not rec["achieved"] and rec["worst_shift"]["silent_error_rate"] == 0.05
