@@ -133,9 +133,9 @@ def each_shift_review(probs: np.ndarray, labels: np.ndarray, flagged: np.ndarray
     labels = np.asarray(labels, dtype=np.int64)
     kept = np.ones(len(p), bool) if flagged is None else ~np.asarray(flagged, bool)
     c_kept = np.ones(len(cp), bool) if clean_flagged is None else ~np.asarray(clean_flagged, bool)
-    r = each_shift_thresholds(p.argmax(1), p.max(1), labels, kept, shifts, cp.argmax(1), cp.max(1), c_kept,
-                              n_classes=len(class_names), floor=floor, target_risk=target_risk)
     pred = p.argmax(1)
+    r = each_shift_thresholds(pred, p.max(1), labels, kept, shifts, cp.argmax(1), cp.max(1), c_kept,
+                              n_classes=len(class_names), floor=floor, target_risk=target_risk)
     return {"thresholds": {n: float(t) for n, t in zip(class_names, r["thresholds"])}, "floor": float(floor),
             "target_risk": float(target_risk), "rule": "each shift", "fitted_on": fitted_on,
             "kept_images": {n: int((kept & (pred == c)).sum()) for c, n in enumerate(class_names)},
