@@ -27,7 +27,7 @@ from ._onnxmeta import content_digest, metadata_of, read_model_bytes
 from .errors import ArgumentError, DeviceError, ModelLoadError, ModelRunError, ModelSpecError
 from .calibration import review_thresholds, temperature_of
 from .preprocess import ImageSource, load_and_preprocess
-from .appearance import AppearanceCheck, appearance_features, atypical
+from .appearance import AppearanceCheck, atypical
 from .quality import content_scores
 from .reliability import softmax
 from .session import BACKEND_NAMES, CPU_EP, CUDA_EP, check_backend, make_verified_session, resolve_threads
@@ -255,7 +255,7 @@ class Classifier:
     def classify(self, batch: np.ndarray) -> list[Prediction]:
         """Predictions for a preprocessed (N, 3, H, W) batch."""
         content = content_scores(batch) if self.spec.quality is not None else None
-        looks = appearance_features(batch) if self.appearance is not None else None
+        looks = self.appearance.features(batch) if self.appearance is not None else None
         return self.predictions(*self.run_all(batch), content, looks)
 
     def predict(self, image: ImageSource) -> Prediction:

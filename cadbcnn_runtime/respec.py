@@ -19,7 +19,8 @@ from .atomic import write_atomic
 from .calibration import (TARGET_RISK, EachShift, clean_rule_on_kept, fit_calibration, hold_on_shifted,
                           hold_per_class)
 from .errors import ArgumentError, DatasetError, ExportError
-from .appearance import AppearanceCheck, appearance_features, atypical, check_quantile, fit_appearance
+from .appearance import (SMOOTH_SIGMA, AppearanceCheck, appearance_features, atypical, check_quantile,
+                         fit_appearance)
 from .quality import content_scores, fit_quality
 from .spec import METADATA_KEY, ModelSpec
 
@@ -110,12 +111,12 @@ def calibrate_model(model: Path, out: Path, *, val: Sequence[tuple[Path, int]], 
     for x in inputs(list(train)):
         content.append(content_scores(x))
         if looks_needed:
-            looks.append(appearance_features(x))
+            looks.append(appearance_features(x, SMOOTH_SIGMA))
     quality = fit_quality(np.concatenate(content), fitted_on=f"training split ({len(train)} images)")
     try:
         appearance = None if appearance_quantile is None else fit_appearance(
             np.concatenate(looks), np.asarray(train_labels), clf.spec.class_names, quantile=appearance_quantile,
-            fitted_on=f"training split ({len(train)} images)")
+            smooth_sigma=SMOOTH_SIGMA, fitted_on=f"training split ({len(train)} images)")
     except ValueError as exc:
         raise DatasetError(f"{model}: the appearance check cannot be fitted on this training split ({exc}); add "
                            "training images of that class or leave out --appearance-check") from None
@@ -168,7 +169,7 @@ def _outputs(clf, images: Sequence, looks_needed: bool = False
         ood.append(o)
         content.append(content_scores(x))
         if looks_needed:
-            looks.append(appearance_features(x))
+            looks.append(appearance_features(x, SMOOTH_SIGMA))
     return (np.concatenate(logits), (None if ood[0] is None else np.concatenate(ood)), np.concatenate(content),
             np.concatenate(looks) if looks_needed else None)
 

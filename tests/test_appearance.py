@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from cadbcnn_runtime import Classifier, ModelSpec
 from cadbcnn_runtime.appearance import (
     N_FEATURES,
+    SMOOTH_SIGMA,
     AppearanceCheck,
     appearance_features,
     check_entry,
@@ -41,20 +42,47 @@ def _batch(images):
 
 
 @pytest.mark.runtime  # torch-free: the runtime suite runs it too
-def test_features_are_the_documented_cielab_statistics_and_ignore_the_input_dtype():
+@pytest.mark.parametrize("sigma", [0.0, SMOOTH_SIGMA])
+def test_features_are_the_documented_cielab_statistics_and_ignore_the_input_dtype(sigma):
     img = _images((200, 150, 180), 1, seed=0)[0]
-    f = appearance_features(_batch([img]))
+    f = appearance_features(_batch([img]), sigma)
     assert f.shape == (1, N_FEATURES)
-    lab = cv2.cvtColor(img, cv2.COLOR_RGB2LAB).reshape(-1, 3)
+    seen = cv2.GaussianBlur(img, (0, 0), sigma) if sigma else img  # the statistics are of the smoothed image
+    lab = cv2.cvtColor(seen, cv2.COLOR_RGB2LAB).reshape(-1, 3)
     for c in range(3):
         ch = lab[:, c].astype(np.float64)
         assert f[0, 5 * c] == pytest.approx(ch.mean()) and f[0, 5 * c + 1] == pytest.approx(ch.std())
         assert list(f[0, 5 * c + 2:5 * c + 5]) == list(np.quantile(ch, (0.05, 0.5, 0.95), method="inverted_cdf"))
-    as_float = appearance_features(_batch([img]).astype(np.float32) / 255)
+    as_float = appearance_features(_batch([img]).astype(np.float32) / 255, sigma)
     np.testing.assert_array_equal(as_float, f)  # float [0, 1] inputs give the same features
-    np.testing.assert_array_equal(appearance_features(_batch([img])), f)  # deterministic
+    np.testing.assert_array_equal(appearance_features(_batch([img]), sigma), f)  # deterministic
     with pytest.raises(ValueError, match="N, 3, H, W"):
         appearance_features(img)
+
+
+@pytest.mark.runtime
+def test_smoothing_keeps_pixel_noise_out_of_the_check_and_old_entries_stay_unsmoothed():
+    train = _images((200, 150, 180), 80, seed=5, size=64)
+    labels = np.zeros(80, int)
+    same = _images((200, 150, 180), 40, seed=6, size=64)
+    noisy = [np.clip(im + np.random.default_rng(9).normal(0, 10, im.shape), 0, 255).astype(np.uint8) for im in same]
+    warm = [np.clip(im.astype(np.float32) * (1.15, 1.0, 0.85), 0, 255).astype(np.uint8) for im in same]
+    flagged = {}
+    for sigma in (0.0, SMOOTH_SIGMA):
+        entry = fit_appearance(appearance_features(_batch(train), sigma), labels, NAMES[:1], fitted_on="x",
+                               quantile=0.98, smooth_sigma=sigma)
+        check = AppearanceCheck(entry, NAMES[:1])
+        assert entry["smooth_sigma"] == sigma and check.smooth_sigma == sigma
+        flagged[sigma] = {name: float((check.scores(check.features(_batch(ims)), np.zeros(40, int)) > 1).mean())
+                          for name, ims in (("noisy", noisy), ("warm", warm))}
+    # a noisier camera with the same colours: every image flagged unsmoothed, most pass smoothed; a warm camera's
+    # colours are flagged either way
+    assert flagged[0.0] == {"noisy": 1.0, "warm": 1.0}
+    assert flagged[SMOOTH_SIGMA]["noisy"] < 0.5 and flagged[SMOOTH_SIGMA]["warm"] == 1.0
+    old = {k: v for k, v in entry.items() if k != "smooth_sigma"}  # a file fitted before the smoothing
+    assert AppearanceCheck(old, NAMES[:1]).smooth_sigma == 0.0 and check_entry(old, NAMES[:1]) == []
+    for bad in (-1.0, float("nan"), "1.5", True, 100.0):
+        assert any("smooth_sigma" in p for p in check_entry({**entry, "smooth_sigma": bad}, NAMES[:1]))
 
 
 def _fitted(quantile=0.99):
