@@ -5,6 +5,9 @@
 Copied from the source spec: ``calibration`` (temperature, clean and per-class review rule), ``review_threshold``,
 ``quality`` (field-content check) and ``appearance`` (appearance check). The variant keeps its own OOD statistics.
 The thresholds were fitted on the source's outputs; docs/SHIFT.md measures what that means for the INT8 file.
+Run the variant's own shift report before shipping it: the released FP32 file's smoothed appearance check was not
+given to the INT8 file because that report failed (saturation ×0.5 3.4 % silent; docs/SHIFT.md, "The appearance
+check smoothed"), so running this on models/ today would undo that decision.
 """
 
 import sys
