@@ -93,6 +93,16 @@ def clean_rule_on_kept(entry: dict[str, Any], logits: np.ndarray, labels: np.nda
         float(r.threshold)
 
 
+def _class_threshold(conf: np.ndarray, correct: np.ndarray, *, floor: float, target_risk: float
+                     ) -> tuple[float, bool]:
+    """One predicted class's pooled rule: (the lowest confidence at which at most ``target_risk`` of its kept
+    images are wrong, never below ``floor``; achieved). No kept image: (``floor``, True)."""
+    if not len(conf):
+        return float(floor), True
+    r = choose_review_threshold(conf, correct, target_risk=target_risk)
+    return max(float(floor), float(r.threshold)), bool(r.achieved)
+
+
 def per_class_review(probs: np.ndarray, labels: np.ndarray, flagged: np.ndarray | None, *,
                      class_names: Sequence[str], floor: float, target_risk: float, fitted_on: str) -> dict[str, Any]:
     """A review threshold for each *predicted* class: the lowest calibrated confidence at which at most
@@ -108,10 +118,9 @@ def per_class_review(probs: np.ndarray, labels: np.ndarray, flagged: np.ndarray 
     thresholds, n, achieved = {}, {}, {}
     for c, name in enumerate(class_names):
         m = kept & (pred == c)
-        r = choose_review_threshold(conf[m], correct[m], target_risk=target_risk) if m.any() else None
-        thresholds[name] = max(float(floor), 0.0 if r is None else float(r.threshold))
+        thresholds[name], achieved[name] = _class_threshold(conf[m], correct[m], floor=floor,
+                                                            target_risk=target_risk)
         n[name] = int(m.sum())
-        achieved[name] = True if r is None else bool(r.achieved)
     return {"thresholds": thresholds, "floor": float(floor), "target_risk": float(target_risk),
             "fitted_on": fitted_on, "kept_images": n, "achieved": achieved, "accuracy": float(correct.mean())}
 
@@ -155,8 +164,10 @@ def each_shift_thresholds(pred: np.ndarray, conf: np.ndarray, labels: np.ndarray
     lowering another as far as every shift still holds — fewest clean images reviewed while every shift holds (while
     some shift does not: least total excess over the shifts' budgets), ties to fewer shifted images reviewed —
     until no step improves. Not achieved (``achieved`` False) when no thresholds ≤ 1 hold every shift."""
-    pred, conf = np.asarray(pred, np.int64), np.asarray(conf, np.float64)
-    wrong_kept = np.asarray(kept, bool) & (pred != np.asarray(labels, np.int64))
+    pred, conf, kept = np.asarray(pred, np.int64), np.asarray(conf, np.float64), np.asarray(kept, bool)
+    clean_pred, clean_conf = np.asarray(clean_pred, np.int64), np.asarray(clean_conf, np.float64)
+    clean_kept = np.asarray(clean_kept, bool)
+    wrong_kept = kept & (pred != np.asarray(labels, np.int64))
     shifts = np.asarray(shifts)
     if not len(shifts) == len(pred) == len(conf) == len(wrong_kept):
         raise ValueError("expected one prediction, confidence, label, kept flag and shift name per shifted image")
@@ -166,7 +177,7 @@ def each_shift_thresholds(pred: np.ndarray, conf: np.ndarray, labels: np.ndarray
     k = n_classes
     cands, silent, c_rev, s_rev, start = [], [], [], [], []
     for c in range(k):
-        m = np.asarray(kept, bool) & (pred == c)
+        m = kept & (pred == c)
         cand = np.unique(np.r_[float(floor), conf[m][conf[m] >= floor], 1.0])
         cands.append(cand)
         top = np.searchsorted(cand, conf, side="right") - 1  # confidence x is kept at every candidate <= x
@@ -174,11 +185,11 @@ def each_shift_thresholds(pred: np.ndarray, conf: np.ndarray, labels: np.ndarray
         s = np.zeros((len(names), len(cand) + 1))
         np.add.at(s, (g_of[w], top[w] + 1), 1)
         silent.append(s[:, ::-1].cumsum(1)[:, ::-1][:, 1:])  # silent[g, j]: kept wrong images at candidate j
-        cm = np.asarray(clean_kept, bool) & (np.asarray(clean_pred) == c)
-        c_rev.append(np.searchsorted(np.sort(np.asarray(clean_conf)[cm]), cand, side="left"))  # confidence < cand
+        cm = clean_kept & (clean_pred == c)
+        c_rev.append(np.searchsorted(np.sort(clean_conf[cm]), cand, side="left"))  # confidence < cand
         s_rev.append(np.searchsorted(np.sort(conf[m]), cand, side="left"))
-        t0 = choose_review_threshold(conf[m], ~w[m], target_risk=target_risk).threshold if m.any() else floor
-        start.append(min(int(np.searchsorted(cand, max(t0, floor), side="left")), len(cand) - 1))
+        t0, _ = _class_threshold(conf[m], ~w[m], floor=floor, target_risk=target_risk)  # the pooled rule's
+        start.append(min(int(np.searchsorted(cand, t0, side="left")), len(cand) - 1))
     j = np.array(start)
 
     def totals(jj: np.ndarray, without: Sequence[int] = ()) -> np.ndarray:

@@ -245,7 +245,7 @@ class Classifier:
             c = None if content is None else float(content[i])
             low = c is not None and min_content is not None and not c >= min_content
             a = None if looks is None else float(looks[i])
-            odd = a is not None and bool(odd_all[i])
+            odd = odd_all is not None and bool(odd_all[i])
             out.append(Prediction(self.spec.class_names[k], k, conf,
                                   {n: float(v) for n, v in zip(self.spec.class_names, p)},
                                   conf < self._thresholds[k] or is_ood or low or odd, score, is_ood, c, low,
