@@ -231,14 +231,15 @@ class BenchOptions:
     cold_start: bool = True
 
 
-def prepare(opts: BenchOptions, log) -> tuple[Any, ModelSpec, tuple[str, ...], dict[str, Path], Path]:
-    """The torch model (checkpoint, or random-weight CADBCNN), its spec, and ONNX files per format."""
+def prepare(opts: BenchOptions, work: Path, log) -> tuple[Any, ModelSpec, tuple[str, ...], dict[str, Path]]:
+    """The torch model (checkpoint, or random-weight CADBCNN), its spec, and ONNX files per format.
+
+    Files it makes (a random checkpoint, exports) go in ``work``, a scratch folder the caller removes."""
     import onnxruntime as ort
     import torch
 
     from cadbcnn_train.checkpoint import load_checkpoint
 
-    work = Path(tempfile.mkdtemp(prefix="cadbcnn-bench-"))
     if opts.checkpoint:
         ck_path = Path(opts.checkpoint)
     else:
@@ -283,20 +284,26 @@ def prepare(opts: BenchOptions, log) -> tuple[Any, ModelSpec, tuple[str, ...], d
             files["int8"] = work / "model.int8.onnx"
         if (work / "model.fp16.onnx").exists():
             files.setdefault("fp16", work / "model.fp16.onnx")
-    return ck, ck.spec, ck.class_folders, files, work
+    return ck, ck.spec, ck.class_folders, files
 
 
 def run_benchmark(opts: BenchOptions, log=print) -> dict[str, Any]:
-    import onnxruntime as ort
-
-    from cadbcnn_train.env import cpu_has_bf16
-
     for flag, folder in (("--data", opts.data), ("--images", opts.images)):  # before any work
         if folder is not None and not Path(folder).is_dir():
             raise DatasetError(f"{flag} {folder}: folder not found")
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    ck, spec, class_folders, files, work = prepare(opts, log)
+    # the random checkpoint and exported files (~54 MB) are scratch: removed however the run ends
+    with tempfile.TemporaryDirectory(prefix="cadbcnn-bench-") as work:
+        return _measure(opts, out, *prepare(opts, Path(work), log), log=log)
+
+
+def _measure(opts: BenchOptions, out: Path, ck, spec: ModelSpec, class_folders: tuple[str, ...],
+             files: dict[str, Path], log) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    from cadbcnn_train.env import cpu_has_bf16
+
     model = ck.build_model()
     flops = flops_per_image(model, spec.image_size)
     ckpt_mb = sum(v.numel() * v.element_size() for v in ck.state_dict.values()) / 1e6
