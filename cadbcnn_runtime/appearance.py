@@ -36,6 +36,7 @@ RIDGE = 1.0           # added to the covariance's diagonal, in (8-bit level)^2
 DEFAULT_QUANTILE = 0.98  # the released file's, chosen on the validation split (docs/SHIFT.md)
 SMOOTH_SIGMA = 1.5       # pixels at input size, the released file's, chosen on the validation split (docs/SHIFT.md)
 MAX_SMOOTH_SIGMA = 16.0
+MIN_PER_CLASS = 2 * N_FEATURES  # the fewest images of a class a fit accepts (a 15×15 covariance)
 
 
 def _hwc_uint8(image_chw: np.ndarray) -> np.ndarray:
@@ -99,9 +100,9 @@ def fit_appearance(features: np.ndarray, labels: np.ndarray, class_names: Sequen
     classes = {}
     for k, name in enumerate(class_names):
         x = features[labels == k]
-        if len(x) < 2 * N_FEATURES:
+        if len(x) < MIN_PER_CLASS:
             raise ValueError(f"class {name!r} has {len(x)} training images; the appearance check needs at least "
-                             f"{2 * N_FEATURES} per class")
+                             f"{MIN_PER_CLASS} per class")
         mean = x.mean(0)
         inv = np.linalg.inv(np.cov(x, rowvar=False) + RIDGE * np.eye(N_FEATURES))
         inv = (inv + inv.T) / 2
@@ -112,6 +113,33 @@ def fit_appearance(features: np.ndarray, labels: np.ndarray, class_names: Sequen
             "quantile": float(quantile), "fitted_on": fitted_on, "classes": classes,
             "rule": (f"needs review when the image's distance to the training images of its predicted class exceeds "
                      f"the {100 * quantile:g}th percentile of those images' own distances (score > 1)")}
+
+
+def refit_appearance(entry: Mapping[str, Any], fit_features: np.ndarray, fit_labels: np.ndarray,
+                     held_features: np.ndarray, held_predicted: np.ndarray, class_names: Sequence[str], *,
+                     fitted_on: str) -> dict[str, Any]:
+    """ENTRY refitted on a new site's images, at ENTRY's quantile and smoothing (features computed with
+    ``AppearanceCheck(entry).features``): each class's mean and covariance from the FIT images of that class, and
+    every cut widened by one common factor so that at most a ``1 - quantile`` share of the HELD-out images —
+    scored against the class the model predicts for them, as the runtime does — is atypical. A few dozen images per
+    class make the fit images' own distances optimistic; the held-out ones are not. The cuts are never narrowed
+    (factor ≥ 1)."""
+    quantile = float(entry.get("quantile", DEFAULT_QUANTILE))
+    sigma = float(entry.get("smooth_sigma", 0.0))
+    new = fit_appearance(fit_features, fit_labels, class_names, fitted_on=fitted_on, quantile=quantile,
+                         smooth_sigma=sigma)
+    held = AppearanceCheck(new, class_names).scores(held_features, held_predicted)
+    if not len(held):
+        raise ValueError("no held-out images to set the cuts on")
+    factor = max(1.0, float(np.quantile(held[np.isfinite(held)], quantile))) if np.isfinite(held).any() else 1.0
+    for c in new["classes"].values():
+        c["cut"] *= factor
+    new["held_out"] = {"n": int(len(held)), "cut_factor": factor,
+                       "flagged": float(atypical(held / factor).mean())}
+    new["rule"] = (f"needs review when the image's distance to the fitted images of its predicted class exceeds the "
+                   f"{100 * quantile:g}th percentile of those images' own distances, widened ×{factor:.3g} so that "
+                   f"at most {100 * (1 - quantile):g} % of {len(held)} held-out images exceed it (score > 1)")
+    return new
 
 
 def check_entry(entry: Mapping[str, Any], class_names: Sequence[str]) -> list[str]:

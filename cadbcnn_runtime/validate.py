@@ -56,8 +56,9 @@ def rule_text() -> list[str]:
         f"labelled or healthy set: silent-error rate > {pct(r['stop_silent_error_rate'])} → **{DO_NOT_USE}** "
         "(confidently wrong too often; fine-tune on your labelled images, then validate again)",
         f"labelled set: accuracy < {pct(r['min_accuracy'])} → **{FINE_TUNE}** (`cadbcnn-train fit --init MODEL.onnx`)",
-        f"review rate > {pct(r['max_review_rate'])} and OOD flags at least half of the reviews (or, without labels, "
-        f"OOD rate > {pct(r['max_ood_rate'])}) → **{REFIT}** (`cadbcnn-export refit-ood`)",
+        f"review rate > {pct(r['max_review_rate'])} and the OOD flag or the appearance check (what refit-ood refits) "
+        f"flags at least half of the reviews (or, without labels, OOD rate > {pct(r['max_ood_rate'])}) → "
+        f"**{REFIT}** (`cadbcnn-export refit-ood`)",
         f"review rate > {pct(r['max_review_rate'])} otherwise, or silent-error rate > "
         f"{pct(r['max_silent_error_rate'])} → **{FINE_TUNE}**",
         f"otherwise → **{USABLE}** (unlabelled sets: unverified until a labelled sample confirms it)",
@@ -146,11 +147,12 @@ def verdict(stats: Mapping[str, Any]) -> tuple[str | None, int]:
         return None, 0
     silent, review = stats.get("silent_error_rate"), stats["review_rate"]
     ood = stats.get("ood_rate") or 0.0
+    site = stats.get("site_flag_rate", ood)  # OOD or appearance: the flags that describe the source lab's images
     if silent is not None and silent > r["stop_silent_error_rate"]:
         return DO_NOT_USE, 1
     if stats.get("accuracy") is not None and stats["accuracy"] < r["min_accuracy"]:
         return FINE_TUNE, 2
-    if (review > r["max_review_rate"] and ood >= review / 2) or (silent is None and ood > r["max_ood_rate"]) \
+    if (review > r["max_review_rate"] and site >= review / 2) or (silent is None and ood > r["max_ood_rate"]) \
             or (stats.get("healthy") and ood > r["max_ood_rate"] and review > r["max_review_rate"]):
         return REFIT, 3
     if review > r["max_review_rate"] or (silent is not None and silent > r["max_silent_error_rate"]):
@@ -188,6 +190,8 @@ def validate(model: Path | str | None, folder: Path, out: Path, *, class_map: Ma
                                benign_index=benign, out_of_distribution=outputs.ood)
     if outputs.atypical_appearance is not None:  # the appearance check's share of the reviews, for the reader
         stats["appearance_rate"] = float(outputs.atypical_appearance.mean())
+        flags = outputs.atypical_appearance | (outputs.ood if outputs.ood is not None else False)
+        stats["site_flag_rate"] = float(np.mean(flags))  # what refit-ood refits: the verdict's rule 3
     kind = "labelled" if truth is not None else "healthy" if local.healthy else "unlabelled"
     result: dict[str, Any] = {"folder": str(folder), "kind": kind, "model": model_info, "stats": stats,
                               "review_threshold": review_threshold, "review_thresholds": per_class,

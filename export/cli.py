@@ -79,7 +79,7 @@ def main_cmd(
     that failed is not left on disk); 2 bad checkpoint, arguments or data.
 
     Also: `cadbcnn-export refit-ood MODEL.onnx --data DIR -o LOCAL.onnx` refits the
-    OOD flag on your own images (torch-free; see its --help).
+    OOD flag and the appearance check on your own images (torch-free; see its --help).
     """
     import time
 

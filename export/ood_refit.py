@@ -305,6 +305,52 @@ def refit_variant(proto: onnx.ModelProto, fit: ImageSet, held_x: np.ndarray, ref
     return new, entry, parity(src_logits, logits, scores, feats, new)
 
 
+class LookRefit:
+    """The appearance check (``cadbcnn_runtime.appearance``) of SPEC refitted on a site's images, beside the OOD
+    refit and on the same fit / held-out images: class means and covariances from the fit images (their class
+    folders, else the model's predictions), cuts set on the held-out ones (``refit_appearance``). Built before any
+    fitting, so too few images of a class are refused up front; with ``refit=False`` (``--keep-appearance``) it
+    only measures how often the source's check flags the site's held-out images."""
+
+    def __init__(self, spec: ModelSpec, images: ImageSet, logits: np.ndarray, fit_idx: np.ndarray,
+                 held_idx: np.ndarray, data: Path, source: Path, *, refit: bool):
+        from cadbcnn_runtime.appearance import MIN_PER_CLASS, AppearanceCheck
+
+        self.spec, self.data, self.refit = spec, data, refit
+        self.fit_idx, self.held_idx = fit_idx, held_idx
+        self.check = AppearanceCheck(spec.appearance, spec.class_names)
+        self.predicted = logits.argmax(1)
+        known = images.labels if len(images.labels) else np.full(len(images.x), -1)
+        self.labels = np.where(known >= 0, known, self.predicted)
+        counts = np.bincount(self.labels[fit_idx], minlength=len(spec.class_names))
+        short = [f"{n} {int(c)}" for n, c in zip(spec.class_names, counts) if c < MIN_PER_CLASS]
+        if refit and short:
+            raise DatasetError(
+                f"{data}: refitting the appearance check needs at least {MIN_PER_CLASS} images of each class among "
+                f"the {len(fit_idx)} fitted ({len(held_idx)} more are held out for the threshold); it has "
+                f"{', '.join(short)} (by class folder, else by the model's prediction). Add images of that class, "
+                f"or pass --keep-appearance to keep {source.name}'s check (fitted on the source lab's images: it may "
+                "flag more of yours)")
+        self.features = self.check.features(images.x)
+
+    def run(self, how: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(the spec's new ``appearance`` entry, the adaptation step's ``appearance`` record); HOW names the labels
+        used, as the OOD refit's."""
+        from cadbcnn_runtime.appearance import atypical, refit_appearance
+
+        held = self.held_idx
+        before = float(atypical(self.check.scores(self.features[held], self.predicted[held])).mean())
+        if not self.refit:
+            return dict(self.spec.appearance), {"refitted": False, "source_flagged_held_out": before}
+        fit = self.fit_idx
+        entry = refit_appearance(self.spec.appearance, self.features[fit], self.labels[fit], self.features[held],
+                                 self.predicted[held], self.spec.class_names,
+                                 fitted_on=f"{len(fit)} local images from {self.data.name} ({how})")
+        return entry, {"refitted": True, "source_flagged_held_out": before,
+                       "flagged_held_out": entry["held_out"]["flagged"],
+                       "cut_factor": entry["held_out"]["cut_factor"]}
+
+
 def class_index(spec: ModelSpec, class_map: Mapping[str, str] | None) -> dict[str, int]:
     """Local folder name → class index: the spec's class folders and class names, plus CLASS_MAP (folder → class),
     by the same rule as ``cadbcnn-infer validate`` (``validate.local_class_names``)."""
@@ -358,10 +404,12 @@ def load_checked(source: Path, what: str) -> tuple[bytes, ModelSpec]:
 def refit_model(source: Path, out: Path, data: Path, *, class_map: Mapping[str, str] | None = None,
                 flag_rate: float = oodstats.FLAG_RATE, holdout: float = HOLDOUT, shrinkage: float | str = "auto",
                 limit: int | None = None, seed: int = 0, threads: int | None = None, force: bool = False,
-                log: Callable[[str], None] = print) -> dict[str, Any]:
+                appearance: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
     """``cadbcnn-export refit-ood``: SOURCE's OOD statistics refitted on the in-distribution images in DATA
     (class sub-folders optional), written to OUT with the spec's ``ood`` entry and ``adaptation`` provenance
-    updated; the graph is otherwise unchanged. Written only after the parity check passed. Returns the report."""
+    updated; the graph is otherwise unchanged. With APPEARANCE (the default) the spec's appearance check, when it
+    has one, is refitted on the same images and held-out share (``refit_look``): it too describes what the source
+    lab's images look like. Written only after the parity check passed. Returns the report."""
     from cadbcnn_runtime.classifier import Classifier
 
     source, out, data = Path(source), Path(out), Path(data)
@@ -383,6 +431,8 @@ def refit_model(source: Path, out: Path, data: Path, *, class_map: Mapping[str, 
     check_classifier_first(source, images, src_logits, force=force, log=log)
     fit_idx, held_idx = split_holdout(len(images.x), holdout, seed)
     fit, held = images.subset(fit_idx), images.subset(held_idx)
+    look = None if spec.appearance is None else LookRefit(spec, images, src_logits, fit_idx, held_idx, data,
+                                                           source, refit=appearance)  # refuses before any fit
     log(f"{source.name}: refitting the OOD statistics on {len(fit.x)} images of {data}, threshold on "
         f"{len(held.x)} held out …")
     new, entry, check = refit(proto, fit, held, num_classes=len(spec.class_names), flag_rate=flag_rate,
@@ -400,7 +450,10 @@ def refit_model(source: Path, out: Path, data: Path, *, class_map: Mapping[str, 
             "source_sha256": file_sha256(source), "source_threshold": old_thr,
             "source_flagged_held_out": float((src_scores[held_idx] > old_thr).mean()),
             "flagged_held_out": entry["val_flagged"]}
-    new_spec = spec.replace(ood=ood, adaptation=(*spec.adaptation, step))
+    look_entry = spec.appearance
+    if look is not None:
+        look_entry, step["appearance"] = look.run(entry["labels"])
+    new_spec = spec.replace(ood=ood, appearance=look_entry, adaptation=(*spec.adaptation, step))
     report = {"source": str(source), "output": str(out), "torch_free": True, "parity": check, "adaptation": step,
               "ood": {k: ood[k] for k in ("threshold", "flag_rate", "shrinkage", "fitted_on", "threshold_rule")}}
     if not check["passed"]:
@@ -419,6 +472,12 @@ def refit_model(source: Path, out: Path, data: Path, *, class_map: Mapping[str, 
     log(f"held-out local images flagged: {100 * step['source_flagged_held_out']:.1f} % with the source's statistics "
         f"→ {100 * entry['val_flagged']:.1f} % refitted (threshold {old_thr:.4g} → {entry['threshold']:.4g}); "
         f"parity: logits identical, OOD max rel diff {check['ood_max_rel_diff']:.1e} → {out}")
+    if look is not None:
+        a = step["appearance"]
+        log(f"held-out local images unlike the training images' colour and contrast (appearance check): "
+            f"{100 * a['source_flagged_held_out']:.1f} % with the source's check"
+            + (f" → {100 * a['flagged_held_out']:.1f} % refitted" if a["refitted"] else
+               " (kept: --keep-appearance)"))
     report["size_bytes"] = out.stat().st_size
     return report
 

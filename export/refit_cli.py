@@ -35,11 +35,16 @@ def refit_ood(
     report: Optional[Path] = typer.Option(None, help="Write the refit report as JSON."),
     force: bool = typer.Option(False, "--force", help="Refit even though the model misclassifies the labelled "
                                "images (the flag would then hide those errors)."),
+    keep_appearance: bool = typer.Option(False, "--keep-appearance", help="Keep the model's appearance check "
+                                         "(fitted on the source lab's images) instead of refitting it on yours."),
 ) -> None:
     """Refit the out-of-distribution statistics and threshold of MODEL on your own images.
 
     The graph is unchanged except the OOD constants; the spec records the new threshold and, under
-    `adaptation`, which images were used and when. The new file must reproduce the source's logits exactly
+    `adaptation`, which images were used and when. When MODEL carries an appearance check (colour and
+    contrast of the training images of each class), it is refitted on the same images too: both describe
+    what the source lab's images look like (--keep-appearance keeps it; it needs 30 fitted images of each
+    class). The new file must reproduce the source's logits exactly
     and its OOD output must match the fitted statistics, or nothing is written.
 
     With labelled images (class sub-folders) the model must first classify them at least as well as
@@ -54,7 +59,8 @@ def refit_ood(
     code = 0
     try:
         rep = refit_model(model, output, data, class_map=parse_class_map(class_map), flag_rate=flag_rate,
-                          holdout=holdout, limit=limit, seed=seed, force=force, log=typer.echo)
+                          holdout=holdout, limit=limit, seed=seed, force=force,
+                          appearance=not keep_appearance, log=typer.echo)
     except CadbcnnError as exc:
         rep = getattr(exc, "report", None)
         typer.echo(f"error: {exc}", err=True)

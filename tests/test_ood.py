@@ -379,6 +379,61 @@ def test_refit_ood_refuses_bad_input_before_writing(trained, tmp_path):
     assert r.exit_code == 2 and "overwrite the source" in r.output
 
 
+def _darkened_site(root, *, per_class, seed):
+    """A second site: the synthetic classes through a darker camera (×0.9). The 2-epoch test model reads it at
+    ~96 %, under refit-ood's bar, hence --force below: the classifier check is tested elsewhere."""
+    site = make_dataset(root, per_class=per_class, size=32, seed=seed)
+    for f in site.rglob("*.png"):
+        cv2.imwrite(str(f), (cv2.imread(str(f)).astype(np.float32) * 0.9).astype(np.uint8))
+    return site
+
+
+def test_refit_ood_refits_the_appearance_check_on_the_sites_images(trained, tmp_path):
+    """The appearance check also describes the source lab's images: refit-ood refits it on the same fit /
+    held-out images (cuts set on the held-out ones), --keep-appearance keeps it, too few images of a class are
+    refused before anything is written."""
+    from cadbcnn_export.images import load_image_set
+    from cadbcnn_export.ood_refit import class_index
+    from cadbcnn_export.refit_cli import app as refit_app
+    from cadbcnn_runtime.appearance import appearance_features, fit_appearance
+    from cadbcnn_runtime.respec import replace_spec
+
+    data, d, _ = trained
+    spec = ModelSpec.from_onnx(d / "m.onnx")
+    own = load_image_set(data, spec, class_index(spec, None))
+    entry = fit_appearance(appearance_features(own.x), own.labels, spec.class_names, fitted_on="source lab")
+    src = tmp_path / "src.onnx"
+    src.write_bytes(replace_spec((d / "m.onnx").read_bytes(), spec.replace(appearance=entry)))
+    site = _darkened_site(tmp_path / "site", per_class=52, seed=5)
+    fresh = _darkened_site(tmp_path / "fresh", per_class=10, seed=6)  # the site's later images
+    out = tmp_path / "local.onnx"
+    r = CliRunner().invoke(refit_app, [str(src), "--data", str(site), "-o", str(out), "--force"])
+    assert r.exit_code == 0 and "appearance check" in r.output, r.output
+    after = ModelSpec.from_onnx(out)
+    a = after.adaptation[-1]["appearance"]
+    assert a["refitted"] and a["source_flagged_held_out"] > 0.9 and a["flagged_held_out"] <= 0.05, a
+    assert a["cut_factor"] >= 1 and after.appearance["held_out"]["n"] == 52  # a quarter of 208
+    assert (after.appearance["quantile"], after.appearance["smooth_sigma"]) == (entry["quantile"],
+                                                                               entry["smooth_sigma"])
+    assert "local images from site (class folders)" in after.appearance["fitted_on"]
+    assert after.calibration == spec.calibration and after.review_threshold == spec.review_threshold
+    later = sorted(fresh.rglob("*.png"))
+    with Classifier.from_file(src, device="cpu") as before_clf, Classifier.from_file(out, device="cpu") as clf:
+        assert np.mean([p.atypical_appearance for p in before_clf.predict_batch(later)]) > 0.9
+        assert np.mean([p.atypical_appearance for p in clf.predict_batch(later)]) <= 0.1
+    kept = tmp_path / "kept.onnx"
+    r = CliRunner().invoke(refit_app, [str(src), "--data", str(site), "-o", str(kept), "--keep-appearance",
+                                       "--force"])
+    assert r.exit_code == 0 and "kept: --keep-appearance" in r.output, r.output
+    k = ModelSpec.from_onnx(kept)
+    assert k.appearance == entry and k.adaptation[-1]["appearance"] == {
+        "refitted": False, "source_flagged_held_out": a["source_flagged_held_out"]}
+    few = tmp_path / "few.onnx"
+    r = CliRunner().invoke(refit_app, [str(src), "--data", str(site), "-o", str(few), "--limit", "100", "--force"])
+    assert r.exit_code == 2 and "at least 30 images of each class" in r.output and "--keep-appearance" in r.output
+    assert not few.exists()
+
+
 def test_int8_refits_its_ood_statistics_on_its_own_features(trained, tmp_path):
     """The INT8 file keeps an OOD output fitted on the quantised model's features; its threshold reproduces the
     FP32 flag rate on the parity images; the spec says how it was fitted; the refit's parity is a gate."""

@@ -28,6 +28,9 @@ def _stats(**kw):
     (_stats(accuracy=0.9, silent_error_rate=0.01), FINE_TUNE, 2),
     (_stats(review_rate=0.4, ood_rate=0.35), REFIT, 3),
     (_stats(review_rate=0.4, ood_rate=0.02), FINE_TUNE, 4),
+    # the appearance check is refitted by refit-ood too: its flags count with the OOD flag's
+    (_stats(review_rate=0.16, ood_rate=0.04, site_flag_rate=0.09), REFIT, 3),
+    (_stats(review_rate=0.16, ood_rate=0.04, site_flag_rate=0.06), FINE_TUNE, 4),
     (_stats(silent_error_rate=0.01), FINE_TUNE, 4),
     (_stats(accuracy=None, silent_error_rate=None, ood_rate=0.5, review_rate=0.5), REFIT, 3),
     (_stats(accuracy=None, silent_error_rate=None), USABLE, 5),
