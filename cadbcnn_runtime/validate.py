@@ -55,7 +55,8 @@ def rule_text() -> list[str]:
         f"fewer than {r['min_images']} readable images → no verdict (validate on more images)",
         f"labelled or healthy set: silent-error rate > {pct(r['stop_silent_error_rate'])} → **{DO_NOT_USE}** "
         "(confidently wrong too often; fine-tune on your labelled images, then validate again)",
-        f"labelled set: accuracy < {pct(r['min_accuracy'])} → **{FINE_TUNE}** (`cadbcnn-train fit --init MODEL.onnx`)",
+        f"labelled set: accuracy < {pct(r['min_accuracy'])} → **{FINE_TUNE}** (`cadbcnn-train fit --init MODEL.onnx`; "
+        "or first, without labels, `cadbcnn-export adapt-bn`, then validate again)",
         f"review rate > {pct(r['max_review_rate'])} and the OOD flag or the appearance check (what refit-ood refits) "
         f"flags at least half of the reviews (or, without labels, OOD rate > {pct(r['max_ood_rate'])}) → "
         f"**{REFIT}** (`cadbcnn-export refit-ood`)",

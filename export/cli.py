@@ -124,7 +124,7 @@ def main_cmd(
     raise typer.Exit(code)
 
 
-SUBCOMMANDS = {"refit-ood": "refit_cli"}  # `cadbcnn-export refit-ood …`; anything else is the export itself
+SUBCOMMANDS = {"refit-ood": "refit_cli", "adapt-bn": "adapt_cli"}  # `cadbcnn-export refit-ood …`; else: the export
 
 
 def main(argv: list[str] | None = None) -> None:

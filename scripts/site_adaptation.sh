@@ -4,8 +4,9 @@
 #   fine-tune from the released ONNX on 100 labelled local images per class → validate each step on the
 #   site's test images, on our own test split, and on the foreign sets (other labs' healthy images).
 # Usage: [SITE=stain|microscope] scripts/site_adaptation.sh [STEP…]
-#   steps: site validate refit finetune export table; default: all for SITE=stain, all but finetune/export for
-#   SITE=microscope (the classifier already works there: the flag is what needs adapting)
+#   steps: site validate refit adapt finetune export table; default: all for SITE=stain, all but finetune/export
+#   for SITE=microscope (the classifier already works there: the flag is what needs adapting)
+#   adapt: label-free adaptation (cadbcnn-export adapt-bn: BatchNorm statistics of the local images, no labels used)
 #   SITE=stain       another stain protocol + 0.7× magnification (build/site): the classifier fails → fine-tune
 #   SITE=microscope  the same stain at 0.8× magnification (build/site-microscope): the flag over-fires → refit
 set -euo pipefail
@@ -22,9 +23,9 @@ case $SITE in
   # --force: refit-ood refuses a model that misclassifies the labelled local images (at the stain site: 65 % right);
   # the stain site's refit step measures what that refusal protects against
   stain) OUT=${OUT:-build/site}; SITE_ARGS=(--h-scale 1.35 --e-scale 0.70 --magnification 0.70); REFIT_ARGS=(--force)
-         all=(site validate refit finetune export table) ;;
+         all=(site validate refit adapt finetune export table) ;;
   microscope) OUT=${OUT:-build/site-microscope}; SITE_ARGS=(--h-scale 1 --e-scale 1 --magnification 0.80); REFIT_ARGS=()
-         all=(site validate refit table) ;;
+         all=(site validate refit adapt table) ;;
   *) echo "SITE must be stain or microscope, not '$SITE'" >&2; exit 2 ;;
 esac
 steps=("$@"); [ ${#steps[@]} -eq 0 ] && steps=("${all[@]}")
@@ -59,6 +60,10 @@ for step in "${steps[@]}"; do
       "$BIN/cadbcnn-export" refit-ood "$MODEL" --data "$OUT/local" -o "$OUT/refit-ood.onnx" --report "$OUT/refit-ood.json" \
         ${REFIT_ARGS[@]+"${REFIT_ARGS[@]}"}
       validate_all "$OUT/refit-ood.onnx" refit-ood ;;
+    adapt)
+      "$BIN/cadbcnn-export" adapt-bn "$MODEL" --data "$OUT/local" --reference "$DATA" --reference-split "$SPLIT" \
+        -o "$OUT/adapt-bn.onnx" --report "$OUT/adapt-bn.json" --threads 2
+      validate_all "$OUT/adapt-bn.onnx" adapt-bn ;;
     finetune)
       "$BIN/cadbcnn-train" fit --init "$MODEL" --data "$OUT/data" --split-file "$OUT/data/split.csv" \
         --out "$OUT/finetune" --epochs "$EPOCHS" --lr 2e-4 --freeze early --batch-size 16 \

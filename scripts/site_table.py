@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 STEPS = [("released", "released model (v0.1.0)"), ("refit-ood", "+ OOD flag refitted on 400 local images"),
+         ("adapt-bn", "+ BatchNorm statistics of 400 unlabelled local images (adapt-bn), flags refitted"),
          ("finetuned", "fine-tuned from the released ONNX (100 labelled / class)")]
 
 
