@@ -108,13 +108,29 @@ def fold_into(proto: onnx.ModelProto, model) -> int:
     return written
 
 
-def _batches(files: list[Path], spec, batch: int = 32, drop_last: bool = False):
+def _decoded(files: list[Path], what: str, log: Callable[[str], None]) -> dict[Path, np.ndarray]:
+    """FILES decoded once (RGB), unreadable ones left out and named: one bad file does not stop the run."""
+    from cadbcnn_runtime.errors import CadbcnnError
+    from cadbcnn_runtime.preprocess import read_image
+
+    out, bad = {}, []
+    for f in files:
+        try:
+            out[f] = read_image(f)
+        except (CadbcnnError, OSError) as exc:
+            bad.append(f"{f.name} ({exc})")
+    if bad:
+        log(f"{what}: skipped {len(bad)} unreadable image(s): {'; '.join(bad[:3])}{' …' if len(bad) > 3 else ''}")
+    return out
+
+
+def _batches(images: dict[Path, np.ndarray], spec, batch: int = 32, drop_last: bool = False):
     from torch.utils.data import DataLoader
 
     from cadbcnn_train import data as D
 
-    return DataLoader(D.ImageDataset([D.Sample(p, 0) for p in files], spec), batch_size=batch, shuffle=False,
-                      drop_last=drop_last)
+    return DataLoader(D.ImageDataset([D.Sample(p, 0) for p in images], spec, images=images), batch_size=batch,
+                      shuffle=False, drop_last=drop_last)
 
 
 def adapt_model(source: Path, out: Path, data: Path, reference: Path, *, reference_split: Path | None = None,
@@ -151,21 +167,21 @@ def adapt_model(source: Path, out: Path, data: Path, reference: Path, *, referen
                             "BatchNorms are folded into weights a quantised file no longer holds as floats)")
     if spec.name not in MODELS:
         raise ArgumentError(f"{source}: model {spec.name!r} is not one cadbcnn-train builds ({', '.join(MODELS)})")
-    site = image_files(data)
-    ref = reference_files(reference, reference_split)
-    if len(site) < MIN_IMAGES:
-        raise DatasetError(f"--data {data}: {len(site)} images; the site's statistics need at least {MIN_IMAGES} "
-                           "(a few hundred are better)")
-    missing = [p for p in ref[:1] if not p.is_file()]
-    if len(ref) < MIN_IMAGES or missing:
-        gone = f" ({missing[0]} is missing)" if missing else ""
-        raise DatasetError(f"--reference {reference}: {len(ref)} images{gone}; give at least {MIN_IMAGES} images of the lab {source.name} was trained on (for the "
-                           "released model: the ALL dataset with --reference-split, its training split)")
     rng = np.random.default_rng(seed)
+    site_files = image_files(data)
     # in random order: each batch's statistics are averaged, so a batch of one class would count its own mean and
     # variance, not the site's (class-sorted folders gave half the variance in a test); partial batches dropped
-    site = [site[i] for i in rng.permutation(len(site))[:images]]
-    ref = [ref[i] for i in np.sort(rng.permutation(len(ref))[:reference_images])]  # exact sums: order is free
+    site = _decoded([site_files[i] for i in rng.permutation(len(site_files))[:images]], "--data", log)
+    if len(site) < MIN_IMAGES:
+        raise DatasetError(f"--data {data}: {len(site)} readable images; the site's statistics need at least "
+                           f"{MIN_IMAGES} (a few hundred are better)")
+    ref_files = reference_files(reference, reference_split)
+    ref_files = [ref_files[i] for i in np.sort(rng.permutation(len(ref_files))[:reference_images])]
+    ref = _decoded([f for f in ref_files if f.is_file()], "--reference", log)  # exact sums: order is free
+    if len(ref) < MIN_IMAGES:
+        raise DatasetError(f"--reference {reference}: {len(ref)} readable images of {len(ref_files)} listed; give "
+                           f"at least {MIN_IMAGES} images of the lab {source.name} was trained on (for the released "
+                           "model: the ALL dataset, with --reference-split naming its training split)")
     if threads:
         torch.set_num_threads(threads)
 
@@ -181,7 +197,7 @@ def adapt_model(source: Path, out: Path, data: Path, reference: Path, *, referen
 
     proto = onnx.load_from_string(raw)
     n_convs = fold_into(proto, model)
-    check = _parity(proto, model, site[:PARITY_IMAGES], spec)
+    check = _parity(proto, model, {f: site[f] for f in list(site)[:PARITY_IMAGES]}, spec)
     when = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
     step = {"step": "adapt-bn", "date": when, "data": str(data), "images": n_site, "reference": str(reference),
             "reference_split": None if reference_split is None else str(reference_split),
@@ -207,18 +223,18 @@ def adapt_model(source: Path, out: Path, data: Path, reference: Path, *, referen
     return report
 
 
-def _parity(proto: onnx.ModelProto, model, files: list[Path], spec) -> dict[str, Any]:
+def _parity(proto: onnx.ModelProto, model, images: dict[Path, np.ndarray], spec) -> dict[str, Any]:
     """The written constants against the adapted PyTorch model, on a few site images."""
     import torch
 
     from .parity import ort_session
 
-    x = torch.stack([b for b, _ in _batches(files, spec).dataset])
+    x = torch.stack([b for b, _ in _batches(images, spec).dataset])
     with torch.no_grad():
         ref = model(x).float().numpy()
     sess = ort_session(proto.SerializeToString(), threads=None)
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     diff = float(np.abs(got - ref).max())
     agree = float((got.argmax(1) == ref.argmax(1)).mean())
-    return {"images": len(files), "max_abs_diff": diff, "top1_agreement": agree,
+    return {"images": len(images), "max_abs_diff": diff, "top1_agreement": agree,
             "passed": bool(diff <= PARITY_ATOL and agree == 1.0)}

@@ -56,7 +56,13 @@ def _first_bn_input_stats(model_file, folder):
 def test_adapt_bn_maps_the_sites_statistics_onto_the_reference_and_refits_the_flags(trained, tmp_path):
     data, site, src = trained
     out = tmp_path / "site.onnx"
-    rep = adapt_model(src, out, site, data, images=240, reference_images=120, force=True, log=lambda *a: None)
+    (site / "Benign" / "truncated.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")  # one bad file: skipped, named
+    said = []
+    try:
+        rep = adapt_model(src, out, site, data, images=241, reference_images=120, force=True, log=said.append)
+    finally:
+        (site / "Benign" / "truncated.jpg").unlink()
+    assert any("skipped 1 unreadable image(s): truncated.jpg" in line for line in said), said
     spec, before = ModelSpec.from_onnx(out), ModelSpec.from_onnx(src)
     steps = [s["step"] for s in spec.adaptation]
     assert steps == [*[s["step"] for s in before.adaptation], "adapt-bn", "refit-ood"]
