@@ -3,15 +3,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from cadbcnn_runtime.errors import CadbcnnError
-from cadbcnn_runtime.exits import exit_code_of
 from cadbcnn_runtime.validate import parse_class_map
+
+from .cli_report import run_reported
 
 app = typer.Typer(add_completion=False)
 
@@ -48,16 +47,6 @@ def adapt_bn(
     """
     from .adapt_bn import adapt_model
 
-    code = 0
-    try:
-        rep = adapt_model(model, output, data, reference, reference_split=reference_split, images=images,
-                          reference_images=reference_images, class_map=parse_class_map(class_map), force=force,
-                          seed=seed, threads=threads, log=typer.echo)
-    except CadbcnnError as exc:
-        rep = getattr(exc, "report", None)
-        typer.echo(f"error: {exc}", err=True)
-        code = exit_code_of(exc)
-    if report and rep is not None:
-        report.parent.mkdir(parents=True, exist_ok=True)
-        report.write_text(json.dumps(rep, indent=2, default=str) + "\n")
-    raise typer.Exit(code)
+    run_reported(lambda: adapt_model(model, output, data, reference, reference_split=reference_split, images=images,
+                                     reference_images=reference_images, class_map=parse_class_map(class_map),
+                                     force=force, seed=seed, threads=threads, log=typer.echo), report)

@@ -3,17 +3,15 @@ torch-free (see ``ood_refit``)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from cadbcnn_runtime import oodstats
-from cadbcnn_runtime.errors import CadbcnnError
-from cadbcnn_runtime.exits import exit_code_of
 from cadbcnn_runtime.validate import parse_class_map
 
+from .cli_report import run_reported
 from .ood_refit import HOLDOUT
 
 app = typer.Typer(add_completion=False)
@@ -56,16 +54,6 @@ def refit_ood(
     """
     from .ood_refit import refit_model
 
-    code = 0
-    try:
-        rep = refit_model(model, output, data, class_map=parse_class_map(class_map), flag_rate=flag_rate,
-                          holdout=holdout, limit=limit, seed=seed, force=force,
-                          appearance=not keep_appearance, log=typer.echo)
-    except CadbcnnError as exc:
-        rep = getattr(exc, "report", None)
-        typer.echo(f"error: {exc}", err=True)
-        code = exit_code_of(exc)
-    if report and rep is not None:
-        report.parent.mkdir(parents=True, exist_ok=True)
-        report.write_text(json.dumps(rep, indent=2, default=str) + "\n")
-    raise typer.Exit(code)
+    run_reported(lambda: refit_model(model, output, data, class_map=parse_class_map(class_map), flag_rate=flag_rate,
+                                     holdout=holdout, limit=limit, seed=seed, force=force,
+                                     appearance=not keep_appearance, log=typer.echo), report)

@@ -106,3 +106,18 @@ def onnx_calibration_setup(tmp_path: Path, onnx_model: Path, *, per_class: int, 
         w.writerow(["path", "label", "split"])
         w.writerows(rows)
     return src, data, rows, split
+
+
+def train_and_export(d: Path, *, per_class: int = 30) -> tuple[Path, Path]:
+    """A 2-epoch 32-px ResNet18 on a synthetic dataset under D, exported with its OOD head: (data, model.onnx)."""
+    from cadbcnn_export.exporter import export_checkpoint
+    from cadbcnn_train.config import TrainConfig
+    from cadbcnn_train.train import fit
+
+    data = make_dataset(d / "data", per_class=per_class, size=32)
+    cfg = TrainConfig(data=str(data), out=str(d / "run"), model="resnet18", epochs=2, batch_size=8, image_size=32,
+                      lr=1e-3, warmup_epochs=0.2, precision="fp32", threads=2)
+    fit(cfg, quiet=True)
+    export_checkpoint(d / "run" / "best.pt", d / "m.onnx", log=lambda *a: None)
+    return data, d / "m.onnx"
+

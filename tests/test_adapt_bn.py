@@ -9,23 +9,16 @@ from typer.testing import CliRunner
 
 from cadbcnn_export.adapt_bn import adapt_model, conv_constants
 from cadbcnn_export.adapt_cli import app as adapt_app
-from cadbcnn_export.exporter import export_checkpoint
 from cadbcnn_runtime import Classifier, ModelSpec
-from cadbcnn_train.config import TrainConfig
 from cadbcnn_train.model import create_model
 from cadbcnn_train.onnx_init import load_onnx_weights
-from cadbcnn_train.train import fit
-from conftest import make_dataset
+from conftest import make_dataset, train_and_export
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     d = tmp_path_factory.mktemp("adapt")
-    data = make_dataset(d / "data", per_class=30, size=32)
-    cfg = TrainConfig(data=str(data), out=str(d / "run"), model="resnet18", epochs=2, batch_size=8, image_size=32,
-                      lr=1e-3, warmup_epochs=0.2, precision="fp32", threads=2)
-    fit(cfg, quiet=True)
-    export_checkpoint(d / "run" / "best.pt", d / "m.onnx", log=lambda *a: None)
+    data, _ = train_and_export(d)
     site = make_dataset(d / "site", per_class=60, size=32, seed=7)
     for f in site.rglob("*.png"):  # another camera: darker, bluer
         img = cv2.imread(str(f)).astype(np.float32) * np.array([1.0, 0.8, 0.7], np.float32)  # BGR

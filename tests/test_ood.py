@@ -16,20 +16,14 @@ from cadbcnn_runtime import Classifier, ModelSpec
 from cadbcnn_runtime.cli import app as infer_app
 from cadbcnn_train.checkpoint import load_checkpoint
 from cadbcnn_train.cli import app as train_app
-from cadbcnn_train.config import TrainConfig
 from cadbcnn_train.ood import OODHead, WithOOD, fit_statistics, head_from
-from cadbcnn_train.train import fit
-from conftest import make_dataset
+from conftest import make_dataset, train_and_export
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     d = tmp_path_factory.mktemp("ood")
-    data = make_dataset(d / "data", per_class=30, size=32)
-    cfg = TrainConfig(data=str(data), out=str(d / "run"), model="resnet18", epochs=2, batch_size=8, image_size=32,
-                      lr=1e-3, warmup_epochs=0.2, precision="fp32", threads=2)
-    fit(cfg, quiet=True)
-    export_checkpoint(d / "run" / "best.pt", d / "m.onnx", log=lambda *a: None)
+    data, _ = train_and_export(d)
     foreign = d / "foreign"
     foreign.mkdir()
     rng = np.random.default_rng(0)
