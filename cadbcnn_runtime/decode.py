@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import os
+from pathlib import Path
 import stat
 import struct
 import sys
@@ -34,6 +35,11 @@ MAX_IMAGE_PIXELS = 64_000_000
 #: Refuse files larger than this before reading them.
 MAX_FILE_BYTES = 256 * 1024 * 1024
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+
+
+def image_files(folder: str | os.PathLike[str]) -> list[Path]:
+    """Every file under FOLDER (recursively) with an image suffix, sorted."""
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 # OpenCV reads its limit once, when cv2 is imported: this must run first. A smaller limit set by the host
 # application is kept. If the host imported cv2 before cadbcnn_runtime, the decoders keep whatever limit they

@@ -20,6 +20,7 @@ from .calibration import describe_thresholds
 from .classifier import Classifier
 from .errors import ArgumentError, CadbcnnError, DatasetError
 from .evaluation import Outputs, clean_metrics, outputs_of, plot_reliability, plot_risk_coverage
+from .decode import image_files
 from .preprocess import IMAGE_SUFFIXES
 from .reliability import macro_f1, silent_error_stats
 
@@ -95,7 +96,7 @@ def scan(folder: Path, class_names: Sequence[str], class_folders: Sequence[str],
     if not folder.is_dir():
         raise ArgumentError(f"{folder}: folder not found")
     names = local_class_names(class_names, class_folders, class_map)
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = image_files(folder)
     if not files:
         raise DatasetError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
     subdirs = sorted({p.relative_to(folder).parts[0] for p in files if len(p.relative_to(folder).parts) > 1})

@@ -42,6 +42,7 @@ from cadbcnn_runtime.evaluation import (
     plot_risk_coverage,
     run_model,
 )
+from cadbcnn_runtime.decode import image_files
 from cadbcnn_runtime.preprocess import IMAGE_SUFFIXES, read_image
 from cadbcnn_runtime.reliability import expected_calibration_error, silent_error_stats
 from cadbcnn_runtime.spec import ModelSpec
@@ -158,7 +159,7 @@ def require_external_dir(path: Path) -> None:
 
 
 def _images_under(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return image_files(folder)
 
 
 def scan_external(path: Path, healthy: bool, class_folders: Sequence[str]) -> ExternalFolder:

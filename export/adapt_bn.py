@@ -39,16 +39,12 @@ from onnx import TensorProto, numpy_helper
 
 from cadbcnn_runtime._onnxmeta import file_sha256
 from cadbcnn_runtime.errors import ArgumentError, DatasetError, ExportError
-from cadbcnn_runtime.preprocess import IMAGE_SUFFIXES
+from cadbcnn_runtime.decode import image_files
 
 PARITY_ATOL = 0.05        # max |Δlogit| between the written file and the adapted PyTorch model (FP16-stored weights)
 PARITY_IMAGES = 16
 MIN_IMAGES = 32           # fewer site images give statistics too noisy to standardise with
 VARIANTS = ("fp32", "fp32-fp16weights")
-
-
-def image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def reference_files(folder: Path, split: Path | None) -> list[Path]:

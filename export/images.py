@@ -10,6 +10,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from cadbcnn_runtime.errors import CadbcnnError, DatasetError
+from cadbcnn_runtime.decode import image_files
 from cadbcnn_runtime.preprocess import IMAGE_SUFFIXES, load_and_preprocess
 from cadbcnn_runtime.spec import ModelSpec
 
@@ -46,7 +47,7 @@ def load_image_set(folder: Path, spec: ModelSpec, class_folders: Sequence[str] |
     folder = Path(folder)
     if not folder.is_dir():
         raise DatasetError(f"{folder}: image folder not found")
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = image_files(folder)
     if not files:
         raise DatasetError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
     if limit is not None and len(files) > limit:

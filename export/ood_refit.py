@@ -228,14 +228,19 @@ def split_holdout(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.nda
     return np.sort(order[k:]), np.sort(order[:k])
 
 
+def labels_or_predictions(images: ImageSet, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(each image's class: its class folder, else the model's prediction from LOGITS; which had a folder)."""
+    known = images.labels >= 0 if len(images.labels) else np.zeros(len(images.x), bool)
+    return np.where(known, images.labels if len(images.labels) else -1, logits.argmax(1)), known
+
+
 def _fit(fit: ImageSet, logits: np.ndarray, feats: dict[str, np.ndarray], *, num_classes: int,
          shrinkage: float | str) -> tuple[dict[str, oodstats.OODStatistics], str]:
     """Every part's statistics fitted on the features FEATS of FIT: class labels where the images have them, the
     model's own predictions (LOGITS) elsewhere. Returns (raw statistics, how the labels were chosen)."""
     if len(fit.x) < 2 * num_classes:
         raise DatasetError(f"{len(fit.x)} images are too few to fit class means and a covariance")
-    known = fit.labels >= 0 if len(fit.labels) else np.zeros(len(fit.x), bool)
-    labels = np.where(known, fit.labels if len(fit.labels) else -1, logits.argmax(1))
+    labels, known = labels_or_predictions(fit, logits)
     raw = oodstats.fit_parts(feats, labels, num_classes, shrinkage=shrinkage)
     n = int(known.sum())
     how = ("class folders" if n == len(fit.x) else "the model's own predictions" if n == 0 else
@@ -320,8 +325,7 @@ class LookRefit:
         self.fit_idx, self.held_idx = fit_idx, held_idx
         self.check = AppearanceCheck(spec.appearance, spec.class_names)
         self.predicted = logits.argmax(1)
-        known = images.labels if len(images.labels) else np.full(len(images.x), -1)
-        self.labels = np.where(known >= 0, known, self.predicted)
+        self.labels, _ = labels_or_predictions(images, logits)
         counts = np.bincount(self.labels[fit_idx], minlength=len(spec.class_names))
         short = [f"{n} {int(c)}" for n, c in zip(spec.class_names, counts) if c < MIN_PER_CLASS]
         if refit and short:
@@ -408,7 +412,7 @@ def refit_model(source: Path, out: Path, data: Path, *, class_map: Mapping[str, 
     """``cadbcnn-export refit-ood``: SOURCE's OOD statistics refitted on the in-distribution images in DATA
     (class sub-folders optional), written to OUT with the spec's ``ood`` entry and ``adaptation`` provenance
     updated; the graph is otherwise unchanged. With APPEARANCE (the default) the spec's appearance check, when it
-    has one, is refitted on the same images and held-out share (``refit_look``): it too describes what the source
+    has one, is refitted on the same images and held-out share (``LookRefit``): it too describes what the source
     lab's images look like. Written only after the parity check passed. Returns the report."""
     from cadbcnn_runtime.classifier import Classifier
 
