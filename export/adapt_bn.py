@@ -104,7 +104,7 @@ def fold_into(proto: onnx.ModelProto, model) -> int:
     return written
 
 
-def _decoded(files: list[Path], what: str, log: Callable[[str], None]) -> dict[Path, np.ndarray]:
+def decode_images(files: list[Path], what: str, log: Callable[[str], None]) -> dict[Path, np.ndarray]:
     """FILES decoded once (RGB), unreadable ones left out and named: one bad file does not stop the run."""
     from cadbcnn_runtime.errors import CadbcnnError
     from cadbcnn_runtime.preprocess import read_image
@@ -167,13 +167,13 @@ def adapt_model(source: Path, out: Path, data: Path, reference: Path, *, referen
     site_files = image_files(data)
     # in random order: each batch's statistics are averaged, so a batch of one class would count its own mean and
     # variance, not the site's (class-sorted folders gave half the variance in a test); partial batches dropped
-    site = _decoded([site_files[i] for i in rng.permutation(len(site_files))[:images]], "--data", log)
+    site = decode_images([site_files[i] for i in rng.permutation(len(site_files))[:images]], "--data", log)
     if len(site) < MIN_IMAGES:
         raise DatasetError(f"--data {data}: {len(site)} readable images; the site's statistics need at least "
                            f"{MIN_IMAGES} (a few hundred are better)")
     ref_files = reference_files(reference, reference_split)
     ref_files = [ref_files[i] for i in np.sort(rng.permutation(len(ref_files))[:reference_images])]
-    ref = _decoded([f for f in ref_files if f.is_file()], "--reference", log)  # exact sums: order is free
+    ref = decode_images([f for f in ref_files if f.is_file()], "--reference", log)  # exact sums: order is free
     if len(ref) < MIN_IMAGES:
         raise DatasetError(f"--reference {reference}: {len(ref)} readable images of {len(ref_files)} listed; give "
                            f"at least {MIN_IMAGES} images of the lab {source.name} was trained on (for the released "

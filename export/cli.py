@@ -79,7 +79,9 @@ def main_cmd(
     that failed is not left on disk); 2 bad checkpoint, arguments or data.
 
     Also: `cadbcnn-export refit-ood MODEL.onnx --data DIR -o LOCAL.onnx` refits the
-    OOD flag and the appearance check on your own images (torch-free; see its --help).
+    OOD flag and the appearance check on your own images (torch-free; see its --help);
+    `adapt-bn` adapts the BatchNorm statistics to a site's images; `image-bn` makes the
+    file mix each image's own statistics into its first BatchNorms (see their --help).
     """
     import time
 
@@ -124,7 +126,7 @@ def main_cmd(
     raise typer.Exit(code)
 
 
-SUBCOMMANDS = {"refit-ood": "refit_cli", "adapt-bn": "adapt_cli"}  # `cadbcnn-export refit-ood …`; else: the export
+SUBCOMMANDS = {"refit-ood": "refit_cli", "adapt-bn": "adapt_cli", "image-bn": "image_bn_cli"}  # `cadbcnn-export refit-ood …`; else: the export
 
 
 def main(argv: list[str] | None = None) -> None:
