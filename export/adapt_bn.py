@@ -56,6 +56,27 @@ def reference_files(folder: Path, split: Path | None) -> list[Path]:
     return [Path(folder) / r["path"] for r in D.split_rows(Path(split)) if r["split"] == "train"]
 
 
+def checked_float_source(source: Path, out: Path, reference: Path, reference_split: Path | None):
+    """The refusals every step that rewrites a file's BatchNorms shares, before any work: OUT a new .onnx file,
+    REFERENCE a folder, REFERENCE_SPLIT a file, SOURCE a loadable FP32 model. Returns (its bytes, its spec)."""
+    from .ood_refit import load_checked
+
+    source, out, reference = Path(source), Path(out), Path(reference)
+    if out.suffix != ".onnx":
+        raise ArgumentError(f"{out}: the output file must end in .onnx")
+    if out.resolve() == source.resolve():
+        raise ArgumentError(f"{out}: would overwrite the source model; choose another -o")
+    if not reference.is_dir():
+        raise ArgumentError(f"--reference {reference}: folder not found")
+    if reference_split is not None and not Path(reference_split).is_file():
+        raise ArgumentError(f"--reference-split {reference_split}: file not found")
+    raw, spec = load_checked(source, str(source))
+    if spec.variant not in VARIANTS:
+        raise ArgumentError(f"{source}: a {spec.variant} file; start from the FP32 model it was made from (its "
+                            "BatchNorms are folded into weights a quantised file no longer holds as floats)")
+    return raw, spec
+
+
 def conv_constants(proto: onnx.ModelProto) -> dict[str, tuple[str, str | None]]:
     """Module name (``branch_a.4.0.conv1``) → the initializers holding its folded weight and bias. A weight stored
     as FP16 behind a Cast is named by the Cast's input."""
@@ -143,24 +164,14 @@ def adapt_model(source: Path, out: Path, data: Path, reference: Path, *, referen
     from cadbcnn_train.train import recalibrate_bn
 
     from .graph import set_spec
-    from .ood_refit import load_checked, refit_model
+    from .ood_refit import refit_model
 
     source, out, data, reference = Path(source), Path(out), Path(data), Path(reference)
-    if out.suffix != ".onnx":
-        raise ArgumentError(f"{out}: the output file must end in .onnx")
-    if out.resolve() == source.resolve():
-        raise ArgumentError(f"{out}: would overwrite the source model; choose another -o")
     if images < MIN_IMAGES or reference_images < MIN_IMAGES:
         raise ArgumentError(f"--images and --reference-images must be >= {MIN_IMAGES}")
-    for flag, folder in (("--data", data), ("--reference", reference)):
-        if not folder.is_dir():
-            raise ArgumentError(f"{flag} {folder}: folder not found")
-    if reference_split is not None and not Path(reference_split).is_file():
-        raise ArgumentError(f"--reference-split {reference_split}: file not found")
-    raw, spec = load_checked(source, str(source))
-    if spec.variant not in VARIANTS:
-        raise ArgumentError(f"{source}: a {spec.variant} file; adapt the FP32 model it was made from (its "
-                            "BatchNorms are folded into weights a quantised file no longer holds as floats)")
+    if not data.is_dir():
+        raise ArgumentError(f"--data {data}: folder not found")
+    raw, spec = checked_float_source(source, out, reference, reference_split)
     if spec.name not in MODELS:
         raise ArgumentError(f"{source}: model {spec.name!r} is not one cadbcnn-train builds ({', '.join(MODELS)})")
     rng = np.random.default_rng(seed)
@@ -194,16 +205,9 @@ def adapt_model(source: Path, out: Path, data: Path, reference: Path, *, referen
     proto = onnx.load_from_string(raw)
     n_convs = fold_into(proto, model)
     check = _parity(proto, model, {f: site[f] for f in list(site)[:PARITY_IMAGES]}, spec)
-    when = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
-    step = {"step": "adapt-bn", "date": when, "data": str(data), "images": n_site, "reference": str(reference),
-            "reference_split": None if reference_split is None else str(reference_split),
-            "reference_images": n_ref, "convolutions": n_convs, "source": source.name,
-            "source_sha256": file_sha256(source), "parity": check}
-    report: dict[str, Any] = {"source": str(source), "output": str(out), "adaptation": step}
-    if not check["passed"]:
-        raise ExportError(f"{out}: the adapted file does not reproduce the adapted model (labels agree: "
-                          f"{check['top1_agreement']:.3f}, max |Δlogit| {check['max_abs_diff']:.3g} > "
-                          f"{PARITY_ATOL:g}); nothing written", report=report)
+    step, report = rewrite_step("adapt-bn", source, out, reference, reference_split, n_ref, n_convs, check,
+                                "the adapted file does not reproduce the adapted model", data=str(data),
+                                images=n_site)
     log(f"{n_convs} convolutions rewritten; parity on {check['images']} site images: max |Δlogit| "
         f"{check['max_abs_diff']:.2g}, labels agree")
     with tempfile.TemporaryDirectory(prefix="cadbcnn-adapt-") as tmp:
@@ -223,14 +227,36 @@ def _parity(proto: onnx.ModelProto, model, images: dict[Path, np.ndarray], spec)
     """The written constants against the adapted PyTorch model, on a few site images."""
     import torch
 
-    from .parity import ort_session
-
     x = torch.stack([b for b, _ in _batches(images, spec).dataset])
     with torch.no_grad():
         ref = model(x).float().numpy()
+    return file_vs_twin(proto, x.numpy(), ref)
+
+
+def file_vs_twin(proto: onnx.ModelProto, x: np.ndarray, ref: np.ndarray, atol: float = PARITY_ATOL) -> dict[str, Any]:
+    """PROTO's logits on X (ORT, the runtime's session options) against a PyTorch twin's REF: the parity record
+    (every label equal and max |Δlogit| ≤ ATOL to pass)."""
+    from .parity import ort_session
+
     sess = ort_session(proto.SerializeToString(), threads=None)
-    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    got = sess.run(None, {sess.get_inputs()[0].name: x})[0]
     diff = float(np.abs(got - ref).max())
     agree = float((got.argmax(1) == ref.argmax(1)).mean())
-    return {"images": len(images), "max_abs_diff": diff, "top1_agreement": agree,
-            "passed": bool(diff <= PARITY_ATOL and agree == 1.0)}
+    return {"images": len(x), "max_abs_diff": diff, "top1_agreement": agree,
+            "passed": bool(diff <= atol and agree == 1.0)}
+
+
+def rewrite_step(step: str, source: Path, out: Path, reference: Path, reference_split: Path | None, n_ref: int,
+                 n_convs: int, check: dict[str, Any], failed: str, **fields) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the spec's ``adaptation`` entry, the report) of a step that rewrote SOURCE's BatchNorms; raises
+    ExportError (FAILED says what did not match; nothing written) when the parity CHECK did not pass."""
+    when = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+    entry = {"step": step, "date": when, **fields, "reference": str(reference),
+             "reference_split": None if reference_split is None else str(reference_split),
+             "reference_images": n_ref, "convolutions": n_convs, "source": Path(source).name,
+             "source_sha256": file_sha256(source), "parity": check}
+    report: dict[str, Any] = {"source": str(source), "output": str(out), "adaptation": entry}
+    if not check["passed"]:
+        raise ExportError(f"{out}: {failed} (labels agree: {check['top1_agreement']:.3f}, max |Δlogit| "
+                          f"{check['max_abs_diff']:.3g} > {PARITY_ATOL:g}); nothing written", report=report)
+    return entry, report

@@ -184,7 +184,6 @@ DEFAULT_ALPHA = (0.2, 0.2, 0.0, 0.0, 0.0)  # stem, layer1 … layer4: chosen on 
                                            # "Per-image BatchNorm statistics in the graph")
 MIN_IMAGES = 32
 PARITY_IMAGES = 8         # reference images, each also checked hue-shifted (where the mixing matters)
-PARITY_ATOL = 0.05        # max |Δlogit| between the file and the PyTorch twin (FP16-stored weights)
 
 
 def _reference_set(folder, split, spec, *, images: int, seed: int, log):
@@ -228,7 +227,7 @@ def _parity(source, proto: onnx.ModelProto, spec, x_stats: np.ndarray, x_check: 
     from cadbcnn_train.model import create_model
     from cadbcnn_train.onnx_init import load_onnx_weights, rederive_batchnorm
 
-    from .parity import ort_session
+    from .adapt_bn import file_vs_twin
 
     model = create_model(spec.name, num_classes=len(spec.class_names))
     load_onnx_weights(model, source)
@@ -237,12 +236,7 @@ def _parity(source, proto: onnx.ModelProto, spec, x_stats: np.ndarray, x_check: 
     model.eval()
     with torch.no_grad(), mixed_image_bn(model, alpha):
         ref = model(torch.from_numpy(x_check)).float().numpy()
-    sess = ort_session(proto.SerializeToString(), threads=None)
-    got = sess.run(None, {sess.get_inputs()[0].name: x_check})[0]
-    diff = float(np.abs(got - ref).max())
-    agree = float((got.argmax(1) == ref.argmax(1)).mean())
-    return {"images": len(x_check), "max_abs_diff": diff, "top1_agreement": agree,
-            "passed": bool(diff <= PARITY_ATOL and agree == 1.0)}
+    return file_vs_twin(proto, x_check, ref)
 
 
 def image_bn_model(source, out, reference, *, reference_split=None,
@@ -253,25 +247,19 @@ def image_bn_model(source, out, reference, *, reference_split=None,
     REFERENCE_SPLIT its train rows), checked against the PyTorch twin, and its OOD statistics refitted on the
     reference's features through the new graph (threshold on the split's val rows, else a held-out quarter).
     Written to OUT only when every check passed. Returns the report."""
-    import datetime as _dt
     from pathlib import Path
 
     from cadbcnn_runtime import oodstats
-    from cadbcnn_runtime._onnxmeta import file_sha256
     from cadbcnn_runtime.classifier import Classifier
     from cadbcnn_runtime.errors import DatasetError
     from cadbcnn_train.transforms import hue
 
-    from .adapt_bn import VARIANTS
+    from .adapt_bn import checked_float_source, rewrite_step
     from .gates import _atomic_write
     from .graph import set_spec
-    from .ood_refit import HOLDOUT, load_checked, refit, split_holdout
+    from .ood_refit import HOLDOUT, refit, split_holdout
 
     source, out, reference = Path(source), Path(out), Path(reference)
-    if out.suffix != ".onnx":
-        raise ArgumentError(f"{out}: the output file must end in .onnx")
-    if out.resolve() == source.resolve():
-        raise ArgumentError(f"{out}: would overwrite the source model; choose another -o")
     try:
         alpha = stage_alphas(alpha)
     except ValueError as exc:
@@ -280,13 +268,7 @@ def image_bn_model(source, out, reference, *, reference_split=None,
         raise ArgumentError("--alpha: at least one stage above 0, else the file would not change")
     if images < MIN_IMAGES:
         raise ArgumentError(f"--images must be >= {MIN_IMAGES}")
-    if not reference.is_dir():
-        raise ArgumentError(f"--reference {reference}: folder not found")
-    if reference_split is not None and not Path(reference_split).is_file():
-        raise ArgumentError(f"--reference-split {reference_split}: file not found")
-    raw, spec = load_checked(source, str(source))
-    if spec.variant not in VARIANTS:
-        raise ArgumentError(f"{source}: a {spec.variant} file; start from the FP32 model it was made from")
+    raw, spec = checked_float_source(source, out, reference, reference_split)
     if spec.name not in MODELS:
         raise ArgumentError(f"{source}: model {spec.name!r}; per-image BatchNorm is built for the ResNet-based models "
                             f"({', '.join(MODELS)})")
@@ -312,16 +294,8 @@ def image_bn_model(source, out, reference, *, reference_split=None,
     shifted = np.stack([np.ascontiguousarray(hue(np.ascontiguousarray(im.transpose(1, 2, 0)), 20).transpose(2, 0, 1))
                         for im in probe])
     check = _parity(source, mixed, spec, x_stats, np.concatenate([probe, shifted]), alpha)
-    when = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
-    step = {"step": "image-bn", "date": when, "alpha": dict(zip(STAGES, alpha)), "reference": str(reference),
-            "reference_split": None if reference_split is None else str(reference_split),
-            "reference_images": n_ref, "convolutions": n_convs, "source": source.name,
-            "source_sha256": file_sha256(source), "parity": check}
-    report: dict = {"source": str(source), "output": str(out), "adaptation": step}
-    if not check["passed"]:
-        raise ExportError(f"{out}: the file does not reproduce its PyTorch twin (labels agree: "
-                          f"{check['top1_agreement']:.3f}, max |Δlogit| {check['max_abs_diff']:.3g} > "
-                          f"{PARITY_ATOL:g}); nothing written", report=report)
+    step, report = rewrite_step("image-bn", source, out, reference, reference_split, n_ref, n_convs, check,
+                                "the file does not reproduce its PyTorch twin", alpha=dict(zip(STAGES, alpha)))
     log(f"parity with the PyTorch twin on {check['images']} images (half of them hue-shifted): max |Δlogit| "
         f"{check['max_abs_diff']:.2g}, labels agree")
     new_spec = spec.replace(adaptation=(*spec.adaptation, step))
