@@ -158,10 +158,6 @@ def require_external_dir(path: Path) -> None:
                            "existing folder of images.")
 
 
-def _images_under(folder: Path) -> list[Path]:
-    return image_files(folder)
-
-
 def scan_external(path: Path, healthy: bool, class_folders: Sequence[str]) -> ExternalFolder:
     """Find the images under ``path`` (recursively) and decide how the folder is labelled.
 
@@ -169,7 +165,7 @@ def scan_external(path: Path, healthy: bool, class_folders: Sequence[str]) -> Ex
     named like one of the model's class folders; otherwise unlabelled.
     """
     require_external_dir(path)
-    files = _images_under(path)
+    files = image_files(path)
     if not files:
         raise DatasetError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) found in this external folder "
                            "or below it; point --external at a folder of images.")

@@ -39,27 +39,16 @@ DOMAIN_TAG = "image_bn"          # prefix of every node and constant this module
 VAR_FLOOR = 1e-6                 # s² below this (a dead channel) is raised to it
 
 
-def _weight_name(proto: onnx.ModelProto, tensor: str) -> str:
-    """A convolution's weight input, or the Cast's input when the weight is FP16-stored."""
-    for n in proto.graph.node:
-        if n.op_type == "Cast" and n.output[0] == tensor:
-            return n.input[0]
-    return tensor
-
-
 def trunk_convolutions(proto: onnx.ModelProto) -> list[tuple[onnx.NodeProto, int]]:
     """(convolution, stage) for every convolution of the ResNet trunks (each had a BatchNorm folded into it), in
-    graph order; stage 0 = stem … 4 = layer4 (``cadbcnn_train.image_bn.stage_of``)."""
+    graph order; stage 0 = stem … 4 = layer4 (``cadbcnn_train.image_bn.stage_of``). A convolution's weight input
+    is named after its module (an FP16-stored weight's Cast output too), as ``adapt_bn.conv_constants`` reads it."""
     out = []
     for n in proto.graph.node:
-        if n.op_type != "Conv" or len(n.input) < 3:
-            continue
-        for w in (n.input[1], _weight_name(proto, n.input[1])):
-            module = w.removeprefix("model.").removesuffix(".weight")
-            stage = stage_of(module)
+        if n.op_type == "Conv" and len(n.input) >= 3:
+            stage = stage_of(n.input[1].removeprefix("model.").removesuffix(".weight"))
             if stage is not None:
                 out.append((n, stage))
-                break
     return out
 
 
@@ -124,9 +113,12 @@ def insert(proto: onnx.ModelProto, stats: dict[str, tuple[np.ndarray, np.ndarray
     missing = [n.output[0] for n, _ in convs if n.output[0] not in stats]
     if missing:
         raise ExportError(f"no reference statistics for {len(missing)} trunk convolution(s) (e.g. {missing[0]})")
+    g = proto.graph
+    outputs = [o.name for o in g.output if o.name in {n.output[0] for n, _ in convs}]
+    if outputs:
+        raise ExportError(f"trunk convolution output {outputs[0]} is a graph output; cannot insert after it")
     if not convs:
         return 0
-    g = proto.graph
     axes = _const(proto, f"{DOMAIN_TAG}/axes", [2, 3], np.int64)
     keeps = {a: _const(proto, f"{DOMAIN_TAG}/one_minus_alpha_{k}", np.array(1.0 - a, np.float32))
              for k, a in enumerate(dict.fromkeys(a for _, a in convs))}
@@ -157,17 +149,12 @@ def insert(proto: onnx.ModelProto, stats: dict[str, tuple[np.ndarray, np.ndarray
         ]
         new_nodes[y] = nodes
         renamed[y] = t("out")
-    # consumers of each conv output now read the mixed one; the new nodes go right after their convolution
-    ours = {n.name for ns in new_nodes.values() for n in ns}
+    # consumers of each conv output now read the mixed one (the new nodes are not in the graph yet); the new nodes go
+    # right after their convolution
     for n in g.node:
-        if n.name in ours:
-            continue
         for k, name in enumerate(n.input):
             if name in renamed:
                 n.input[k] = renamed[name]
-    for o in g.output:
-        if o.name in renamed:
-            raise ExportError(f"trunk convolution output {o.name} is a graph output; cannot insert after it")
     order = []
     for n in g.node:
         order.append(n)
@@ -182,7 +169,6 @@ def insert(proto: onnx.ModelProto, stats: dict[str, tuple[np.ndarray, np.ndarray
 
 DEFAULT_ALPHA = (0.2, 0.2, 0.0, 0.0, 0.0)  # stem, layer1 … layer4: chosen on the validation split (docs/SHIFT.md,
                                            # "Per-image BatchNorm statistics in the graph")
-MIN_IMAGES = 32
 PARITY_IMAGES = 8         # reference images, each also checked hue-shifted (where the mixing matters)
 
 
@@ -254,7 +240,7 @@ def image_bn_model(source, out, reference, *, reference_split=None,
     from cadbcnn_runtime.errors import DatasetError
     from cadbcnn_train.transforms import hue
 
-    from .adapt_bn import checked_float_source, rewrite_step
+    from .adapt_bn import MIN_IMAGES, checked_float_source, rewrite_step
     from .gates import _atomic_write
     from .graph import set_spec
     from .ood_refit import HOLDOUT, refit, split_holdout

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import cv2
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cadbcnn_export.adapt_bn import adapt_model  # noqa: E402
