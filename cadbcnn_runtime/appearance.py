@@ -182,6 +182,13 @@ class AppearanceCheck:
     def features(self, batch: np.ndarray) -> np.ndarray:
         return appearance_features(batch, self.smooth_sigma)
 
+    def ratios(self, features: np.ndarray) -> np.ndarray:
+        """(N, C): each image's distance to every class's training images over that class's cut (``scores`` is the
+        predicted class's column; the learned review score reads them all)."""
+        features = np.asarray(features, np.float64)
+        return np.column_stack([_distances(features, m, v) / c for m, v, c in zip(self.means, self.inv_covs,
+                                                                                     self.cuts)])
+
     def scores(self, features: np.ndarray, predicted: np.ndarray) -> np.ndarray:
         features = np.asarray(features, np.float64)
         predicted = np.asarray(predicted, np.int64)

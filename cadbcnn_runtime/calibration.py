@@ -267,8 +267,12 @@ class EachShift:
 
 def review_thresholds(calibration: Mapping[str, Any] | None, class_names: Sequence[str],
                       review_threshold: float) -> dict[str, float]:
-    """The threshold the runtime applies to each predicted class: ``review_threshold``, raised where the spec's
-    ``calibration.class_review.thresholds`` says so."""
+    """The confidence threshold the runtime applies to each predicted class: ``review_threshold``, raised where the
+    spec's ``calibration.class_review.thresholds`` says so — unless the calibration carries a learned review score
+    (``review_score``), which then replaces the per-class confidence thresholds (``class_review`` stays in the spec
+    for runtimes that do not read the score)."""
+    if (calibration or {}).get("review_score") is not None:
+        return {n: float(review_threshold) for n in class_names}
     per_class = ((calibration or {}).get("class_review") or {}).get("thresholds") or {}
     return {n: max(float(review_threshold), float(per_class.get(n, 0.0))) for n in class_names}
 

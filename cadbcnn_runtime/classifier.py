@@ -28,6 +28,7 @@ from .errors import ArgumentError, DeviceError, ModelLoadError, ModelRunError, M
 from .calibration import review_thresholds, temperature_of
 from .preprocess import ImageSource, load_and_preprocess
 from .appearance import AppearanceCheck, atypical
+from .review_score import ReviewScore
 from .quality import content_scores
 from .reliability import softmax
 from .session import BACKEND_NAMES, CPU_EP, CUDA_EP, check_backend, make_verified_session, resolve_threads
@@ -53,6 +54,8 @@ class Prediction:
     backend: str = "onnxruntime"         # what computed it: onnxruntime | openvino
     appearance_score: float | None = None  # None when the spec has no appearance check; > 1: atypical
     atypical_appearance: bool = False    # colour/contrast unlike the training images of its label: needs review
+    review_score: float | None = None    # None when the spec has no learned review score; P(label right), learned
+    low_review_score: bool = False       # below its label's review-score threshold (or not a number): needs review
 
 
 def default_model_path() -> Path:
@@ -106,6 +109,9 @@ class Classifier:
             float(spec.ood["threshold"]) if ood_threshold is None else float(ood_threshold))
         self._outputs = [spec.output_name] + ([spec.ood["output"]] if spec.ood else [])
         self.appearance = None if spec.appearance is None else AppearanceCheck(spec.appearance, spec.class_names)
+        # The learned review score (calibration.review_score), unless the caller set the rule by review_threshold.
+        entry = (spec.calibration or {}).get("review_score") if review_threshold is None else None
+        self.review_score = None if entry is None else ReviewScore(entry, spec.class_names)
 
     # -- construction ----------------------------------------------------------
     @classmethod
@@ -229,13 +235,21 @@ class Classifier:
                     content: np.ndarray | None = None, appearance: np.ndarray | None = None) -> list[Prediction]:
         """needs_review = confidence < the review threshold of the predicted class, or out of distribution, or a
         blank/near-uniform field, or an appearance unlike the training images of the predicted class
-        (``appearance``: the images' ``appearance_features``, scored against the spec's check)."""
+        (``appearance``: the images' ``appearance_features``, scored against the spec's check), or — with a learned
+        review score in the spec — that score below its class's threshold."""
         probs = softmax(logits, self.temperature)
         min_content = None if self.spec.quality is None else float(self.spec.quality["min_content"])
         labels = probs.argmax(1)
         looks = (None if appearance is None or self.appearance is None
                  else self.appearance.scores(appearance, labels))
         odd_all = None if looks is None else atypical(looks)
+        trust = low_all = None
+        if self.review_score is not None:
+            if appearance is None:
+                raise ArgumentError(f"{self.path.name}: its review rule reads the images' appearance features; pass "
+                                    "them (Classifier.appearance.features(batch)) or call classify(batch)")
+            trust = self.review_score.scores(probs, ood, self.appearance.ratios(appearance))
+            low_all = self.review_score.low(trust, labels)
         out = []
         for i, p in enumerate(probs):
             k = int(labels[i])
@@ -246,10 +260,12 @@ class Classifier:
             low = c is not None and min_content is not None and not c >= min_content
             a = None if looks is None else float(looks[i])
             odd = odd_all is not None and bool(odd_all[i])
+            unsure = low_all is not None and bool(low_all[i])
             out.append(Prediction(self.spec.class_names[k], k, conf,
                                   {n: float(v) for n, v in zip(self.spec.class_names, p)},
-                                  conf < self._thresholds[k] or is_ood or low or odd, score, is_ood, c, low,
-                                  self.backend, appearance_score=a, atypical_appearance=odd))
+                                  conf < self._thresholds[k] or is_ood or low or odd or unsure, score, is_ood, c, low,
+                                  self.backend, appearance_score=a, atypical_appearance=odd,
+                                  review_score=None if trust is None else float(trust[i]), low_review_score=unsure))
         return out
 
     def classify(self, batch: np.ndarray) -> list[Prediction]:

@@ -35,6 +35,8 @@ def _table(rows: list[dict], class_names) -> str:
         review = ("yes" if r["needs_review"] else "no") if r["status"] == "ok" else ""
         if r.get("out_of_distribution") is True:
             review = "OOD"
+        if r.get("low_review_score") is True:
+            review = "score"
         if r.get("atypical_appearance") is True:
             review = "look"
         if r.get("low_content") is True:
@@ -131,7 +133,9 @@ def _report(result) -> int:
          + (f" ({s.out_of_distribution} out of distribution)" if result.has_ood else "")
          + (f" ({s.low_content} blank or near-uniform)" if result.has_quality else "")
          + (f" ({s.atypical_appearance} unlike the training images' colour and contrast)"
-            if result.has_appearance else "") + "; "
+            if result.has_appearance else "")
+         + (f" ({s.low_review_score} below the learned review score's threshold)" if result.has_review_score else "")
+         + "; "
          f"{s.errors} errors; {s.skipped_resume} already done (--resume); "
          f"{s.images_per_s:.1f} images/s ({result.backend}, {result.precision})" + (f" → {where}" if where else ""))
     if s.errors:

@@ -91,9 +91,11 @@ def discover(folder: Path, *, recursive: bool = False) -> list[Item]:
     return items
 
 
-def columns(class_names, ood: bool = False, quality: bool = False, appearance: bool = False) -> list[str]:
+def columns(class_names, ood: bool = False, quality: bool = False, appearance: bool = False,
+            review_score: bool = False) -> list[str]:
     extra = ((["ood_score", "out_of_distribution"] if ood else []) + (["low_content"] if quality else [])
-             + (["appearance_score", "atypical_appearance"] if appearance else []))
+             + (["appearance_score", "atypical_appearance"] if appearance else [])
+             + (["review_score", "low_review_score"] if review_score else []))
     return ["path", "label", "confidence", "needs_review", *[f"p_{c}" for c in class_names], *extra, "status",
             "error"]
 
@@ -107,6 +109,8 @@ def ok_row(rel: str, p: Prediction) -> dict:
         row["low_content"] = p.low_content
     if p.appearance_score is not None:
         row.update({"appearance_score": round(p.appearance_score, 6), "atypical_appearance": p.atypical_appearance})
+    if p.review_score is not None:
+        row.update({"review_score": round(p.review_score, 6), "low_review_score": p.low_review_score})
     row.update({"status": "ok", "error": ""})
     return row
 
@@ -128,6 +132,7 @@ class Summary:
     out_of_distribution: int = 0
     low_content: int = 0
     atypical_appearance: int = 0
+    low_review_score: int = 0
     per_class: Counter = field(default_factory=Counter)
     seconds: float = 0.0
 
@@ -146,6 +151,7 @@ class Summary:
         self.out_of_distribution += row.get("out_of_distribution") is True
         self.low_content += row.get("low_content") is True
         self.atypical_appearance += row.get("atypical_appearance") is True
+        self.low_review_score += row.get("low_review_score") is True
 
 
 def deliver(rows: list[dict], *, summary: Summary, on_rows: Callable[[list[dict]], None],

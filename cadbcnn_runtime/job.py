@@ -43,6 +43,7 @@ class JobResult:
     has_ood: bool = False
     has_quality: bool = False
     has_appearance: bool = False  # the spec has an appearance check (atypical_appearance column)
+    has_review_score: bool = False  # the spec has a learned review score (low_review_score column)
     precision: str = ""           # the variant that ran (fp32 | int8 | fp16) and why
     precision_reason: str = ""
     backend: str = ""             # what ran it: onnxruntime | openvino
@@ -131,7 +132,7 @@ def classify_to_file(source: str | os.PathLike, out: str | os.PathLike | None = 
             say(f"engine {info}")
         names = clf.spec.class_names
         cols = columns(names, ood=clf.spec.ood is not None, quality=clf.spec.quality is not None,
-                       appearance=clf.spec.appearance is not None)
+                       appearance=clf.spec.appearance is not None, review_score=clf.review_score is not None)
         items = list_items(source, recursive=recursive)
         previous = read_previous(out_path, cols, names) if (resume and out_path) else []
         done_keys = {row_key(r["path"]) for r in previous}
@@ -187,5 +188,6 @@ def classify_to_file(source: str | os.PathLike, out: str | os.PathLike | None = 
         say(f"review report → {html_path}")
     return JobResult(code, summary, len(items), where, collected, info, failure, tuple(names),
                      clf.spec.ood is not None, clf.spec.quality is not None,
-                     has_appearance=clf.spec.appearance is not None, precision=clf.precision,
+                     has_appearance=clf.spec.appearance is not None,
+                     has_review_score=clf.review_score is not None, precision=clf.precision,
                      precision_reason=clf.precision_reason, backend=clf.backend)

@@ -22,6 +22,7 @@ from .errors import ArgumentError, DatasetError, ExportError
 from .appearance import (SMOOTH_SIGMA, AppearanceCheck, appearance_features, atypical, check_quantile,
                          fit_appearance)
 from .quality import content_scores, fit_quality
+from .review_score import Scored, fit_review_score
 from .spec import METADATA_KEY, ModelSpec
 
 
@@ -67,7 +68,8 @@ def calibrate_model(model: Path, out: Path, *, val: Sequence[tuple[Path, int]], 
                     target_risk: float = TARGET_RISK, shifted: Sequence[tuple[np.ndarray, int]] = (),
                     shifted_target_risk: float = 0.02, per_class: bool = False, shifted_about: str = "",
                     train_labels: Sequence[int] | None = None, appearance_quantile: float | None = None,
-                    shift_names: Sequence[str] | None = None, log: Callable[[str], None] = print) -> ModelSpec:
+                    shift_names: Sequence[str] | None = None, shift_sources: Sequence[int] | None = None,
+                    review_score: bool = False, log: Callable[[str], None] = print) -> ModelSpec:
     """Fit temperature + review threshold (VAL: labelled held-out images) and the field-content check (TRAIN
     images) of an ONNX model, and write it to OUT with the new spec. The graph is not touched: a check reruns
     both files on some validation images and requires identical logits.
@@ -83,7 +85,12 @@ def calibrate_model(model: Path, out: Path, *, val: Sequence[tuple[Path, int]], 
     spec's appearance entry is removed: a check fitted for another review rule is not kept silently.
 
     ``shift_names`` (the shift of each SHIFTED image; needs ``per_class``) holds the per-class rule on every shift's
-    images rather than each class's pooled ones (``calibration.each_shift_review``)."""
+    images rather than each class's pooled ones (``calibration.each_shift_review``).
+
+    ``review_score`` (needs ``shift_names``, the appearance check and ``shift_sources``: the validation image each
+    shifted image was made from) also fits the learned review score (``cadbcnn_runtime.review_score``) on the
+    validation images and their shifted copies; the runtime then applies its thresholds instead of the per-class
+    confidence thresholds, which stay in the spec for runtimes that do not read the score."""
     from .classifier import Classifier
 
     if not val or not train:
@@ -92,6 +99,10 @@ def calibrate_model(model: Path, out: Path, *, val: Sequence[tuple[Path, int]], 
         raise ArgumentError(f"{out}: the output file must end in .onnx")
     if shift_names is not None and (not per_class or len(shift_names) != len(shifted)):
         raise ArgumentError("holding the rule on every shift needs per_class and one shift name per shifted image")
+    if review_score and (shift_names is None or appearance_quantile is None or shift_sources is None
+                         or len(shift_sources) != len(shifted)):
+        raise ArgumentError("the learned review score is fitted with the each-shift rule and the appearance check: "
+                            "it needs shift_names, appearance_quantile and the source image of every shifted image")
     if appearance_quantile is not None:
         check_quantile(appearance_quantile)
         if train_labels is None or len(train_labels) != len(train):
@@ -138,6 +149,18 @@ def calibrate_model(model: Path, out: Path, *, val: Sequence[tuple[Path, int]], 
             if each:
                 worst = entry["class_review"]["worst_shift"]
                 said += f" (worst shift: {worst['shift']}, {100 * worst['silent_error_rate']:.2f} % silent)"
+            if review_score:
+                entry = {**entry, "review_score": _fit_score(clf, check, entry, review, (logits, v_ood, v_look),
+                                                             labels, v_flagged, (s_logits, s_ood, s_look), s_labels,
+                                                             s_flagged, shift_names, shift_sources, shifted_target_risk,
+                                                             f"validation split ({len(val)} images) and {fitted_on}")}
+                rs = entry["review_score"]
+                entry["review_rule"] += ("; the learned review score (calibration.review_score) replaces the "
+                                         "per-class confidence thresholds")
+                said += ("; learned review score, thresholds " + ", ".join(
+                    f"{n} {t:.4f}" for n, t in rs["thresholds"].items())
+                    + f" (cross-fitted: worst shift {rs['cross_fit']['worst_shift']['shift']}, "
+                    f"{100 * rs['cross_fit']['worst_shift']['silent_error_rate']:.2f} % silent)")
         else:
             entry, review = hold_on_shifted(entry, review, s_logits, s_labels, fitted_on=fitted_on,
                                             target_risk=shifted_target_risk)
@@ -155,6 +178,23 @@ def calibrate_model(model: Path, out: Path, *, val: Sequence[tuple[Path, int]], 
         + ("" if appearance is None else f"; appearance check at the {100 * appearance_quantile:g}th percentile of "
            "each class's training images") + f" → {out}")
     return spec
+
+
+def _fit_score(clf, check: AppearanceCheck, entry: dict, floor: float, clean: tuple, labels: np.ndarray,
+               flagged: np.ndarray, shifted: tuple, s_labels: np.ndarray, s_flagged: np.ndarray,
+               shift_names: Sequence[str], shift_sources: Sequence[int], target_risk: float, fitted_on: str) -> dict:
+    """``calibration.review_score`` from (logits, OOD scores, appearance features) of the clean validation images
+    and of their shifted copies; images under the confidence floor (the clean rule) count as flagged."""
+    from .reliability import softmax
+
+    def scored(outs, truth, flags, groups):
+        lg, ood, looks = outs
+        p = softmax(np.asarray(lg, np.float64), entry["temperature"])
+        return Scored(p, ood, check.ratios(looks), truth, flags | (p.max(1) < floor), groups)
+
+    return fit_review_score(scored(clean, labels, flagged, np.arange(len(labels))),
+                            scored(shifted, s_labels, s_flagged, np.asarray(shift_sources)), shift_names,
+                            class_names=clf.spec.class_names, target_risk=target_risk, fitted_on=fitted_on)
 
 
 def _outputs(clf, images: Sequence, looks_needed: bool = False

@@ -33,7 +33,7 @@ from .errors import OutputError
 
 ENCODING, ERRORS = "utf-8", "surrogateescape"
 KINDS = {".csv": "csv", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
-BOOL_COLUMNS = ("needs_review", "out_of_distribution", "low_content", "atypical_appearance")
+BOOL_COLUMNS = ("needs_review", "out_of_distribution", "low_content", "atypical_appearance", "low_review_score")
 PYARROW_HINT = "pip install 'cadbcnn[distributed]' (or pip install pyarrow)"
 TEXT_COLUMNS = ("path", "label", "error")
 _DANGEROUS = ("=", "+", "-", "@", "\t", "\r", "'")

@@ -144,6 +144,12 @@ class ModelSpec:
                     isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0.0 <= v <= 1.0
                     for v in thr.values()),
                      "calibration.class_review.thresholds must map class names to numbers in [0, 1]")
+            if self.calibration.get("review_score") is not None:
+                from .review_score import check_entry as check_review_score
+
+                need(self.appearance is not None, "calibration.review_score reads the appearance check's "
+                                                  "statistics: the spec needs an appearance entry")
+                problems += check_review_score(self.calibration["review_score"], self.class_names)
         if self.quality is not None:
             m = self.quality.get("min_content")
             need(isinstance(m, (int, float)) and not isinstance(m, bool) and math.isfinite(m) and m >= 0,

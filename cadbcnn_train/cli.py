@@ -185,17 +185,24 @@ def calibrate(
                                     "every shift's images (silent errors among all of that shift's copies, the "
                                     "shift report's measure) instead of each class's pooled ones, reviewing as few "
                                     "clean validation images as that allows (the released file's rule, at 0.015)."),
+    review_score: bool = typer.Option(False, "--review-score", help="With --each-shift and --appearance-check: also "
+                                      "fit a learned review score (P(label right) from the confidence, the OOD score "
+                                      "and the appearance distances, per predicted class; thresholds chosen on "
+                                      "cross-fitted scores by the each-shift rule). The runtime then applies it in "
+                                      "place of the per-class confidence thresholds."),
 ) -> None:
     """Fit the temperature (validation NLL), the review threshold (validation risk–coverage) and the
     field-content check (training split) of a checkpoint or of an exported ONNX model."""
     from .posthoc import calibrate_checkpoint, calibrate_onnx, check_appearance_option, check_shifted_options
 
-    check_shifted_options(shifted_copies, shifted_target_risk, per_class, each_shift)  # refused before any work
+    # refused before any work
+    check_shifted_options(shifted_copies, shifted_target_risk, per_class, each_shift, review_score, appearance_check)
     check_appearance_option(appearance_check, onnx=checkpoint.suffix == ".onnx")
     if checkpoint.suffix == ".onnx":
         calibrate_onnx(checkpoint, data, split_file=split_file, out=out, target_risk=target_risk,
                        shifted_copies=shifted_copies, shifted_target_risk=shifted_target_risk, per_class=per_class,
-                       appearance_quantile=appearance_check, each_shift=each_shift, log=typer.echo)
+                       appearance_quantile=appearance_check, each_shift=each_shift, review_score=review_score,
+                       log=typer.echo)
     else:
         calibrate_checkpoint(checkpoint, data, split_file=split_file, out=out, target_risk=target_risk,
                              shifted_copies=shifted_copies, shifted_target_risk=shifted_target_risk,

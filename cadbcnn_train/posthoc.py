@@ -178,7 +178,8 @@ def calibrate_checkpoint(checkpoint: Path, data: Path, *, split_file: Path | Non
 
 
 def check_shifted_options(shifted_copies: int, shifted_target_risk: float, per_class: bool,
-                          each_shift: bool = False) -> None:
+                          each_shift: bool = False, review_score: bool = False,
+                          appearance_quantile: float | None = None) -> None:
     """The shifted review rule's options, refused before any work."""
     check_copies(shifted_copies, "--shifted-copies")
     if not 0.0 <= shifted_target_risk <= 1.0:
@@ -189,6 +190,9 @@ def check_shifted_options(shifted_copies: int, shifted_target_risk: float, per_c
     if each_shift and not per_class:
         raise ArgumentError("--each-shift holds the per-class review rule on every shift's images: give --per-class "
                             "and --shifted-copies N too (N = 23 gives every validation image every shift)")
+    if review_score and (not each_shift or appearance_quantile is None):
+        raise ArgumentError("--review-score is fitted with the each-shift rule on the appearance check's statistics: "
+                            "give --shifted-copies 23 --per-class --each-shift --appearance-check 0.98 too")
 
 
 def check_appearance_option(quantile: float | None, *, onnx: bool) -> None:
@@ -205,7 +209,7 @@ def check_appearance_option(quantile: float | None, *, onnx: bool) -> None:
 def calibrate_onnx(model: Path, data: Path, *, split_file: Path | None, out: Path | None = None,
                    target_risk: float = TARGET_RISK, shifted_copies: int = 0, shifted_target_risk: float = 0.02,
                    per_class: bool = False, appearance_quantile: float | None = None, each_shift: bool = False,
-                   log=print) -> ModelSpec:
+                   review_score: bool = False, log=print) -> ModelSpec:
     """``calibrate`` for a model that exists only as ONNX (the model runs in ``cadbcnn_runtime.respec``, not torch).
     With ``shifted_copies``, the shifted validation images are those of ``calibrate CHECKPOINT`` (seeded by the
     spec's training seed)."""
@@ -213,7 +217,8 @@ def calibrate_onnx(model: Path, data: Path, *, split_file: Path | None, out: Pat
     from cadbcnn_runtime.respec import calibrate_model
     from cadbcnn_runtime.spec import ModelSpec as Spec
 
-    check_shifted_options(shifted_copies, shifted_target_risk, per_class, each_shift)
+    check_shifted_options(shifted_copies, shifted_target_risk, per_class, each_shift, review_score,
+                          appearance_quantile)
     check_appearance_option(appearance_quantile, onnx=True)
 
     if split_file is None:
@@ -231,7 +236,7 @@ def calibrate_onnx(model: Path, data: Path, *, split_file: Path | None, out: Pat
     if not val or not train or not all(p.is_file() for p in missing):
         raise DatasetError(f"{split_file}: needs train and val rows whose images exist under {root}")
     shifted: list[tuple] = []
-    names = None
+    names = sources = None
     if shifted_copies:
         from .selection import ShiftedValidation
 
@@ -240,7 +245,9 @@ def calibrate_onnx(model: Path, data: Path, *, split_file: Path | None, out: Pat
                                seed=int(spec.training.get("seed", 0)))
         shifted = list(zip(sv.images, sv.labels))
         names = [s.name for s in sv.shifts] if each_shift else None
+        sources = [k // shifted_copies for k in range(len(sv.images))]  # ShiftedValidation's order
     return calibrate_model(model, Path(out) if out else Path(model), val=val, train=train, target_risk=target_risk,
                            shifted=shifted, shifted_target_risk=shifted_target_risk, per_class=per_class,
                            shifted_about=f" ({shifted_copies} per image)", train_labels=train_labels,
-                           appearance_quantile=appearance_quantile, shift_names=names, log=log)
+                           appearance_quantile=appearance_quantile, shift_names=names, shift_sources=sources,
+                           review_score=review_score, log=log)

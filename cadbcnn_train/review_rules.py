@@ -215,6 +215,9 @@ def spec_thresholds_of(report_dir: Path) -> list[float]:
     if not path.is_file():
         raise DatasetError(f"{path}: not found; pass the folder of a `cadbcnn-train shift-report` run.")
     r = json.loads(path.read_text(encoding="utf-8"))
+    if (r.get("calibration") or {}).get("review_score") is not None:
+        raise DatasetError(f"{path}: the model carries a learned review score, not a confidence threshold per class; "
+                           "compare it with scripts/review_score_study.py")
     return list(review_thresholds(r.get("calibration"), r["class_names"], r["review_threshold"]).values())
 
 

@@ -410,7 +410,10 @@ def report_markdown(result: dict[str, Any]) -> str:
         f"The model reviews an image when its confidence < **{thr_text}**"
         + (f" or its OOD score > **{ood:.4f}**" if ood is not None else "")
         + (" or its colour and contrast are unlike the training images of its label (appearance check, *look %*)"
-           if looks else "") + "; "
+           if looks else "")
+        + (" or its learned review score is below the threshold of its label ("
+           + describe_thresholds(result["calibration"]["review_score"]["thresholds"]) + ")"
+           if (result.get("calibration") or {}).get("review_score") else "") + "; "
         + (f"softmax temperature **{t:.3f}** ({result['calibration'].get('fitted_on', 'fitted')})."
            if result.get("calibration") else "softmax of the raw logits (the spec has no calibration: T = 1).")
         + f" Shifted sets are the {result['split']} split's images, each keeping its class label"

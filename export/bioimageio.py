@@ -337,6 +337,14 @@ def _documentation(spec: ModelSpec, *, temperature: float, n_test: int, source_n
                      "**1** (colour and contrast unlike the training images of that class). Computed outside the "
                      "graph (`cadbcnn_runtime.appearance`, statistics in `config.cadbcnn.appearance`); a consumer "
                      "of this package must apply it itself.")
+    score = (calib or {}).get("review_score")
+    if score:
+        n = 2 + bool(ood) + bool(spec.quality) + bool(spec.appearance)
+        lines.append(f"{n}. the learned review score — {score.get('method', 'logistic regression')} on "
+                     f"{score.get('features', 'see the spec')} — is below the threshold of the predicted class: **"
+                     f"{describe_thresholds(score['thresholds'])}**. It replaces per-class confidence thresholds "
+                     "(rule 1 then holds the floor only). Computed outside the graph (`cadbcnn_runtime.review_score`, "
+                     "weights in `config.cadbcnn.review_score`); a consumer of this package must apply it itself.")
     lines += [
         "",
         "A prediction without a flag still needs the human review the intended use demands.",
@@ -671,7 +679,10 @@ def _describe(spec: ModelSpec, *, work: Path, weights_sha256: str, opset: int, t
                        + (" or field-content score < quality.min_content (computed outside the graph)"
                           if spec.quality else "")
                        + (" or appearance score > 1 (appearance statistics, computed outside the graph)"
-                          if spec.appearance else ""),
+                          if spec.appearance else "")
+                       + (" or learned review score < review_score.thresholds[label] (computed outside the graph)"
+                          if (spec.calibration or {}).get("review_score") else ""),
+        "review_score": json.loads(json.dumps(dict((spec.calibration or {}).get("review_score") or {}))) or None,
         "ood_threshold": None if ood_threshold is None else float(ood_threshold),
         "quality": None if spec.quality is None else json.loads(json.dumps(dict(spec.quality))),
         "appearance": None if spec.appearance is None else json.loads(json.dumps(dict(spec.appearance))),

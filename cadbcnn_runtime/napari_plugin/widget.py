@@ -57,6 +57,8 @@ def reason(p: "Prediction", review_threshold: float | Mapping[str, float]) -> st
         parts.append(f"out of distribution (score {p.ood_score:.3f})")
     if p.atypical_appearance:
         parts.append(f"colour and contrast unlike the training images of {p.label} (score {p.appearance_score:.2f})")
+    if p.low_review_score:
+        parts.append(f"learned review score {p.review_score:.3f} below the threshold of {p.label}")
     if p.confidence < review_threshold:
         parts.append(f"confidence {p.confidence:.3f} below the review threshold {review_threshold:.3f} of {p.label}")
     return "; ".join(parts)
