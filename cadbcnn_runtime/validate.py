@@ -182,6 +182,7 @@ def validate(model: Path | str | None, folder: Path, out: Path, *, class_map: Ma
         outputs, scores, kept, errors = _run(clf, local.paths, batch)
         review_threshold, ood_threshold = clf.review_threshold, clf.ood_threshold
         per_class = dict(clf.review_thresholds)
+        score_thresholds = None if clf.review_score is None else dict(clf.review_score.thresholds)
         model_info = {"path": str(clf.path), "name": spec.name, "version": spec.version,
                       "precision": clf.precision, "backend": clf.backend, "adaptation": list(spec.adaptation)}
     if not kept:
@@ -197,6 +198,7 @@ def validate(model: Path | str | None, folder: Path, out: Path, *, class_map: Ma
     kind = "labelled" if truth is not None else "healthy" if local.healthy else "unlabelled"
     result: dict[str, Any] = {"folder": str(folder), "kind": kind, "model": model_info, "stats": stats,
                               "review_threshold": review_threshold, "review_thresholds": per_class,
+                              "review_score_thresholds": score_thresholds,
                               "ood_threshold": ood_threshold,
                               "unreadable": errors, "class_folders": local.folders, "rules": RULES}
     labels = list(spec.class_names)
@@ -289,7 +291,10 @@ def report_markdown(r: Mapping[str, Any]) -> str:
                                                                 " (unverified: no labels; label a sample to confirm)"),
              "", f"Decided by: {r['verdict_rule']}", "",
              f"Model `{r['model']['path']}` ({r['model']['precision']}, {r['model'].get('backend', 'onnxruntime')}); review below confidence "
-             + _thresholds_text(r) + ("" if r["ood_threshold"] is None else
+             + _thresholds_text(r) + ("" if not r.get("review_score_thresholds") else
+                                      ", or learned review score below the threshold of its label ("
+                                      + describe_thresholds(r["review_score_thresholds"]) + ")")
+             + ("" if r["ood_threshold"] is None else
                                                f", out of distribution above OOD score {r['ood_threshold']:.4g}") + ".",
              "", "| set | images | accuracy | review rate | OOD rate | silent errors | accuracy of non-reviewed |",
              "|---|---:|---:|---:|---:|---:|---:|",

@@ -153,6 +153,11 @@ def test_calibrate_review_score_end_to_end(tmp_path, onnx_model):
     assert r.exit_code == 0 and "below the learned review score's threshold" in r.output, r.output
     got = list(csv.DictReader((tmp_path / "r.csv").open()))
     assert {"review_score", "low_review_score"} <= set(got[0]) and all(0 <= float(g["review_score"]) <= 1 for g in got)
+    from cadbcnn_runtime.validate import validate  # a new site's report states the rule it applied
+
+    res = validate(out, data, tmp_path / "v", figures=False)
+    assert res["review_score_thresholds"] == pytest.approx(rs["thresholds"])
+    assert "learned review score below the threshold of its label" in (tmp_path / "v" / "validation.md").read_text()
 
 
 def test_review_rules_refuses_to_score_a_review_score_report_as_confidence_thresholds(tmp_path):
