@@ -96,13 +96,17 @@ perclass() {
   # checks keep. Temperature refitted on the same validation logits (unchanged), weights untouched.
   # APPEARANCE=off leaves the appearance check out (the rule of 2026-12-05); EACH_SHIFT=off holds the per-class rule
   # on each class's pooled shifted images at SHIFTED_RISK=0.02 (the rule of 2026-12-06, session 11) instead of on
-  # every shift's images at 0.015 ("Every shift held", docs/SHIFT.md).
+  # every shift's images at 0.015 ("Every shift held", docs/SHIFT.md). The learned review score (the released
+  # file's since session 15, "A learned review score") is fitted too unless REVIEW_SCORE=off; it needs the
+  # appearance check and the each-shift rule, so either of those off leaves it out.
   local run=$1 name=$2 out=$1/gate/cadbcnn-perclass.onnx look=() each=(--each-shift) risk=${SHIFTED_RISK:-0.015}
-  [[ "${APPEARANCE:-0.98}" == off ]] || look=(--appearance-check "${APPEARANCE:-0.98}")
-  [[ "${EACH_SHIFT:-on}" == off ]] && each=() && risk=${SHIFTED_RISK:-0.02}
+  local score=(--review-score)
+  [[ "${APPEARANCE:-0.98}" == off ]] && score=() || look=(--appearance-check "${APPEARANCE:-0.98}")
+  [[ "${EACH_SHIFT:-on}" == off ]] && each=() && score=() && risk=${SHIFTED_RISK:-0.02}
+  [[ "${REVIEW_SCORE:-on}" == off ]] && score=()
   $B/cadbcnn-train calibrate "$run/gate/cadbcnn.onnx" --data "$DATA" --split-file "$run/split.csv" \
       --shifted-copies "${SHIFTED_COPIES:-23}" --shifted-target-risk "$risk" --per-class \
-      "${look[@]}" "${each[@]}" --out "$out"
+      "${look[@]}" "${each[@]}" "${score[@]}" --out "$out"
   shift_report "$run" "$name" "$out"
 }
 

@@ -16,6 +16,7 @@ from conftest import onnx_calibration_setup
 NAMES = ("Benign", "Early Pre-B", "Pre-B", "Pro-B")
 
 
+@pytest.mark.runtime  # torch-free: the runtime suite runs it too
 def test_fit_logistic_is_the_penalised_optimum_and_recovers_a_known_model():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(20000, 3)) * (1.0, 3.0, 0.5) + (0.0, 5.0, -1.0)
@@ -34,6 +35,7 @@ def test_fit_logistic_is_the_penalised_optimum_and_recovers_a_known_model():
         fit_logistic(x, np.ones(len(x), bool))
 
 
+@pytest.mark.runtime  # torch-free: the runtime suite runs it too
 def test_design_puts_each_image_in_its_predicted_class_block():
     probs = np.array([[0.7, 0.1, 0.1, 0.1], [0.05, 0.05, 0.1, 0.8]])
     ratios = np.array([[0.5, 2.0, 3.0, 4.0], [1.0, 1.0, 1.0, np.e]])
@@ -45,6 +47,7 @@ def test_design_puts_each_image_in_its_predicted_class_block():
     assert design(probs, None, ratios)[:, 6].tolist() == [0, 0]  # no OOD output: the feature is 0
 
 
+@pytest.mark.runtime  # torch-free: the runtime suite runs it too
 def test_cross_fitted_scores_come_from_fits_without_the_rows_group():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(300, 2))
@@ -76,6 +79,7 @@ def _synthetic_site(rng, n=400):
     return block(n, 0.0, False), block(n, 0.2, True)
 
 
+@pytest.mark.runtime  # torch-free: the runtime suite runs it too
 def test_the_score_holds_every_shift_on_cross_fitted_scores_reviewing_fewer_clean_images():
     from cadbcnn_runtime.calibration import each_shift_thresholds
 
@@ -93,6 +97,7 @@ def test_the_score_holds_every_shift_on_cross_fitted_scores_reviewing_fewer_clea
     assert conf_rev > 0.15 and clean_rev < 0.05, (conf_rev, clean_rev)
 
 
+@pytest.mark.runtime  # torch-free: the runtime suite runs it too
 def test_check_entry_and_the_spec_refuse_a_broken_or_orphan_score(onnx_model):
     clean, shifted = _synthetic_site(np.random.default_rng(3), n=120)
     e = fit_review_score(clean, shifted, ["s"] * 120, class_names=NAMES, target_risk=0.05, fitted_on="x")
