@@ -27,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cadbcnn_runtime.appearance import SMOOTH_SIGMA, AppearanceCheck, appearance_features, atypical, fit_appearance
+from appearance_sweep import features  # scripts/: the appearance features of decoded images, as the sweep's
+from cadbcnn_runtime.appearance import AppearanceCheck, atypical, fit_appearance
 from cadbcnn_runtime.calibration import each_shift_thresholds
-from cadbcnn_runtime.preprocess import preprocess
 from cadbcnn_runtime.review_score import ReviewScore, Scored, fit_review_score
 from cadbcnn_runtime.spec import ModelSpec
 from cadbcnn_train.review_rules import Predictions
@@ -37,13 +37,6 @@ from cadbcnn_train.shift_report import load_split
 from cadbcnn_train.shifts import SHIFTS, shifted
 
 SEVERITIES = ("clean", "mild", "strong")
-
-
-def features(images, spec) -> np.ndarray:
-    out = []
-    for i in range(0, len(images), 64):
-        out.append(appearance_features(np.stack([preprocess(im, spec) for im in images[i:i + 64]]), SMOOTH_SIGMA))
-    return np.concatenate(out)
 
 
 def family(shift: str) -> str:
