@@ -13,7 +13,7 @@ SYSDEPS = xvfb xauth chromium libgl1 libglx-mesa0 libgl1-mesa-dri libxkbcommon-x
           libxcb-image0 libxcb-keysyms1 libxcb-randr0 libxcb-render-util0 libxcb-xinerama0 libxcb-xkb1 \
           libxcb-shape0 libxcb-cursor0 fonts-dejavu-core
 
-.PHONY: install install-runtime sysdeps test test-main test-runtime demo bench clean
+.PHONY: install install-runtime sysdeps test test-main test-runtime demo bench bench-gpu test-gpu gpu-deps clean
 
 install: $(VENV)/.installed
 install-runtime: $(RT_VENV)/.installed
@@ -63,6 +63,24 @@ demo: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(BIN)/cadbcnn-bench --out build/bench
+
+# On a CUDA machine: the GPU tests, and a benchmark of what runs there (PyTorch on the GPU; ONNX Runtime's CUDA EP
+# when onnxruntime-gpu is installed). GPU_PY defaults to this checkout's venv. On the lent GPU machine (no network;
+# its python3 has torch, onnx, onnxruntime without CUDA, OpenCV and typer) pass GPU_PY=python3: the package is then
+# installed there without dependencies. docs/STATUS.md, "GPU sessions".
+GPU_PY    ?= $(BIN)/python
+GPU_OUT   ?= benchmarks/results/gpu
+GPU_BENCH ?= --batch 1,8,32,128 --threads 0 --min-time 2 --no-cold-start
+GPU_SETUP  = $(if $(filter $(BIN)/python,$(GPU_PY)),$(VENV)/.installed,gpu-deps)
+
+gpu-deps:
+	$(GPU_PY) -m pip install -q --no-deps --no-build-isolation --no-index -e .
+
+test-gpu: $(GPU_SETUP)
+	$(GPU_PY) -m pytest -q -m gpu -p no:cacheprovider
+
+bench-gpu: $(GPU_SETUP)
+	$(GPU_PY) -m cadbcnn_bench.cli --device cuda $(GPU_BENCH) --out $(GPU_OUT)
 
 clean:
 	rm -rf build .pytest_cache

@@ -32,7 +32,6 @@ from .conditions import PeakRSS, conditions, rss_mb
 from .runners import (Runner, flops_per_image, openvino_runner, ort_runner, runtime_openvino_runner, time_it,
                       torch_runner)
 
-FORMAT_ORDER = ("torch-fp32", "torch-bf16", "ort-fp32", "ort-int8", "ort-cuda-fp32", "ort-cuda-fp16")
 # the formats that also get an end-to-end row (cadbcnn-infer's pipeline on their own file and backend)
 END_TO_END_FORMATS = ("ort-fp32", "ort-int8", "runtime-openvino-int8", "ort-cuda-fp32", "ort-cuda-fp16")
 MEM_RUNS = 3  # untimed runs inside the memory sampler, after the timed ones
@@ -231,6 +230,12 @@ class BenchOptions:
     cold_start: bool = True
 
 
+def _torch_cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 def prepare(opts: BenchOptions, work: Path, log) -> tuple[Any, ModelSpec, tuple[str, ...], dict[str, Path]]:
     """The torch model (checkpoint, or random-weight CADBCNN), its spec, and ONNX files per format.
 
@@ -260,6 +265,9 @@ def prepare(opts: BenchOptions, work: Path, log) -> tuple[Any, ModelSpec, tuple[
         v = ModelSpec.from_onnx(m).variant
         key = {"fp32": "fp32", "fp32-fp16weights": "fp32", "int8": "int8", "fp16": "fp16"}[v]
         files.setdefault(key, Path(m))
+    if opts.device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        log("--device cuda without onnxruntime's CUDA EP: only PyTorch on the GPU is timed; nothing exported")
+        return ck, ck.spec, ck.class_folders, files
     if "fp32" not in files or "int8" not in files:
         from cadbcnn_export.exporter import ExportOptions, export_checkpoint
 
@@ -308,31 +316,38 @@ def _measure(opts: BenchOptions, out: Path, ck, spec: ModelSpec, class_folders: 
     flops = flops_per_image(model, spec.image_size)
     ckpt_mb = sum(v.numel() * v.element_size() for v in ck.state_dict.values()) / 1e6
     cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    gpu = _torch_cuda()
+    no_ep = "CUDA EP not available (install onnxruntime-gpu on a CUDA machine)"
+    no_gpu = "no CUDA device for PyTorch (torch.cuda.is_available() is False)"
 
-    runners: dict[str, Runner | str] = {
-        "torch-fp32": torch_runner(model, "fp32", ckpt_mb),
-        "torch-bf16": torch_runner(model, "bf16", ckpt_mb) if cpu_has_bf16()
+    def onnx(key, make):  # a row on an ONNX file, or why there is none
+        return make(files[key]) if key in files else f"no {key.upper()} model"
+
+    # Built only for the device asked for (--device): a runner loads its session or moves a model when built.
+    makers: dict[str, Any] = {
+        "torch-fp32": lambda: torch_runner(model, "fp32", ckpt_mb),
+        "torch-bf16": lambda: torch_runner(model, "bf16", ckpt_mb) if cpu_has_bf16()
         else "CPU lacks AVX512-BF16/AMX: bf16 autocast would be emulated",
-        "ort-fp32": ort_runner("ort-fp32", files["fp32"], "CPUExecutionProvider"),
-        "ort-int8": ort_runner("ort-int8", files["int8"], "CPUExecutionProvider") if "int8" in files
-        else "no INT8 model",
+        "ort-fp32": lambda: onnx("fp32", lambda f: ort_runner("ort-fp32", f, "CPUExecutionProvider")),
+        "ort-int8": lambda: onnx("int8", lambda f: ort_runner("ort-int8", f, "CPUExecutionProvider")),
         # the best peer: OpenVINO on the very same files, default hints and forced FP32
-        "openvino-fp32-default": openvino_runner("openvino-fp32-default", files["fp32"]),
-        "openvino-fp32-f32": openvino_runner("openvino-fp32-f32", files["fp32"], precision_hint="f32"),
-        "openvino-int8": openvino_runner("openvino-int8", files["int8"]) if "int8" in files else "no INT8 model",
+        "openvino-fp32-default": lambda: onnx("fp32", lambda f: openvino_runner("openvino-fp32-default", f)),
+        "openvino-fp32-f32": lambda: onnx("fp32", lambda f: openvino_runner("openvino-fp32-f32", f,
+                                                                              precision_hint="f32")),
+        "openvino-int8": lambda: onnx("int8", lambda f: openvino_runner("openvino-int8", f)),
         # the runtime's own OpenVINO backend (the adapter Classifier(backend="openvino") runs), on the INT8 file
-        "runtime-openvino-int8": runtime_openvino_runner("runtime-openvino-int8", files["int8"]) if "int8" in files
-        else "no INT8 model",
-        "ort-cuda-fp32": ort_runner("ort-cuda-fp32", files["fp32"], "CUDAExecutionProvider") if cuda
-        else "CUDA EP not available (install onnxruntime-gpu on a CUDA machine)",
-        "ort-cuda-fp16": (ort_runner("ort-cuda-fp16", files["fp16"], "CUDAExecutionProvider") if "fp16" in files
-                          else "no FP16 model") if cuda
-        else "CUDA EP not available (install onnxruntime-gpu on a CUDA machine)",
+        "runtime-openvino-int8": lambda: onnx("int8", lambda f: runtime_openvino_runner("runtime-openvino-int8", f)),
+        "ort-cuda-fp32": lambda: onnx("fp32", lambda f: ort_runner("ort-cuda-fp32", f, "CUDAExecutionProvider"))
+        if cuda else no_ep,
+        "ort-cuda-fp16": lambda: onnx("fp16", lambda f: ort_runner("ort-cuda-fp16", f, "CUDAExecutionProvider"))
+        if cuda else no_ep,
+        # PyTorch on the GPU: what a CUDA machine measures without onnxruntime-gpu (docs/STATUS.md, GPU sessions)
+        "torch-cuda-fp32": lambda: torch_runner(model, "fp32", ckpt_mb, "cuda") if gpu else no_gpu,
+        "torch-cuda-bf16": lambda: torch_runner(model, "bf16", ckpt_mb, "cuda") if gpu else no_gpu,
+        "torch-cuda-fp16": lambda: torch_runner(model, "fp16", ckpt_mb, "cuda") if gpu else no_gpu,
     }
-    if opts.device == "cuda":
-        runners = {k: v for k, v in runners.items() if "cuda" in k}
-    elif opts.device == "cpu":
-        runners = {k: v for k, v in runners.items() if "cuda" not in k}
+    runners: dict[str, Runner | str] = {k: make() for k, make in makers.items()
+                                        if opts.device == "all" or ("cuda" in k) == (opts.device == "cuda")}
 
     rows: list[Row] = []
     providers_used: dict[str, list[str]] = {}

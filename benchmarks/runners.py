@@ -29,21 +29,27 @@ class Runner:
     backend: str = "onnxruntime"                    # the runtime backend of the end-to-end run
 
 
-def torch_runner(model, precision: str, size_mb: float | None) -> Runner:
+def torch_runner(model, precision: str, size_mb: float | None, device: str = "cpu") -> Runner:
+    """PyTorch eager (channels_last) at PRECISION (fp32, or bf16/fp16 autocast) on DEVICE. On CUDA a copy of the
+    model is moved there and each run includes the uint8 batch's copy to the GPU and the logits' copy back (which
+    waits for the GPU), as an application would see it; named ``torch-cuda-PRECISION``."""
+    import copy
+
     import torch
 
     from cadbcnn_train.env import autocast
 
-    model = model.eval().to(memory_format=torch.channels_last)
-    dev = torch.device("cpu")
+    dev = torch.device(device)
+    model = (model if dev.type == "cpu" else copy.deepcopy(model)).eval().to(dev, memory_format=torch.channels_last)
 
     @torch.no_grad()
     def run(x):
-        t = torch.from_numpy(x).contiguous(memory_format=torch.channels_last)
+        t = torch.from_numpy(x).to(dev).contiguous(memory_format=torch.channels_last)
         with autocast(dev, precision):
-            return model(t).float().numpy()
+            return model(t).float().cpu().numpy()
 
-    return Runner(f"torch-{precision}", run, torch.set_num_threads, "torch-cpu", size_mb)
+    name = f"torch-{precision}" if dev.type == "cpu" else f"torch-{dev.type}-{precision}"
+    return Runner(name, run, torch.set_num_threads, f"torch-{dev.type}", size_mb)
 
 
 def session_runner(name: str, path: Path, provider: str, build: Callable[[int], Any], *,

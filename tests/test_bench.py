@@ -204,3 +204,46 @@ def test_end_to_end_rows_say_why_instead_of_crashing(tmp_path):
                  tmp_path)
     report = (tmp_path / "report.md").read_text()
     assert f"| runtime-openvino-int8 | not available: {missing} |" in report and "| ort-int8 | failed: " in report
+
+
+def test_device_cuda_without_a_gpu_says_why_and_exports_nothing(tmp_path):
+    """`cadbcnn-bench --device cuda` (make bench-gpu) on a machine without CUDA: a row per GPU format with its
+    reason — PyTorch on the GPU and ONNX Runtime's CUDA EP — and no export (no file would be timed)."""
+    import torch
+    import onnxruntime as ort
+
+    if torch.cuda.is_available() or "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has CUDA: the GPU rows would run")
+    ck = save_random_checkpoint(tmp_path / "ck.pt", model="resnet18", image_size=32)
+    r = CliRunner().invoke(app, ["--out", str(tmp_path / "b"), "--checkpoint", str(ck), "--device", "cuda",
+                                 "--batch", "1", "--threads", "1", "--min-time", "0.05", "--no-cold-start"])
+    assert r.exit_code == 0, r.output
+    assert "only PyTorch on the GPU is timed; nothing exported" in r.output and "exporting" not in r.output
+    rows = json.loads((tmp_path / "b" / "results.json").read_text())["rows"]
+    assert {x["format"] for x in rows} == {"torch-cuda-fp32", "torch-cuda-bf16", "torch-cuda-fp16", "ort-cuda-fp32",
+                                           "ort-cuda-fp16"}
+    assert all(x["status"] == "not available" for x in rows)
+    assert {x["reason"] for x in rows if x["format"].startswith("torch-cuda")} == {
+        "no CUDA device for PyTorch (torch.cuda.is_available() is False)"}
+    assert "| torch-cuda-bf16 | not available:" in (tmp_path / "b" / "report.md").read_text()
+
+
+@pytest.mark.gpu
+def test_torch_cuda_runner_matches_the_cpu(tmp_path):
+    """On a CUDA machine: PyTorch on the GPU gives the CPU's logits (fp32 closely, bf16/fp16 autocast loosely) and
+    leaves the CPU model where it was."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device for PyTorch")
+    from cadbcnn_bench.runners import torch_runner
+    from cadbcnn_train.checkpoint import load_checkpoint
+
+    model = load_checkpoint(save_random_checkpoint(tmp_path / "ck.pt", model="resnet18", image_size=32)).build_model()
+    x = np.random.default_rng(0).integers(0, 256, (4, 3, 32, 32), dtype=np.uint8)
+    cpu = torch_runner(model, "fp32", None).run(x)
+    assert np.abs(torch_runner(model, "fp32", None, "cuda").run(x) - cpu).max() < 1e-3
+    for precision in ("bf16", "fp16"):
+        r = torch_runner(model, precision, None, "cuda")
+        assert r.name == f"torch-cuda-{precision}" and np.abs(r.run(x) - cpu).max() < 0.25
+    assert next(model.parameters()).device.type == "cpu"
