@@ -340,8 +340,8 @@ def _documentation(spec: ModelSpec, *, temperature: float, n_test: int, source_n
     score = (calib or {}).get("review_score")
     if score:
         n = 2 + bool(ood) + bool(spec.quality) + bool(spec.appearance)
-        lines.append(f"{n}. the learned review score — {score.get('method', 'logistic regression')} on "
-                     f"{score.get('features', 'see the spec')} — is below the threshold of the predicted class: **"
+        lines.append(f"{n}. the learned review score ({score.get('method', 'logistic regression')}; features: "
+                     f"{score.get('features', 'see the spec')}) is below the threshold of the predicted class: **"
                      f"{describe_thresholds(score['thresholds'])}**. It replaces per-class confidence thresholds "
                      "(rule 1 then holds the floor only). Computed outside the graph (`cadbcnn_runtime.review_score`, "
                      "weights in `config.cadbcnn.review_score`); a consumer of this package must apply it itself.")
