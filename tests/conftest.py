@@ -26,7 +26,7 @@ def _torch_importable() -> bool:
 # In the runtime-only environment (no torch) only the torch-free test module is collected.
 RUNTIME_MODULES = {"test_runtime.py", "test_hardening.py", "test_reliability.py", "test_quality.py", "test_variants.py",
                    "test_distributed.py", "test_hooks.py", "test_report_html.py", "test_validate.py", "test_session_cache.py",
-                   "test_appearance.py"}
+                   "test_appearance.py", "test_review_score.py"}
 if not _torch_importable():
     collect_ignore = [p.name for p in Path(__file__).parent.glob("*.py")
                       if p.name not in RUNTIME_MODULES and p.name != "conftest.py"]
