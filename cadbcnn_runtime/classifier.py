@@ -240,16 +240,19 @@ class Classifier:
         probs = softmax(logits, self.temperature)
         min_content = None if self.spec.quality is None else float(self.spec.quality["min_content"])
         labels = probs.argmax(1)
-        looks = (None if appearance is None or self.appearance is None
-                 else self.appearance.scores(appearance, labels))
-        odd_all = None if looks is None else atypical(looks)
         trust = low_all = None
-        if self.review_score is not None:
+        if self.review_score is not None:  # reads the distance to every class; the check's is its label's column
             if appearance is None:
                 raise ArgumentError(f"{self.path.name}: its review rule reads the images' appearance features; pass "
                                     "them (Classifier.appearance.features(batch)) or call classify(batch)")
-            trust = self.review_score.scores(probs, ood, self.appearance.ratios(appearance))
+            ratios = self.appearance.ratios(appearance)
+            looks = ratios[np.arange(len(labels)), labels]
+            trust = self.review_score.scores(probs, ood, ratios)
             low_all = self.review_score.low(trust, labels)
+        else:
+            looks = (None if appearance is None or self.appearance is None
+                     else self.appearance.scores(appearance, labels))
+        odd_all = None if looks is None else atypical(looks)
         out = []
         for i, p in enumerate(probs):
             k = int(labels[i])

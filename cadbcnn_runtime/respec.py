@@ -150,10 +150,10 @@ def calibrate_model(model: Path, out: Path, *, val: Sequence[tuple[Path, int]], 
                 worst = entry["class_review"]["worst_shift"]
                 said += f" (worst shift: {worst['shift']}, {100 * worst['silent_error_rate']:.2f} % silent)"
             if review_score:
-                entry = {**entry, "review_score": _fit_score(clf, check, entry, review, (logits, v_ood, v_look),
-                                                             labels, v_flagged, (s_logits, s_ood, s_look), s_labels,
-                                                             s_flagged, shift_names, shift_sources, shifted_target_risk,
-                                                             f"validation split ({len(val)} images) and {fitted_on}")}
+                entry = {**entry, "review_score": _fit_score(
+                    clf.spec.class_names, check, entry, review, (logits, v_ood, v_look), labels, v_flagged,
+                    (s_logits, s_ood, s_look), s_labels, s_flagged, shift_names, shift_sources, shifted_target_risk,
+                    f"validation split ({len(val)} images) and {fitted_on}")}
                 rs = entry["review_score"]
                 entry["review_rule"] += ("; the learned review score (calibration.review_score) replaces the "
                                          "per-class confidence thresholds")
@@ -180,8 +180,8 @@ def calibrate_model(model: Path, out: Path, *, val: Sequence[tuple[Path, int]], 
     return spec
 
 
-def _fit_score(clf, check: AppearanceCheck, entry: dict, floor: float, clean: tuple, labels: np.ndarray,
-               flagged: np.ndarray, shifted: tuple, s_labels: np.ndarray, s_flagged: np.ndarray,
+def _fit_score(class_names: Sequence[str], check: AppearanceCheck, entry: dict, floor: float, clean: tuple,
+               labels: np.ndarray, flagged: np.ndarray, shifted: tuple, s_labels: np.ndarray, s_flagged: np.ndarray,
                shift_names: Sequence[str], shift_sources: Sequence[int], target_risk: float, fitted_on: str) -> dict:
     """``calibration.review_score`` from (logits, OOD scores, appearance features) of the clean validation images
     and of their shifted copies; images under the confidence floor (the clean rule) count as flagged."""
@@ -194,7 +194,7 @@ def _fit_score(clf, check: AppearanceCheck, entry: dict, floor: float, clean: tu
 
     return fit_review_score(scored(clean, labels, flagged, np.arange(len(labels))),
                             scored(shifted, s_labels, s_flagged, np.asarray(shift_sources)), shift_names,
-                            class_names=clf.spec.class_names, target_risk=target_risk, fitted_on=fitted_on)
+                            class_names=class_names, target_risk=target_risk, fitted_on=fitted_on)
 
 
 def _outputs(clf, images: Sequence, looks_needed: bool = False

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from cadbcnn_runtime.atomic import write_atomic
 from cadbcnn_runtime.errors import CheckpointError
 from cadbcnn_runtime.spec import ModelSpec
 from cadbcnn_train.checkpoint import load_checkpoint, weights_sha256
@@ -88,11 +89,11 @@ def unpack(folder: Path, dest: Path) -> dict:
         raise CheckpointError(f"{folder}: the joined parts differ from the manifest's whole; copy them again")
     raw = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     raw["state_dict"] = {k: (v.float() if v.is_floating_point() else v) for k, v in raw["state_dict"].items()}
-    ModelSpec.from_dict(raw["spec"], source=str(path))
+    ModelSpec.from_dict(raw["spec"], source=str(path))  # refused before anything is written
+    out = io.BytesIO()
+    torch.save(raw, out)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".tmp")
-    torch.save(raw, tmp)
-    tmp.replace(dest)
+    write_atomic(dest, out.getvalue())
     load_checkpoint(dest)  # reads as any checkpoint
     return m
 
