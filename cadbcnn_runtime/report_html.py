@@ -17,11 +17,15 @@ Layout, top to bottom
       among them by ascending confidence;
    b. out of distribution — by descending ``ood_score`` (rows without a score after those with one), then
       ascending confidence;
-   c. low confidence (flagged and neither of the above) — by ascending confidence;
+   c. the rest — colour and contrast unlike the training images of the label (``atypical_appearance``), a
+      learned review score below its class's threshold (``low_review_score``), low confidence — by ascending
+      confidence;
 
-   ties by path. The reason is given in words, derived from the flags since the review threshold is not in
-   a row: "blank or near-uniform field", "out of distribution (score 0.970)", "confidence 0.712 below the
-   review threshold".
+   ties by path. The reason is given in words, derived from the flags since the thresholds are not in a row:
+   "blank or near-uniform field", "out of distribution (score 0.970)", "colour and contrast unlike the
+   training images of Pro (score 1.84)", "learned review score 0.412 below the threshold of Pro", and
+   "confidence 0.712 below the review threshold" only for a flagged row that none of the other flags explains
+   (a row of a model without those checks has no such columns).
 3. **Errors** (``status`` other than ``ok``): path and error message, sorted by path. They get no thumbnail
    (the file could not be read when classified).
 4. **Not flagged**: the rest, sorted by path.
@@ -36,8 +40,9 @@ Filters
 Two selects, by predicted class and by flag, applied by a small inline script that sets the ``hidden``
 attribute on the rows that do not match. Every row is a ``<tr class="row">`` with ``id="row-N"`` (N = its index
 in ``rows``), ``data-class`` (the label; empty for errors) and ``data-flag``: space-separated tokens, any of
-``review ood blank lowconf`` for flagged rows, ``error`` for errors, ``none`` for the rest. Flag filter values:
-``all``, ``review``, ``ood``, ``blank``, ``lowconf``, ``error``, ``none`` (aliases ``errors``, ``unflagged``).
+``review ood blank appearance score lowconf`` for flagged rows, ``error`` for errors, ``none`` for the rest. Flag
+filter values: ``all``, ``review``, ``ood``, ``blank``, ``appearance``, ``score``, ``lowconf``, ``error``, ``none``
+(aliases ``errors``, ``unflagged``).
 
 The filter state lives in the URL hash, e.g. ``report.html#class=Pro-B&flag=review`` (URL-encoded, so
 ``class=Early%20Pre-B`` works): it is applied on load and on every hash change, and changing a select updates
@@ -74,6 +79,8 @@ FLAG_FILTERS: dict[str, str] = {
     "review": "needs review",
     "ood": "out of distribution",
     "blank": "blank field",
+    "appearance": "unlike training images",
+    "score": "low review score",
     "lowconf": "low confidence",
     "error": "errors",
     "none": "not flagged",
@@ -149,6 +156,10 @@ class Entry:
     ood_score: float | None = None
     blank: bool = False
     blank_checked: bool = False  # the row carries a field-content verdict (True or False)
+    atypical: bool = False  # colour and contrast unlike the training images of the label (appearance check)
+    appearance_score: float | None = None
+    low_score: bool = False  # the learned review score below its class's threshold
+    review_score: float | None = None
     probabilities: dict[str, float | None] = field(default_factory=dict)
     error: str = ""
 
@@ -158,7 +169,8 @@ class Entry:
 
     @property
     def low_confidence(self) -> bool:
-        return self.flagged and not self.ood and not self.blank
+        """Flagged, and no other recorded flag explains it (the row does not carry the review thresholds)."""
+        return self.flagged and not (self.ood or self.blank or self.atypical or self.low_score)
 
     def flag_tokens(self) -> list[str]:
         if not self.ok:
@@ -166,6 +178,7 @@ class Entry:
         if not self.flagged:
             return ["none"]
         return ["review"] + (["ood"] if self.ood else []) + (["blank"] if self.blank else []) + \
+            (["appearance"] if self.atypical else []) + (["score"] if self.low_score else []) + \
             (["lowconf"] if self.low_confidence else [])
 
     def reasons(self) -> list[str]:
@@ -175,6 +188,13 @@ class Entry:
         if self.ood:
             out.append("out of distribution" + (f" (score {self.ood_score:.3f})" if self.ood_score is not None
                                                 else ""))
+        if self.atypical:
+            out.append(f"colour and contrast unlike the training images of {self.label}"
+                       + (f" (score {self.appearance_score:.2f})" if self.appearance_score is not None else ""))
+        if self.low_score:
+            out.append("learned review score"
+                       + (f" {self.review_score:.3f}" if self.review_score is not None else "")
+                       + f" below the threshold of {self.label}")
         if self.low_confidence:
             conf = f"{self.confidence:.3f}" if self.confidence is not None else "unknown"
             out.append(f"confidence {conf} below the review threshold")
@@ -197,6 +217,8 @@ def normalise(index: int, row: Mapping[str, object], class_names: Sequence[str])
                  needs_review=_flag(row.get("needs_review")), ood=_flag(row.get("out_of_distribution")),
                  ood_score=_num(row.get("ood_score")), blank=_flag(row.get("low_content")),
                  blank_checked=_present(row.get("low_content")),
+                 atypical=_flag(row.get("atypical_appearance")), appearance_score=_num(row.get("appearance_score")),
+                 low_score=_flag(row.get("low_review_score")), review_score=_num(row.get("review_score")),
                  probabilities={_text(c): _num(row.get(f"p_{c}")) for c in class_names})
 
 
@@ -324,11 +346,13 @@ td.thumb img{display:block;width:__BOX__px;height:__BOX__px;object-fit:contain;b
 td.path{word-break:break-all;max-width:360px;font-family:ui-monospace,"DejaVu Sans Mono",monospace;font-size:12px}
 td.num{font-variant-numeric:tabular-nums;white-space:nowrap}
 tr.flag-lowconf td:first-child{box-shadow:inset 5px 0 #e0a100}
+tr.flag-appearance td:first-child,tr.flag-score td:first-child{box-shadow:inset 5px 0 #2e7d74}
 tr.flag-ood td:first-child{box-shadow:inset 5px 0 #c62828}
 tr.flag-blank td:first-child{box-shadow:inset 5px 0 #7b5ea7}
 tr.flag-error td:first-child{box-shadow:inset 5px 0 #8e1b1b}
 .badge{display:inline-block;margin:0 4px 3px 0;padding:1px 7px;border-radius:9px;font-size:12px;color:#fff}
 .badge.blank{background:#7b5ea7}.badge.ood{background:#c62828}.badge.lowconf{background:#b07d00}
+.badge.appearance{background:#2e7d74}.badge.score{background:#5d4037}
 .reason{font-size:13px}
 .err{white-space:pre-wrap;color:#8e1b1b;font-size:13px}
 .probs{margin:0;padding:0;list-style:none;font-size:12px;min-width:200px;font-variant-numeric:tabular-nums}
@@ -432,7 +456,7 @@ def _row_attrs(e: Entry) -> str:
 def _result_row(e: Entry, class_names: Sequence[str], thumbs: Mapping[int, Thumb], show_thumbs: bool,
                 show_ood: bool) -> str:
     badges = "".join(f'<span class="badge {t}">{FLAG_FILTERS[t]}</span>' for t in e.flag_tokens()
-                     if t in ("blank", "ood", "lowconf"))
+                     if t in ("blank", "ood", "appearance", "score", "lowconf"))
     reasons = "; ".join(e.reasons()) or "—"
     cells = [f'<td class="thumb">{_thumb_html(thumbs.get(e.index))}</td>' if show_thumbs else "",
              f'<td class="path">{_esc(e.path)}</td>',

@@ -216,15 +216,15 @@ def _run_onnx(path: Path, x: np.ndarray) -> list[np.ndarray]:
 
 
 # -- cover ----------------------------------------------------------------------------------------------------
-def _cover(image_rgb: np.ndarray, probs: np.ndarray, spec: ModelSpec, *, review_thresholds: dict[str, float],
-           ood: float | None, ood_threshold: float | None, dest: Path) -> Path:
-    """A 2:1 PNG: the image with its predicted label drawn on it, and a probability panel. At most 500 KB."""
+def _cover(image_rgb: np.ndarray, probs: np.ndarray, spec: ModelSpec, *, review: bool, ood: float | None,
+           is_ood: bool, dest: Path) -> Path:
+    """A 2:1 PNG: the image with its predicted label drawn on it, and a probability panel. At most 500 KB.
+    ``review``: the runtime's ``needs_review`` for the image (every check of the model's rule, not only the
+    confidence and OOD thresholds)."""
     import cv2
 
     k = int(np.argmax(probs))
     conf = float(probs[k])
-    is_ood = ood is not None and ood_threshold is not None and not ood <= ood_threshold
-    review = conf < review_thresholds[spec.class_names[k]] or is_ood
     width, height = COVER_SIZE
     while True:
         s = height / 512.0
@@ -512,7 +512,7 @@ def build_package(model: Path, out_zip: Path, *, samples: Path = Path("models/sa
         x = np.stack([clf.preprocess(p) for p in images])
         ref_logits, ref_ood = clf.run_all(x)
         review_threshold, ood_threshold = clf.review_threshold, clf.ood_threshold
-        per_class = clf.review_thresholds
+        first_pred = clf.classify(x[:1])[0]  # the cover's review flag: the runtime's whole rule
     temperature = temperature_of(spec.calibration)
     ref_probs = softmax(ref_logits, temperature)
     source_sha256 = file_sha256(model)
@@ -554,8 +554,8 @@ def build_package(model: Path, out_zip: Path, *, samples: Path = Path("models/sa
             np.save(work / f"test_output_{spec.ood['output']}.npy", outs[1])
             tifffile.imwrite(work / f"sample_output_{spec.ood['output']}.tif", outs[1][:1])
         first = read_image(images[0])
-        _cover(first, probs[0], spec, review_thresholds=per_class,
-               ood=None if spec.ood is None else float(outs[1][0]), ood_threshold=ood_threshold,
+        _cover(first, probs[0], spec, review=first_pred.needs_review,
+               ood=None if spec.ood is None else float(outs[1][0]), is_ood=first_pred.out_of_distribution,
                dest=work / "cover.png")
         paper_ref = (f"{PAPER_TEXT} " + (f"DOI {paper_doi}" if paper_doi else (paper_url or
                      f"(no DOI on record; literature search: {PAPER_SEARCH_URL})")))

@@ -225,3 +225,31 @@ def test_cli_without_the_extra_exits_2(onnx_model, tmp_path, monkeypatch):
     assert r.exit_code == 2, r.output
     assert "pip install 'cadbcnn[bioimageio]'" in r.output and "bioimageio.spec" in r.output
     assert not out.exists()
+
+
+def test_cover_review_flag_is_the_runtimes_whole_rule(ood_model, samples, tmp_path, monkeypatch):
+    """The cover's 'needs review' is the runtime's ``needs_review``, not confidence/OOD alone: a model whose only
+    active check is the field-content check (review threshold 0, OOD threshold out of reach, every field 'blank')
+    shows the first image as needing review."""
+    import cadbcnn_export.bioimageio as bi
+    from cadbcnn_runtime.respec import replace_spec
+
+    spec = ModelSpec.from_onnx(ood_model)
+    spec = spec.replace(review_threshold=0.0, ood={**spec.ood, "threshold": 1e30},
+                        quality={"measure": "test", "min_content": 1e9})
+    model = tmp_path / "blank-only.onnx"
+    model.write_bytes(replace_spec(ood_model.read_bytes(), spec))
+    seen = {}
+    real = bi._cover
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bi, "_cover", spy)
+    build_package(model, tmp_path / "p.zip", samples=samples, test=False)
+    first = sorted(p for p in samples.iterdir())[0]
+    with Classifier.from_file(model, device="cpu") as clf:
+        pred = clf.predict(first)
+    assert pred.low_content and not pred.out_of_distribution and pred.needs_review
+    assert seen["review"] is True and seen["is_ood"] is False

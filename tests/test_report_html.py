@@ -413,3 +413,38 @@ def test_blank_check_that_ran_and_found_nothing_is_not_reported_missing(tmp_path
     _, text = parse(write_html_report(tmp_path / "s.html", [{k: v for k, v in r.items() if k != "low_content"}
                                                           for r in rows], class_names=CLASSES))
     assert "blank-field check: not in these results" in text
+
+
+@pytest.mark.parametrize("via_csv", [False, True])
+def test_appearance_and_review_score_reasons_are_named_not_called_low_confidence(tmp_path, via_csv):
+    """A row reviewed by the appearance check or the learned review score says so; 'low confidence' is kept for a
+    flagged row that no recorded flag explains (the thresholds are not in a row)."""
+    def p(label, conf, *, odd=False, unsure=False):
+        return Prediction(label, CLASSES.index(label), conf, {c: conf if c == label else (1 - conf) / 3
+                                                                for c in CLASSES},
+                          odd or unsure or conf < 0.9, ood_score=0.1, out_of_distribution=False,
+                          content_score=0.5, low_content=False, appearance_score=1.84 if odd else 0.4,
+                          atypical_appearance=odd, review_score=0.412 if unsure else 0.99, low_review_score=unsure)
+
+    rows = [ok_row("odd.png", p("Pro-B", 0.998, odd=True)), ok_row("unsure.png", p("Benign", 0.997, unsure=True)),
+            ok_row("both.png", p("Pre-B", 0.95, odd=True, unsure=True)), ok_row("low.png", p("Pre-B", 0.62)),
+            ok_row("fine.png", p("Benign", 0.999))]
+    if via_csv:  # what `cadbcnn-infer --html` re-reads: CSV text cells
+        f = tmp_path / "r.csv"
+        with f.open("w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=columns(CLASSES, ood=True, quality=True, appearance=True,
+                                                      review_score=True))
+            w.writeheader()
+            w.writerows({**r, "status": "ok", "error": ""} for r in rows)
+        with f.open(newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    rep, text = parse(write_html_report(tmp_path / "r.html", rows, class_names=CLASSES))
+    by = {path_of(r): r for r in rep.rows}
+    flag = {k: r["attrs"]["data-flag"] for k, r in by.items()}
+    assert flag == {"odd.png": "review appearance", "unsure.png": "review score", "both.png": "review appearance score",
+                    "low.png": "review lowconf", "fine.png": "none"}
+    assert "colour and contrast unlike the training images of Pro-B (score 1.84)" in by["odd.png"]["text"]
+    assert "learned review score 0.412 below the threshold of Benign" in by["unsure.png"]["text"]
+    assert all("review threshold" not in by[k]["text"] for k in ("odd.png", "unsure.png", "both.png"))
+    assert "confidence 0.620 below the review threshold" in by["low.png"]["text"]
+    assert 'value="appearance"' in text and 'value="score"' in text
