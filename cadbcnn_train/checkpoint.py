@@ -137,7 +137,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         if bool(raw.get("ood")) != bool(spec.ood):
             raise CheckpointError(f"{path}: OOD statistics and the spec's OOD entry must come together (statistics "
                                   f"{'present' if raw.get('ood') else 'absent'}, spec entry "
-                                  f"{'present' if spec.ood else 'absent'}); run `cadbcnn-train refit-ood` on it.")
+                                  f"{'present' if spec.ood else 'absent'}); run `cadbcnn-train fit-ood` on it.")
         return Checkpoint(
             path=path,
             model_name=raw["model_name"],

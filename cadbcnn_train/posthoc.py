@@ -80,7 +80,7 @@ def recalibrate_checkpoint(checkpoint: Path, data: Path, *, split_file: Path | N
     log(f"BatchNorm statistics recomputed on {n} clean train-split images → {dest}"
         + (f" (frozen at training, statistics kept: {', '.join(frozen)})" if frozen else "")
         + (f"; dropped, as they were computed on the old weights: {', '.join(stale)} — run "
-           "`cadbcnn-train refit-ood`, `cadbcnn-train calibrate` and `cadbcnn-train evaluate --store` on it"
+           "`cadbcnn-train fit-ood`, `cadbcnn-train calibrate` and `cadbcnn-train evaluate --store` on it"
            if stale else ""))
     return dest
 

@@ -121,3 +121,27 @@ def test_fit_init_refuses_mismatches_before_training(onnx_model, tmp_path):
     with pytest.raises(ArgumentError, match="MODEL.onnx"):
         TrainConfig(data=str(data), out=str(tmp_path / "c"), init=str(tmp_path / "missing.onnx"))
     assert not (tmp_path / "a" / "best.pt").exists() and not Path(tmp_path / "b" / "best.pt").exists()
+
+
+def test_onnx_to_checkpoint_script_takes_every_weight_from_the_onnx(onnx_model, tmp_path):
+    """scripts/onnx_to_checkpoint.py: a template checkpoint of the same architecture (other weights) becomes the
+    ONNX file's model — same logits, the file's spec without its OOD entry, no OOD statistics."""
+    import importlib.util
+
+    from cadbcnn_train.checkpoint import load_checkpoint, save_checkpoint
+
+    torch.manual_seed(5)
+    other = create_model("cadbcnn", num_classes=4)  # random weights: nothing of the template's may survive
+    spec = ModelSpec.from_onnx(onnx_model)
+    save_checkpoint(tmp_path / "template.pt", model=other, model_name="cadbcnn", model_kwargs={},
+                    spec=spec.replace(content_sha256=None), class_folders=("Benign", "Early", "Pre", "Pro"),
+                    config={"data": "synthetic"}, split_hash=None, epoch=3)
+    path = Path(__file__).resolve().parents[1] / "scripts" / "onnx_to_checkpoint.py"
+    mod = importlib.util.module_from_spec(importlib.util.spec_from_file_location("onnx_to_checkpoint", path))
+    mod.__spec__.loader.exec_module(mod)
+    mod.main(tmp_path / "template.pt", onnx_model, tmp_path / "out.pt")
+    ck = load_checkpoint(tmp_path / "out.pt")
+    ort_logits = Classifier.from_file(onnx_model, device="cpu").run(X)
+    assert not np.allclose(_logits(other), ort_logits, atol=1e-3)
+    np.testing.assert_allclose(_logits(ck.build_model()), ort_logits, atol=1e-5)
+    assert ck.ood is None and ck.spec.ood is None and ck.spec.class_names == spec.class_names and ck.epoch == 3
