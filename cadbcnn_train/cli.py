@@ -66,6 +66,10 @@ def fit(
                                         "--image-size must match the model's."),
     freeze: FreezeChoice = typer.Option("none", help="With --init: none | early (each branch's stem and first two "
                                         "stages stay fixed) | backbone (only the fusion and the head learn)."),
+    consistency: float = typer.Option(0.0, help="With --init: add this weight times KL(the --init model on the "
+                                      "clean image ‖ the model on its augmented copy) to the loss, so the fine-tune "
+                                      "learns the augmentation without forgetting the starting model's answers "
+                                      "(e.g. 1.0); 0 = off."),
     max_steps: Optional[int] = typer.Option(None, help="Stop each epoch after N steps (smoke tests)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Decode images every epoch instead of caching in RAM."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from OUT/last.pt."),
@@ -100,7 +104,7 @@ def fit(
                       block_size=block_size, max_per_class=max_per_class, augment=not no_augment,
                       class_weights=not no_class_weights, precision=precision.value, patience=patience,
                       workers=workers, threads=threads, pretrained=pretrained, max_steps=max_steps,
-                      init=str(init) if init else None, freeze=freeze.value,
+                      init=str(init) if init else None, freeze=freeze.value, consistency=consistency,
                       cache=not no_cache, fit_ood=not no_ood, bn_recal_images=bn_recal_images,
                       calibrate=not no_calibrate, review_target_risk=review_target_risk,
                       augment_parts=parts, robust_p=robust_p, augment_part_p=shares, ema=ema,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,8 @@ class TrainConfig:
     pretrained: str | None = None      # None | "imagenet"
     init: str | None = None            # start from an exported model's weights (MODEL.onnx), e.g. the released one
     freeze: str = "none"               # none | early | backbone (with --init: what stays fixed)
+    consistency: float = 0.0           # with --init: weight of KL(init model on the clean image ‖ model on the
+                                       # augmented one) beside the cross-entropy; 0 = off (consistency.py)
     cache: bool = True
     max_steps: int | None = None       # stop each epoch after N steps (smoke tests)
     fit_ood: bool = True               # fit the OOD statistics at the end of training
@@ -100,6 +103,11 @@ class TrainConfig:
                 raise ArgumentError("--init and --pretrained both set the starting weights; pass one of them")
             if not str(self.init).endswith(".onnx") or not Path(self.init).is_file():
                 raise ArgumentError(f"--init {self.init}: needs an exported model file (MODEL.onnx) that exists")
+        if not (math.isfinite(self.consistency) and self.consistency >= 0.0):
+            raise ArgumentError(f"consistency must be a finite weight >= 0 (e.g. 1.0), got {self.consistency}")
+        if self.consistency and (self.init is None or not self.augment):
+            raise ArgumentError("--consistency keeps the --init model's answers on clean images for the augmented "
+                                "copies: it needs --init MODEL.onnx and augmentation (no --no-augment)")
         if self.pretrained not in (None, "imagenet"):
             raise ArgumentError(f"pretrained must be 'imagenet' or unset, got {self.pretrained!r}")
 

@@ -279,14 +279,16 @@ class Augment:
 
 
 class ImageDataset(Dataset):
-    """Samples → (model input tensor, label) through the runtime's preprocessing."""
+    """Samples → (model input tensor, label) through the runtime's preprocessing; with ``with_clean``
+    (model input tensor, the un-augmented image's tensor, label), for ``fit --consistency``."""
 
     def __init__(self, samples: Sequence[Sample], spec: ModelSpec, *, images: dict | None = None,
-                 augment: Augment | None = None):
+                 augment: Augment | None = None, with_clean: bool = False):
         self.samples = list(samples)
         self.spec = spec
         self.images = images
         self.augment = augment
+        self.with_clean = with_clean
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -298,8 +300,11 @@ class ImageDataset(Dataset):
         return decode_bytes(read_file(s.path), name=str(s.path))
 
     def __getitem__(self, i: int):
-        img = self.image(i)
+        img = clean = self.image(i)
         if self.augment is not None:
             seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
             img = self.augment(img, np.random.default_rng(seed))
-        return torch.from_numpy(preprocess(img, self.spec)), self.samples[i].label
+        x = torch.from_numpy(preprocess(img, self.spec))
+        if self.with_clean:
+            return x, torch.from_numpy(preprocess(clean, self.spec)), self.samples[i].label
+        return x, self.samples[i].label

@@ -39,6 +39,7 @@ from .checkpoint import load_checkpoint, save_checkpoint, weights_sha256
 from .config import TrainConfig, resume_mismatch
 from .metrics import compute_metrics, metrics_summary, write_metrics
 from .model import PRETRAINED_SOURCES, TRUNK_LAYERS, create_model
+from .consistency import consistency_loss, teacher_logits, teacher_of
 from .onnx_init import (check_init_matches, freeze, init_adaptation, init_provenance, keep_frozen_bn_eval,
                         load_onnx_weights, rederive_batchnorm)
 from .ood import fit_ood, spec_entry
@@ -175,6 +176,7 @@ def make_spec(cfg: TrainConfig, ds: D.LoadedDataset, split_counts: dict, *, metr
             **({"robust_p": cfg.robust_p} if cfg.augment_parts else {}),
             **({"augment_part_p": dict(cfg.augment_part_p)} if cfg.augment_part_p else {}),
             **({"init": init_provenance(cfg.init), "freeze": cfg.freeze} if cfg.init else {}),
+            **({"consistency": cfg.consistency} if cfg.consistency else {}),
         },
         adaptation=init_adaptation(cfg.init, Path(cfg.data).name, len(ds.samples)) if cfg.init else (),
         metrics=metrics,
@@ -258,7 +260,8 @@ def fit(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> FitRe
         if cfg.augment_parts:
             augment = RobustAugment(parts=cfg.augment_parts, base=augment, p=cfg.robust_p,
                                     part_p=dict(cfg.augment_part_p))
-    train_set = D.ImageDataset(parts["train"], spec, images=ds.images, augment=augment)
+    train_set = D.ImageDataset(parts["train"], spec, images=ds.images, augment=augment,
+                               with_clean=cfg.consistency > 0)
     sampler = DistributedSampler(train_set, num_replicas=di.world, rank=di.rank, shuffle=True, seed=cfg.seed) \
         if di.world > 1 else None
     g = torch.Generator().manual_seed(cfg.seed)
@@ -295,6 +298,16 @@ def fit(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> FitRe
         used = rederive_batchnorm(model, bn_loader(-1), torch.device("cpu"))
         say(f"init: {info['modules']} modules from {cfg.init} ({info['folded_batchnorms']} folded BatchNorms "
             f"re-derived on {used} training images)")
+    teacher = None
+    if cfg.consistency:  # the starting model, frozen: its answers on clean images are the targets
+        start = model
+        if resume and (out / "last.pt").is_file():  # the model now holds the run's weights: read the file again
+            start = create_model(cfg.model, num_classes=num_classes, **cfg.model_kwargs)
+            load_onnx_weights(start, Path(cfg.init))  # eval-mode function = the graph's (BatchNorm as identity)
+        teacher = teacher_of(start)
+        teacher = teacher.to(device).to(memory_format=torch.channels_last)
+        say(f"consistency: weight {cfg.consistency} on KL(the --init model on the clean image ‖ this model on the "
+            "augmented copy)")
     if cfg.freeze != "none":
         frozen = freeze(model, cfg.freeze)
         say(f"frozen ({cfg.freeze}): {', '.join(frozen)}")
@@ -357,14 +370,18 @@ def fit(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> FitRe
         seen = correct = 0
         loss_sum = 0.0
         bar = Progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", enabled=di.main and not quiet)
-        for step, (x, y) in enumerate(train_loader):
+        for step, batch in enumerate(train_loader):
             if step >= steps_per_epoch:
                 break
+            x, y = batch[0], batch[-1]
             x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             y = y.to(device, non_blocking=True)
             with autocast(device, precision):
                 logits = net(x)
                 loss = criterion(logits.float(), y)
+                if teacher is not None:
+                    clean = batch[1].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+                    loss = loss + cfg.consistency * consistency_loss(logits, teacher_logits(teacher, clean))
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
