@@ -255,7 +255,7 @@ def test_recalibrate_bn_leaves_no_stale_derived_fields(tmp_path):
     assert a.ood and a.spec.ood and a.spec.metrics is not None  # fit made all three on the old weights
     r = runner.invoke(app, ["recalibrate-bn", str(tmp_path / "run" / "best.pt"), "--data", str(data),
                             "--out", str(tmp_path / "re.pt"), "--images", "16"])
-    assert r.exit_code == 0 and "OOD statistics" in r.output and "refit-ood" in r.output, r.output
+    assert r.exit_code == 0 and "OOD statistics" in r.output and "`cadbcnn-train fit-ood`" in r.output, r.output
     b = load_checkpoint(tmp_path / "re.pt")
     assert b.ood is None and b.spec.ood is None and b.metrics is None and b.spec.metrics is None
     assert b.spec.calibration is None and b.spec.quality == a.spec.quality  # input-only check kept
