@@ -71,6 +71,7 @@ from .atomic import write_atomic
 from .decode import cv2
 from .errors import ArgumentError, OutputError
 from .preprocess import ImageSource, read_image
+from .reasons import review_reasons
 
 __all__ = ["write_html_report", "risk_key", "FLAG_FILTERS"]
 
@@ -182,19 +183,9 @@ class Entry:
             (["lowconf"] if self.low_confidence else [])
 
     def reasons(self) -> list[str]:
-        out = []
-        if self.blank:
-            out.append("blank or near-uniform field")
-        if self.ood:
-            out.append("out of distribution" + (f" (score {self.ood_score:.3f})" if self.ood_score is not None
-                                                else ""))
-        if self.atypical:
-            out.append(f"colour and contrast unlike the training images of {self.label}"
-                       + (f" (score {self.appearance_score:.2f})" if self.appearance_score is not None else ""))
-        if self.low_score:
-            out.append("learned review score"
-                       + (f" {self.review_score:.3f}" if self.review_score is not None else "")
-                       + f" below the threshold of {self.label}")
+        out = review_reasons(self.label, blank=self.blank, ood=self.ood, ood_score=self.ood_score,
+                             atypical=self.atypical, appearance_score=self.appearance_score, low_score=self.low_score,
+                             review_score=self.review_score)
         if self.low_confidence:
             conf = f"{self.confidence:.3f}" if self.confidence is not None else "unknown"
             out.append(f"confidence {conf} below the review threshold")

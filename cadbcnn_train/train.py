@@ -37,9 +37,9 @@ from . import data as D
 from .augment import RobustAugment
 from .checkpoint import load_checkpoint, save_checkpoint, weights_sha256
 from .config import TrainConfig, resume_mismatch
+from .consistency import consistency_loss, teacher_logits, teacher_of
 from .metrics import compute_metrics, metrics_summary, write_metrics
 from .model import PRETRAINED_SOURCES, TRUNK_LAYERS, create_model
-from .consistency import consistency_loss, teacher_logits, teacher_of
 from .onnx_init import (check_init_matches, freeze, init_adaptation, init_provenance, keep_frozen_bn_eval,
                         load_onnx_weights, rederive_batchnorm)
 from .ood import fit_ood, spec_entry
@@ -304,8 +304,7 @@ def fit(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> FitRe
         if resume and (out / "last.pt").is_file():  # the model now holds the run's weights: read the file again
             start = create_model(cfg.model, num_classes=num_classes, **cfg.model_kwargs)
             load_onnx_weights(start, Path(cfg.init))  # eval-mode function = the graph's (BatchNorm as identity)
-        teacher = teacher_of(start)
-        teacher = teacher.to(device).to(memory_format=torch.channels_last)
+        teacher = teacher_of(start).to(device).to(memory_format=torch.channels_last)
         say(f"consistency: weight {cfg.consistency} on KL(the --init model on the clean image ‖ this model on the "
             "augmented copy)")
     if cfg.freeze != "none":

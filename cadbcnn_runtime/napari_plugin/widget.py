@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Mapping
 import numpy as np
 from qtpy.QtWidgets import (QFileDialog, QHBoxLayout, QLabel, QLineEdit, QPushButton, QVBoxLayout, QWidget)
 
+from ..reasons import review_reasons
+
 if TYPE_CHECKING:
     import napari
 
@@ -50,15 +52,9 @@ def reason(p: "Prediction", review_threshold: float | Mapping[str, float]) -> st
         review_threshold = review_threshold[p.label]
     if not p.needs_review:
         return ""
-    parts = []
-    if p.low_content:
-        parts.append("blank or near-uniform field")
-    if p.out_of_distribution:
-        parts.append(f"out of distribution (score {p.ood_score:.3f})")
-    if p.atypical_appearance:
-        parts.append(f"colour and contrast unlike the training images of {p.label} (score {p.appearance_score:.2f})")
-    if p.low_review_score:
-        parts.append(f"learned review score {p.review_score:.3f} below the threshold of {p.label}")
+    parts = review_reasons(p.label, blank=p.low_content, ood=p.out_of_distribution, ood_score=p.ood_score,
+                           atypical=p.atypical_appearance, appearance_score=p.appearance_score,
+                           low_score=p.low_review_score, review_score=p.review_score)
     if p.confidence < review_threshold:
         parts.append(f"confidence {p.confidence:.3f} below the review threshold {review_threshold:.3f} of {p.label}")
     return "; ".join(parts)
