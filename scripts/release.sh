@@ -23,7 +23,7 @@
 # score and `ship` the first that passes (`python scripts/experiments.py report` shows the verdicts).
 set -euo pipefail
 DATA=${DATA:-../shared/data/all-leukemia}
-B=.venv/bin
+B=${B:-.venv/bin}   # the commands cadbcnn-train, cadbcnn-export, python (scripts/device_release.sh passes its own)
 # The training recipe. v0.1.0: the standard augmentation only (RECIPE=""). v0.2.0: every robust part (scale bar,
 # magnification, stain, exposure, degradation) on half of the training images (docs/SHIFT.md). The v0.2.0 candidate
 # recipe trained last (seed 0, docs/SHIFT.md), from scratch and as a fine-tune of v0.1.0 (EPOCHS=20):
@@ -67,7 +67,10 @@ post() {
   cp "$run/$chosen-bn.pt" "$run/release.pt"
   # Temperature and review threshold on validation logits of the final weights (precise BN changed them).
   $B/cadbcnn-train calibrate "$run/release.pt" --data "$DATA" $(shifted_rule_args "$run")
-  $B/cadbcnn-train evaluate "$run/release.pt" --data "$DATA" --split test --out "$run/test"
+  # POST_TEST=0: the data folder has no test images (the GPU machine's copy; docs/STATUS.md, "GPU sessions").
+  if [[ "${POST_TEST:-1}" != 0 ]]; then
+    $B/cadbcnn-train evaluate "$run/release.pt" --data "$DATA" --split test --out "$run/test"
+  fi
 }
 
 shift_report() {

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import sys
 from pathlib import Path
 
 
@@ -45,10 +46,41 @@ def ood_gate(run: Path) -> str:
     return "passed" if gate["passed"] else "failed: " + "; ".join(gate["failed"])
 
 
+def validation_score(run: Path) -> tuple[float, float]:
+    """(macro-F1, accuracy) on validation of the checkpoint RUN keeps (after precise BN): what candidates are
+    ranked by."""
+    m = json.loads((run / f"val-{chosen_checkpoint(run)}" / "metrics.json").read_text())
+    return m["f1_macro"], m["accuracy"]
+
+
+def pick(runs: list[Path]) -> tuple[Path | None, Path | None]:
+    """(the release among RUNS: the best on validation among those whose OOD gate passed, or None; the best on
+    validation). Runs without validation metrics (not through `release.sh post`) take no part."""
+    scored = sorted((r for r in runs if (r / "val-best" / "metrics.json").is_file()),
+                    key=validation_score, reverse=True)
+    passing = [r for r in scored if ood_gate(r) == "passed"]
+    return (passing[0] if passing else None), (scored[0] if scored else None)
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("choose", help="print the checkpoint (best|last) a release candidate keeps")
     c.add_argument("run")
+    p = sub.add_parser("pick", help="print the candidate the release rule ships (exit 1 when none passed the OOD "
+                                    "gate; the best on validation is then printed to stderr)")
+    p.add_argument("runs", nargs="+")
+    p.add_argument("--best-if-none", action="store_true",
+                   help="when none passed the gate, print the best on validation instead and exit 3")
     a = ap.parse_args()
-    print(chosen_checkpoint(Path(a.run)))
+    if a.cmd == "choose":
+        print(chosen_checkpoint(Path(a.run)))
+    else:
+        released, best = pick([Path(r) for r in a.runs])
+        if released is None:
+            print(f"no candidate passed the OOD gate; best on validation: {best or 'none'}", file=sys.stderr)
+            if a.best_if_none and best is not None:
+                print(best)
+                raise SystemExit(3)
+            raise SystemExit(1)
+        print(released)

@@ -1,0 +1,109 @@
+"""Copy the training and validation images of a split into an ignored folder of the checkout, for the lent GPU
+machine (`scripts/device_release.sh`; docs/STATUS.md, "GPU sessions"), and check that the tree that travels fits.
+
+    python scripts/device_data.py build/release-split.csv ../shared/data/all-leukemia build/device-data
+
+`../shared` does not travel to the device, and everything that does travel — tracked files present in the working
+tree, untracked files git does not ignore, and the carried paths — must fit in 64 MiB. The images are copied
+unchanged (no re-encoding: the device trains on the very bytes this machine trains on), under their class folders,
+with ``split.csv`` holding their rows only. The test images stay here: the test split, the shift report and the
+external folders are measured on this machine from the weights that come back.
+
+Exits 2, having written nothing, when the images and the tree together would not fit, and says what takes the
+room (the released model files are 105 MB of the tracked tree: move them aside for the device call).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LIMIT_MIB = 64.0
+SPLITS = ("train", "val")
+
+
+def travelling_bytes(root: Path = ROOT) -> tuple[int, list[tuple[int, str]]]:
+    """Bytes of the files that travel without a carry (tracked and present, untracked and not ignored), and the
+    largest of them."""
+    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
+                         capture_output=True, check=True).stdout
+    sizes = []
+    for name in {n for n in out.decode().split("\0") if n}:
+        p = root / name
+        if p.is_file() and not p.is_symlink():
+            sizes.append((p.stat().st_size, name))
+    sizes.sort(reverse=True)
+    return sum(s for s, _ in sizes), sizes[:5]
+
+
+def rows_of(split_csv: Path, splits: tuple[str, ...]) -> list[dict[str, str]]:
+    with open(split_csv, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or set(rows[0]) != {"path", "label", "split"}:
+        raise SystemExit(f"error: {split_csv}: not a split file (expected the header 'path,label,split'); pass the "
+                         "split.csv of a run or `scripts/release_split.py`'s")
+    return [r for r in rows if r["split"] in splits]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("split_csv", type=Path)
+    ap.add_argument("data", type=Path, help="the dataset root the split's paths are relative to")
+    ap.add_argument("out", type=Path, help="an ignored folder of the checkout, e.g. build/device-data")
+    ap.add_argument("--splits", default=",".join(SPLITS), help="which splits to copy (default: train,val)")
+    ap.add_argument("--limit-mib", type=float, default=LIMIT_MIB, help="what may travel in all (the device's 64 MiB)")
+    a = ap.parse_args(argv)
+    splits = tuple(s.strip() for s in a.splits.split(",") if s.strip())
+    rows = rows_of(a.split_csv, splits)
+    if not rows:
+        print(f"error: {a.split_csv} has no rows of split {', '.join(splits)}")
+        return 2
+    missing = [r["path"] for r in rows if not (a.data / r["path"]).is_file()]
+    if missing:
+        print(f"error: {len(missing)} images of {a.split_csv} are not under {a.data} (first: {missing[0]}); pass the "
+              "dataset root the split was drawn from")
+        return 2
+    out = a.out.resolve()
+    try:
+        rel = out.relative_to(ROOT)
+    except ValueError:
+        print(f"error: {a.out} is outside the checkout ({ROOT}); only the checkout travels to the device")
+        return 2
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(rel)], cwd=ROOT).returncode == 0
+    if not ignored:
+        print(f"error: {rel} is not ignored by git; use a folder under build/ so it travels only when carried")
+        return 2
+    images = sum((a.data / r["path"]).stat().st_size for r in rows)
+    tree, largest = travelling_bytes()
+    total = tree + images
+    mib = 2**20
+    print(f"{len(rows)} images ({', '.join(splits)}): {images / mib:.1f} MiB; the tree that travels without them: "
+          f"{tree / mib:.1f} MiB; together {total / mib:.1f} of {a.limit_mib:g} MiB")
+    if total > a.limit_mib * mib:
+        print("error: too large to travel; nothing written. Largest files of the tree:")
+        for s, name in largest:
+            print(f"  {s / mib:7.1f} MiB  {name}")
+        print("Move the released model files aside for the device call (mkdir -p build/aside && mv models/*.onnx "
+              "build/aside/; after it: git checkout -- models/), or copy fewer splits (--splits).")
+        return 2
+    if out.exists():
+        shutil.rmtree(out)
+    for r in rows:
+        dst = out / r["path"]
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(a.data / r["path"], dst)
+    with open(out / "split.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=["path", "label", "split"], lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+    print(f"→ {rel} (carry it: carry=[\"{rel.as_posix()}\"])")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
