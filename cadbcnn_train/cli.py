@@ -70,6 +70,10 @@ def fit(
                                       "clean image ‖ the model on its augmented copy) to the loss, so the fine-tune "
                                       "learns the augmentation without forgetting the starting model's answers "
                                       "(e.g. 1.0); 0 = off."),
+    teacher: Optional[Path] = typer.Option(None, help="With --consistency: the teacher's logits on the clean "
+                                           "training images from this file (`cadbcnn-train teacher`) instead of "
+                                           "the --init model's forward pass; --init is then optional (a model "
+                                           "trained from scratch learns from the teacher's answers)."),
     max_steps: Optional[int] = typer.Option(None, help="Stop each epoch after N steps (smoke tests)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Decode images every epoch instead of caching in RAM."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from OUT/last.pt."),
@@ -105,6 +109,7 @@ def fit(
                       class_weights=not no_class_weights, precision=precision.value, patience=patience,
                       workers=workers, threads=threads, pretrained=pretrained, max_steps=max_steps,
                       init=str(init) if init else None, freeze=freeze.value, consistency=consistency,
+                      teacher=str(teacher) if teacher else None,
                       cache=not no_cache, fit_ood=not no_ood, bn_recal_images=bn_recal_images,
                       calibrate=not no_calibrate, review_target_risk=review_target_risk,
                       augment_parts=parts, robust_p=robust_p, augment_part_p=shares, ema=ema,
@@ -276,6 +281,24 @@ def shift_report_cmd(
     shift_report(model, data, split_file, out, split=split, externals=external or (), limit=limit, seed=seed,
                  threads=threads, predictions=predictions, log=typer.echo)
     typer.echo((out / "shift_report.md").read_text())
+
+
+@app.command("teacher")
+def teacher_cmd(
+    model: Path = typer.Argument(..., help="The teacher: an exported model (e.g. models/cadbcnn.onnx)."),
+    data: Path = typer.Option(..., help="Dataset root with one sub-folder per class (the student's)."),
+    out: Path = typer.Option(..., help="Where to write the teacher file (JSON)."),
+    split_file: Optional[Path] = typer.Option(None, help="Only the images of --split in this split.csv (default: "
+                                              "every image under --data)."),
+    split: str = typer.Option("train", help="With --split-file: which split's images."),
+    threads: Optional[int] = typer.Option(None, help="ONNX Runtime threads."),
+) -> None:
+    """The teacher's logits on clean training images, for `fit --consistency W --teacher FILE`."""
+    from .consistency import write_teacher
+
+    t = write_teacher(model, data, out, split_file=split_file, split=split, threads=threads,
+                      log=lambda m: None)
+    typer.echo(f"{out}: logits of {t['model']} on {len(t['logits'])} images")
 
 
 def main() -> None:

@@ -57,6 +57,8 @@ class TrainConfig:
     freeze: str = "none"               # none | early | backbone (with --init: what stays fixed)
     consistency: float = 0.0           # with --init: weight of KL(init model on the clean image ‖ model on the
                                        # augmented one) beside the cross-entropy; 0 = off (consistency.py)
+    teacher: str | None = None         # with consistency: the teacher's logits from this table instead of the
+                                       # --init model's forward pass (cadbcnn-train teacher; --init then optional)
     cache: bool = True
     max_steps: int | None = None       # stop each epoch after N steps (smoke tests)
     fit_ood: bool = True               # fit the OOD statistics at the end of training
@@ -105,9 +107,17 @@ class TrainConfig:
                 raise ArgumentError(f"--init {self.init}: needs an exported model file (MODEL.onnx) that exists")
         if not (math.isfinite(self.consistency) and self.consistency >= 0.0):
             raise ArgumentError(f"consistency must be a finite weight >= 0 (e.g. 1.0), got {self.consistency}")
-        if self.consistency and (self.init is None or not self.augment):
-            raise ArgumentError("--consistency keeps the --init model's answers on clean images for the augmented "
-                                "copies: it needs --init MODEL.onnx and augmentation (no --no-augment)")
+        if self.consistency and ((self.init is None and self.teacher is None) or not self.augment):
+            raise ArgumentError("--consistency keeps a teacher's answers on clean images for the augmented copies: it "
+                                "needs a teacher (--init MODEL.onnx, or --teacher TEACHER.json from `cadbcnn-train "
+                                "teacher`) and augmentation (no --no-augment)")
+        if self.teacher is not None:
+            if not self.consistency:
+                raise ArgumentError("--teacher gives the targets of the consistency term: pass --consistency W "
+                                    "(e.g. 1.0) with it")
+            if not Path(self.teacher).is_file():
+                raise ArgumentError(f"--teacher {self.teacher}: not found; write it with `cadbcnn-train teacher "
+                                    "MODEL.onnx --data DATA --out TEACHER.json`")
         if self.pretrained not in (None, "imagenet"):
             raise ArgumentError(f"pretrained must be 'imagenet' or unset, got {self.pretrained!r}")
 

@@ -280,15 +280,21 @@ class Augment:
 
 class ImageDataset(Dataset):
     """Samples → (model input tensor, label) through the runtime's preprocessing; with ``with_clean``
-    (model input tensor, the un-augmented image's tensor, label), for ``fit --consistency``."""
+    (model input tensor, the un-augmented image's tensor, label), for ``fit --consistency``; with ``targets``
+    (one row per sample) (model input tensor, that row, label), for ``fit --consistency --teacher``."""
 
     def __init__(self, samples: Sequence[Sample], spec: ModelSpec, *, images: dict | None = None,
-                 augment: Augment | None = None, with_clean: bool = False):
+                 augment: Augment | None = None, with_clean: bool = False, targets: torch.Tensor | None = None):
+        if with_clean and targets is not None:
+            raise ValueError("with_clean and targets both fill the middle item; pass one")
+        if targets is not None and len(targets) != len(samples):
+            raise ValueError(f"targets has {len(targets)} rows for {len(samples)} samples")
         self.samples = list(samples)
         self.spec = spec
         self.images = images
         self.augment = augment
         self.with_clean = with_clean
+        self.targets = targets
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -307,4 +313,6 @@ class ImageDataset(Dataset):
         x = torch.from_numpy(preprocess(img, self.spec))
         if self.with_clean:
             return x, torch.from_numpy(preprocess(clean, self.spec)), self.samples[i].label
+        if self.targets is not None:
+            return x, self.targets[i], self.samples[i].label
         return x, self.samples[i].label

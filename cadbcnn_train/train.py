@@ -37,7 +37,7 @@ from . import data as D
 from .augment import RobustAugment
 from .checkpoint import load_checkpoint, save_checkpoint, weights_sha256
 from .config import TrainConfig, resume_mismatch
-from .consistency import consistency_loss, teacher_logits, teacher_of
+from .consistency import consistency_loss, teacher_logits, teacher_of, teacher_provenance, teacher_targets
 from .metrics import compute_metrics, metrics_summary, write_metrics
 from .model import PRETRAINED_SOURCES, TRUNK_LAYERS, create_model
 from .onnx_init import (check_init_matches, freeze, init_adaptation, init_provenance, keep_frozen_bn_eval,
@@ -177,6 +177,7 @@ def make_spec(cfg: TrainConfig, ds: D.LoadedDataset, split_counts: dict, *, metr
             **({"augment_part_p": dict(cfg.augment_part_p)} if cfg.augment_part_p else {}),
             **({"init": init_provenance(cfg.init), "freeze": cfg.freeze} if cfg.init else {}),
             **({"consistency": cfg.consistency} if cfg.consistency else {}),
+            **({"teacher": teacher_provenance(Path(cfg.teacher))} if cfg.teacher else {}),
         },
         adaptation=init_adaptation(cfg.init, Path(cfg.data).name, len(ds.samples)) if cfg.init else (),
         metrics=metrics,
@@ -260,8 +261,12 @@ def fit(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> FitRe
         if cfg.augment_parts:
             augment = RobustAugment(parts=cfg.augment_parts, base=augment, p=cfg.robust_p,
                                     part_p=dict(cfg.augment_part_p))
+    table = None  # the teacher's logits on the clean training images, from a --teacher file
+    if cfg.teacher:
+        table = teacher_targets(Path(cfg.teacher), [s.path.relative_to(ds.root).as_posix() for s in parts["train"]],
+                                ds.class_names)
     train_set = D.ImageDataset(parts["train"], spec, images=ds.images, augment=augment,
-                               with_clean=cfg.consistency > 0)
+                               with_clean=cfg.consistency > 0 and table is None, targets=table)
     sampler = DistributedSampler(train_set, num_replicas=di.world, rank=di.rank, shuffle=True, seed=cfg.seed) \
         if di.world > 1 else None
     g = torch.Generator().manual_seed(cfg.seed)
@@ -299,7 +304,10 @@ def fit(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> FitRe
         say(f"init: {info['modules']} modules from {cfg.init} ({info['folded_batchnorms']} folded BatchNorms "
             f"re-derived on {used} training images)")
     teacher = None
-    if cfg.consistency:  # the starting model, frozen: its answers on clean images are the targets
+    if table is not None:
+        say(f"consistency: weight {cfg.consistency} on KL(the teacher's logits from {cfg.teacher} on the clean image "
+            "‖ this model on the augmented copy)")
+    elif cfg.consistency:  # the starting model, frozen: its answers on clean images are the targets
         start = model
         if resume and (out / "last.pt").is_file():  # the model now holds the run's weights: read the file again
             start = create_model(cfg.model, num_classes=num_classes, **cfg.model_kwargs)
@@ -381,6 +389,8 @@ def fit(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> FitRe
                 if teacher is not None:
                     clean = batch[1].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
                     loss = loss + cfg.consistency * consistency_loss(logits, teacher_logits(teacher, clean))
+                elif table is not None:
+                    loss = loss + cfg.consistency * consistency_loss(logits, batch[1].to(device, non_blocking=True))
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
