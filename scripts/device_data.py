@@ -9,6 +9,10 @@ unchanged (no re-encoding: the device trains on the very bytes this machine trai
 with ``split.csv`` holding their rows only. The test images stay here: the test split, the shift report and the
 external folders are measured on this machine from the weights that come back.
 
+With ``--teacher MODEL.onnx`` it also writes ``OUT/teacher.json`` (``cadbcnn-train teacher`` on the copied training
+images, 242 KB for the release split): the released model's answers travel where its 67 MB cannot, and a model
+trained from scratch there can distil them (``fit --consistency W --teacher``).
+
 Exits 2, having written nothing, when the images and the tree together would not fit, and says what takes the
 room (the released model files are 105 MB of the tracked tree: move them aside for the device call).
 """
@@ -57,6 +61,9 @@ def main(argv=None) -> int:
     ap.add_argument("out", type=Path, help="an ignored folder of the checkout, e.g. build/device-data")
     ap.add_argument("--splits", default=",".join(SPLITS), help="which splits to copy (default: train,val)")
     ap.add_argument("--limit-mib", type=float, default=LIMIT_MIB, help="what may travel in all (the device's 64 MiB)")
+    ap.add_argument("--teacher", type=Path, default=None,
+                    help="also write OUT/teacher.json: this exported model's logits on the copied training images, "
+                         "for `fit --consistency W --teacher` (device_release.sh: TEACHER=OUT/teacher.json)")
     a = ap.parse_args(argv)
     splits = tuple(s.strip() for s in a.splits.split(",") if s.strip())
     rows = rows_of(a.split_csv, splits)
@@ -101,6 +108,12 @@ def main(argv=None) -> int:
         w = csv.DictWriter(f, fieldnames=["path", "label", "split"], lineterminator="\n")
         w.writeheader()
         w.writerows(rows)
+    if a.teacher is not None:  # the student's training images, read from the copy (the paths fit runs with)
+        from cadbcnn_train.consistency import write_teacher
+
+        t = write_teacher(a.teacher, out, out / "teacher.json", split_file=out / "split.csv", split="train",
+                          log=lambda m: None)
+        print(f"teacher: logits of {t['model']} on {len(t['logits'])} training images → {rel}/teacher.json")
     print(f"→ {rel} (carry it: carry=[\"{rel.as_posix()}\"])")
     return 0
 

@@ -14,7 +14,8 @@
 #
 # Knobs (environment): SEEDS ("0 1 2"), EPOCHS (40), BUDGET (540 s from the start to the end of packing),
 # POST_S (240 s kept for the release steps and gates, which also run side by side), RECIPE (the v0.2.0 candidate
-# recipe from scratch, below), FIT_EXTRA (more `fit` options), RUNS (runs/device), PY (python3), BENCH (0),
+# recipe from scratch, below), TEACHER (a teacher table: distil the released model; CONSISTENCY, 1.0, its weight),
+# FIT_EXTRA (more `fit` options), RUNS (runs/device), PY (python3), BENCH (0),
 # ALLOW_CPU (0: refuse to train without CUDA; 1 for a smoke run here). A fit still running when its share of the
 # budget ends is stopped (SIGINT) and marked TRUNCATED in the summary: its cosine schedule did not finish, so it is
 # no candidate at the full protocol — lower EPOCHS, not a silent change of the schedule.
@@ -30,6 +31,8 @@ BUDGET=${BUDGET:-540}
 POST_S=${POST_S:-240}
 RECIPE=${RECIPE-"--augment-parts scale=1,stain=1,exposure,degrade --robust-p 0.5 --select-shifted 2 --shifted-target-risk 0.02"}
 FIT_EXTRA=${FIT_EXTRA-}
+TEACHER=${TEACHER-}          # a teacher table (device_data.py --teacher): adds --consistency CONSISTENCY --teacher
+CONSISTENCY=${CONSISTENCY:-1.0}
 BENCH=${BENCH:-0}
 ALLOW_CPU=${ALLOW_CPU:-0}
 START=$(date +%s)
@@ -73,6 +76,12 @@ train() {
   cores=$(nproc)
   workers=$(( (cores - n) / n )); (( workers < 1 )) && workers=1
   local fit_end=$(( START + BUDGET - POST_S - 30 ))
+  local teach=()
+  if [[ -n "$TEACHER" ]]; then
+    [[ -f "$TEACHER" ]] || { echo "error: TEACHER=$TEACHER not found; write it with scripts/device_data.py --teacher"; exit 2; }
+    teach=(--consistency "$CONSISTENCY" --teacher "$TEACHER")
+  fi
+  say "recipe: $RECIPE ${teach[*]} $FIT_EXTRA"
   say "seeds: $SEEDS; $EPOCHS epochs; $workers loader workers each; fits stop by +$(( fit_end - START ))s"
   for s in $SEEDS; do
     (
@@ -83,7 +92,7 @@ train() {
       rc=0
       timeout --signal=INT --kill-after=30 "$left" "$bin/cadbcnn-train" fit --data "$data" --split-file "$data/split.csv" \
           --out "$run" --epochs "$EPOCHS" --patience "$EPOCHS" --seed "$s" --no-ood \
-          --workers "$workers" --threads 2 $RECIPE $FIT_EXTRA >"$run/fit.log" 2>&1 || rc=$?
+          --workers "$workers" --threads 2 $RECIPE "${teach[@]}" $FIT_EXTRA >"$run/fit.log" 2>&1 || rc=$?
       echo "$rc" >"$run/fit.exit"
       if (( rc == 124 || rc == 137 )); then touch "$run/TRUNCATED"; fi
       say "seed $s: fit exit $rc"

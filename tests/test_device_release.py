@@ -96,19 +96,21 @@ def test_device_data_copies_train_and_val_only_and_refuses_what_would_not_travel
 
 
 @pytest.mark.slow
-def test_device_release_trains_gates_picks_and_packs_what_comes_back(tmp_path):
+def test_device_release_trains_gates_picks_and_packs_what_comes_back(tmp_path, onnx_model):
     """One seed, two steps of two epochs on 64-px synthetic images, on the CPU: every stage of the GPU call runs
-    (fit, release.sh post and gate through the script's own command shims, the pick, the fp16 parts, the report
-    archive) and `unpack` rebuilds the checkpoint here."""
+    (the teacher table, fit distilling it, release.sh post and gate through the script's own command shims, the
+    pick, the fp16 parts, the report archive) and `unpack` rebuilds the checkpoint here."""
     src = make_dataset(tmp_path / "src", per_class=20, size=64, fmt=".jpg")
     split = _split(src, tmp_path / "split.csv")
     data = ROOT / "build" / f"test-device-run-{os.getpid()}"
     runs, out = tmp_path / "runs", tmp_path / "out"
     env = dict(os.environ, ALLOW_CPU="1", OUT=str(out), RUNS=str(runs), SEEDS="0", EPOCHS="2", BUDGET="1500",
-               POST_S="600", PY=sys.executable, FIT_EXTRA="--image-size 64 --max-steps 2 --bn-recal-images 16")
+               POST_S="600", PY=sys.executable, FIT_EXTRA="--image-size 64 --max-steps 2 --bn-recal-images 16",
+               TEACHER=str(data / "teacher.json"))
     try:
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "device_data.py"), str(split), str(src), str(data),
-                        "--limit-mib", "10000"], check=True, capture_output=True)
+        d = subprocess.run([sys.executable, str(ROOT / "scripts" / "device_data.py"), str(split), str(src), str(data),
+                            "--limit-mib", "10000", "--teacher", str(onnx_model)], capture_output=True, text=True)
+        assert d.returncode == 0 and "teacher: logits of" in d.stdout and "on 40 training images" in d.stdout, d.stdout + d.stderr
         r = subprocess.run([str(ROOT / "scripts" / "device_release.sh"), "train", str(data)], env=env, cwd=ROOT,
                            capture_output=True, text=True, timeout=1200)
         assert r.returncode == 0, r.stdout + r.stderr
@@ -118,8 +120,10 @@ def test_device_release_trains_gates_picks_and_packs_what_comes_back(tmp_path):
         assert sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) <= 64 * 2**20  # what may come back
         with tarfile.open(out / "reports.tar.gz") as t:
             names = set(t.getnames())
-        assert {"summary.md", "device.log", "picked", "s0/history.csv", "s0/ood-gate/ood_report.md",
-                "s0/val-best/metrics.json"} <= names
+            assert {"summary.md", "device.log", "picked", "s0/history.csv", "s0/ood-gate/ood_report.md",
+                    "s0/val-best/metrics.json"} <= names
+            config = json.load(t.extractfile("s0/config.json"))
+        assert config["teacher"] == str(data / "teacher.json") and config["consistency"] == 1.0
         back = tmp_path / "back"
         u = subprocess.run([str(ROOT / "scripts" / "device_release.sh"), "unpack", str(out), str(back)], cwd=ROOT,
                            env=dict(env, SPLIT=str(split), PY=sys.executable), capture_output=True, text=True)
