@@ -316,6 +316,7 @@ main{padding:16px 24px 48px}
 .card.review{border-left:5px solid #e0a100}.card.ood{border-left:5px solid #c62828}
 .card.blank{border-left:5px solid #7b5ea7}.card.error{border-left:5px solid #8e1b1b}
 .card.ok{border-left:5px solid #2e7d32}
+.card.appearance{border-left:5px solid #2e7d74}.card.score{border-left:5px solid #5d4037}
 .classes{margin:0 0 10px;font-size:13px}
 .classes a{display:inline-block;margin:2px 6px 2px 0;padding:2px 8px;border-radius:10px;background:#e3e9f2;
 color:#1d2430;text-decoration:none}
@@ -498,6 +499,11 @@ def _summary_html(entries: Sequence[Entry], sections: Sections, class_labels: Se
         counts[e.label] = counts.get(e.label, 0) + 1
     n_ood = sum(e.ood for e in ok)
     n_blank = sum(e.blank for e in ok)
+    # the appearance check and the learned review score have cards only where the results carry them
+    looks = [_card("appearance", FLAG_FILTERS["appearance"], f"{sum(e.atypical for e in ok):,}",
+                   _hash_link(flag="appearance"))] if any(e.appearance_score is not None for e in ok) else []
+    score = [_card("score", FLAG_FILTERS["score"], f"{sum(e.low_score for e in ok):,}",
+                   _hash_link(flag="score"))] if any(e.review_score is not None for e in ok) else []
     cards = [
         _card("", "total", f"{len(entries):,}", "#"),
         _card("ok", "classified", f"{len(ok):,}", None),
@@ -506,6 +512,7 @@ def _summary_html(entries: Sequence[Entry], sections: Sections, class_labels: Se
               _hash_link(flag="ood") if has_ood else None),
         _card("blank", "blank fields", f"{n_blank:,}" if has_blank else "n/a",
               _hash_link(flag="blank") if has_blank else None),
+        *looks, *score,
         _card("error", "errors", f"{len(sections.errors):,}", _hash_link(flag="error")),
     ]
     classes = "".join(f'<a href="{html.escape(_hash_link(**{"class": c}))}">{_esc(c)}: <b>{n:,}</b></a>'

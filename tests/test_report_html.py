@@ -188,6 +188,7 @@ def test_summary_and_error_messages(tmp_path):
     assert re.search(r'<div class="n">2</div><div class="k">blank fields</div>', text)
     assert re.search(r'<div class="n">2</div><div class="k">errors</div>', text)
     assert "Pro-B: <b>5</b>" in text and "Generated " in text
+    assert "unlike training images</div>" not in text and "low review score</div>" not in text  # no such checks
 
 
 def test_offline_only_and_csp_allows_exactly_the_inline_script(tmp_path):
@@ -448,3 +449,7 @@ def test_appearance_and_review_score_reasons_are_named_not_called_low_confidence
     assert all("review threshold" not in by[k]["text"] for k in ("odd.png", "unsure.png", "both.png"))
     assert "confidence 0.620 below the review threshold" in by["low.png"]["text"]
     assert 'value="appearance"' in text and 'value="score"' in text
+    # the summary counts each check's reviews (a row may count in both), beside the total
+    assert re.search(r'<div class="n">4</div><div class="k">needs review</div>', text)
+    assert re.search(r'<div class="n">2</div><div class="k">unlike training images</div>', text)
+    assert re.search(r'<div class="n">2</div><div class="k">low review score</div>', text)
