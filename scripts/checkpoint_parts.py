@@ -71,8 +71,32 @@ def pack(checkpoint: Path, out: Path, *, part_mib: float = 16.0, max_parts: int 
     return manifest
 
 
-def unpack(folder: Path, dest: Path) -> dict:
-    """The checkpoint of FOLDER's parts (checked against its manifest) at DEST, weights in fp32."""
+def whole_split_counts(raw: dict, split_csv: Path) -> dict:
+    """The spec's ``training.split_counts`` for the whole split SPLIT_CSV (test rows included), checked against what the
+    device recorded: its copy held the training and validation images only, so it counted no test images. The
+    training and validation counts must be equal, else SPLIT_CSV is not the split it trained on."""
+    import csv
+    from collections import Counter
+
+    name_of = dict(zip(raw["class_folders"], raw["spec"]["class_names"]))
+    with open(split_csv, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    unknown = sorted({r["label"] for r in rows} - set(name_of))
+    if unknown:
+        raise CheckpointError(f"{split_csv}: labels {unknown} are not the model's class folders {list(name_of)}")
+    got = Counter((r["split"], name_of[r["label"]]) for r in rows)
+    counts = {split: {c: got[(split, c)] for c in raw["spec"]["class_names"]} for split in ("train", "val", "test")}
+    recorded = raw["spec"].get("training", {}).get("split_counts") or {}
+    for split in ("train", "val"):
+        if dict(recorded.get(split, {})) != counts[split]:
+            raise CheckpointError(f"{split_csv}: its {split} counts {counts[split]} differ from the trained ones "
+                                  f"{recorded.get(split)}; pass the split the device run was copied from")
+    return counts
+
+
+def unpack(folder: Path, dest: Path, *, split_csv: Path | None = None) -> dict:
+    """The checkpoint of FOLDER's parts (checked against its manifest) at DEST, weights in fp32. With SPLIT_CSV, the
+    spec's split counts and image count become that whole split's (``whole_split_counts``)."""
     path = folder / MANIFEST
     if not path.is_file():
         raise CheckpointError(f"{path}: no manifest; pass the folder `checkpoint_parts.py pack` wrote")
@@ -89,6 +113,10 @@ def unpack(folder: Path, dest: Path) -> dict:
         raise CheckpointError(f"{folder}: the joined parts differ from the manifest's whole; copy them again")
     raw = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     raw["state_dict"] = {k: (v.float() if v.is_floating_point() else v) for k, v in raw["state_dict"].items()}
+    if split_csv is not None:
+        counts = whole_split_counts(raw, split_csv)
+        raw["spec"]["training"]["split_counts"] = counts
+        raw["spec"]["training"]["images"] = sum(sum(c.values()) for c in counts.values())
     ModelSpec.from_dict(raw["spec"], source=str(path))  # refused before anything is written
     out = io.BytesIO()
     torch.save(raw, out)
@@ -110,6 +138,9 @@ def main(argv=None) -> int:
     u = sub.add_parser("unpack")
     u.add_argument("folder", type=Path)
     u.add_argument("dest", type=Path)
+    u.add_argument("--split-file", type=Path, default=None,
+                   help="the whole split.csv the device's copy was made from: the spec's split counts become its "
+                        "(test included); train and validation counts must match the trained ones")
     a = ap.parse_args(argv)
     try:
         if a.cmd == "pack":
@@ -117,7 +148,7 @@ def main(argv=None) -> int:
             print(f"{len(m['parts'])} parts, {m['bytes'] / 2**20:.1f} MiB (fp16 weights; dropped: "
                   f"{', '.join(m['dropped']) or 'nothing'}) → {a.out}")
         else:
-            m = unpack(a.folder, a.dest)
+            m = unpack(a.folder, a.dest, split_csv=a.split_file)
             print(f"{a.dest}: {len(m['parts'])} parts checked and joined; weights back in fp32 (fp16-rounded). "
                   f"Next: {m['then']}")
     except CheckpointError as exc:

@@ -5,11 +5,11 @@ machine (`scripts/device_release.sh`; docs/STATUS.md, "GPU sessions"), and check
 
 `../shared` does not travel to the device, and everything that does travel — tracked files present in the working
 tree, untracked files git does not ignore, and the carried paths — must fit in 64 MiB. The images are copied
-unchanged (no re-encoding: the device trains on the very bytes this machine trains on), under their class folders,
-with ``split.csv`` holding their rows only. The test images stay here: the test split, the shift report and the
+unchanged (no re-encoding: the device trains on the very bytes this machine trains on), under their class folders
+in ``OUT/<the dataset folder's name>/`` (the spec records that name), with ``split.csv`` holding their rows only. The test images stay here: the test split, the shift report and the
 external folders are measured on this machine from the weights that come back.
 
-With ``--teacher MODEL.onnx`` it also writes ``OUT/teacher.json`` (``cadbcnn-train teacher`` on the copied training
+With ``--teacher MODEL.onnx`` it also writes ``teacher.json`` beside ``split.csv`` (``cadbcnn-train teacher`` on the copied training
 images, 242 KB for the release split): the released model's answers travel where its 67 MB cannot, and a model
 trained from scratch there can distil them (``fit --consistency W --teacher``).
 
@@ -100,21 +100,25 @@ def main(argv=None) -> int:
         return 2
     if out.exists():
         shutil.rmtree(out)
+    # under the dataset's own folder name: the spec records it (training.dataset, and the citation of all-leukemia)
+    root = out / a.data.resolve().name
     for r in rows:
-        dst = out / r["path"]
+        dst = root / r["path"]
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(a.data / r["path"], dst)
-    with open(out / "split.csv", "w", newline="", encoding="utf-8") as f:
+    with open(root / "split.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=["path", "label", "split"], lineterminator="\n")
         w.writeheader()
         w.writerows(rows)
     if a.teacher is not None:  # the student's training images, read from the copy (the paths fit runs with)
         from cadbcnn_train.consistency import write_teacher
 
-        t = write_teacher(a.teacher, out, out / "teacher.json", split_file=out / "split.csv", split="train",
+        t = write_teacher(a.teacher, root, root / "teacher.json", split_file=root / "split.csv", split="train",
                           log=lambda m: None)
-        print(f"teacher: logits of {t['model']} on {len(t['logits'])} training images → {rel}/teacher.json")
-    print(f"→ {rel} (carry it: carry=[\"{rel.as_posix()}\"])")
+        print(f"teacher: logits of {t['model']} on {len(t['logits'])} training images → "
+              f"{rel.as_posix()}/{root.name}/teacher.json")
+    print(f"→ {rel.as_posix()}/{root.name} (carry=[\"{rel.as_posix()}\"]; on the device: scripts/device_release.sh "
+          f"train {rel.as_posix()}/{root.name})")
     return 0
 
 

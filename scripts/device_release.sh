@@ -7,7 +7,7 @@
 #   here    .venv/bin/python scripts/release_split.py models/cadbcnn.onnx build/release-split.csv
 #           .venv/bin/python scripts/device_data.py build/release-split.csv ../shared/data/all-leukemia build/device-data
 #           mkdir -p build/aside && mv models/cadbcnn.onnx models/cadbcnn.int8.onnx build/aside/
-#   device  run(command="scripts/device_release.sh train build/device-data", carry=["build/device-data"],
+#   device  run(command="scripts/device_release.sh train build/device-data/all-leukemia", carry=["build/device-data"],
 #               timeout_s=600)            # BENCH=1 first runs `make test-gpu bench-gpu` inside the same budget
 #   here    git checkout -- models/
 #           scripts/device_release.sh unpack FILES_AT runs/device    # the reports, and RUN/release.pt of the pick
@@ -187,8 +187,8 @@ unpack() {
   if [[ -f "$from/parts/manifest.json" ]]; then
     local run
     run="$runs/$(basename "$(cat "$runs/picked")")"
-    "$PY_HERE" scripts/checkpoint_parts.py unpack "$from/parts" "$run/release.pt"
-    # the device saw the training and validation images only; here the run needs the whole split (test included)
+    # the device saw the training and validation images only; here the run and its spec get the whole split back
+    "$PY_HERE" scripts/checkpoint_parts.py unpack "$from/parts" "$run/release.pt" --split-file "$split"
     cp "$split" "$run/split.csv"
     echo "Next (here, on the CPU): DATA=../shared/data/all-leukemia scripts/release.sh gate $run;"
     echo "  scripts/release.sh perclass $run NAME (review rule + shift report); evaluate --split test"

@@ -46,3 +46,29 @@ def test_pack_refuses_what_would_not_come_back_and_unpack_a_damaged_part(tmp_pat
     p.write_bytes(p.read_bytes()[:-1] + b"x")
     assert parts.main(["unpack", str(tmp_path / "out"), str(tmp_path / "back.pt")]) == 2
     assert not (tmp_path / "back.pt").exists()
+
+
+def test_unpack_gives_the_spec_the_whole_split_back(tmp_path):
+    """The device's copy held no test images, so its fit counted none; the whole split restores them, and a split
+    whose training or validation counts differ from the trained ones is refused."""
+    src = save_random_checkpoint(tmp_path / "best.pt", model="resnet18", image_size=32)
+    ck = load_checkpoint(src)
+    folders, names = list(ck.class_folders), list(ck.spec.class_names)
+    trained = {"train": {n: 3 for n in names}, "val": {n: 1 for n in names}, "test": {n: 0 for n in names}}
+    save_checkpoint(tmp_path / "device.pt", model=ck.build_model(), model_name=ck.model_name, model_kwargs={},
+                    spec=ck.spec.replace(training={**ck.spec.training, "split_counts": trained}),
+                    class_folders=ck.class_folders, config={}, split_hash=None, epoch=1)
+    parts.pack(tmp_path / "device.pt", tmp_path / "out")
+    rows = ["path,label,split"] + [f"{f}/{f}-{i}.jpg,{f},{s}" for f in folders
+                                   for i, s in enumerate(["train"] * 3 + ["val"] + ["test"] * 2)]
+    whole = tmp_path / "split.csv"
+    whole.write_text("\n".join(rows) + "\n")
+    parts.unpack(tmp_path / "out", tmp_path / "back.pt", split_csv=whole)
+    training = load_checkpoint(tmp_path / "back.pt").spec.training
+    assert training["split_counts"] == {**trained, "test": {n: 2 for n in names}}
+    assert training["images"] == 6 * len(names)
+    other = tmp_path / "other.csv"
+    other.write_text("\n".join(rows[:-2] + [rows[-1].replace(",test", ",val")]) + "\n")
+    with pytest.raises(CheckpointError, match="its val counts .* differ from the trained ones"):
+        parts.unpack(tmp_path / "out", tmp_path / "back2.pt", split_csv=other)
+    assert not (tmp_path / "back2.pt").exists()

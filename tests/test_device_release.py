@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from cadbcnn_train.checkpoint import load_checkpoint
 from cadbcnn_train.synthetic import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,11 +85,13 @@ def test_device_data_copies_train_and_val_only_and_refuses_what_would_not_travel
         assert big.returncode == 2 and "too large to travel; nothing written" in big.stdout and not out.exists()
         ok = subprocess.run(script + ["--limit-mib", "10000"], capture_output=True, text=True)
         assert ok.returncode == 0, ok.stdout + ok.stderr
-        rows = list(csv.DictReader(open(out / "split.csv")))
+        root = out / "src"  # under the dataset folder's own name, which the spec records
+        assert f"scripts/device_release.sh train build/{out.name}/src" in ok.stdout
+        rows = list(csv.DictReader(open(root / "split.csv")))
         assert len(rows) == 24 and {r["split"] for r in rows} == {"train", "val"}
         for r in rows:  # the very bytes, under the split's own paths
-            assert (out / r["path"]).read_bytes() == (src / r["path"]).read_bytes()
-        assert not any((out / c / f"{c}-004.jpg").exists() for c in ("Benign", "Pro"))  # test images stay here
+            assert (root / r["path"]).read_bytes() == (src / r["path"]).read_bytes()
+        assert not any((root / c / f"{c}-004.jpg").exists() for c in ("Benign", "Pro"))  # test images stay here
         outside = subprocess.run(script[:-1] + [str(tmp_path / "elsewhere")], capture_output=True, text=True)
         assert outside.returncode == 2 and "outside the checkout" in outside.stdout
     finally:
@@ -106,12 +109,12 @@ def test_device_release_trains_gates_picks_and_packs_what_comes_back(tmp_path, o
     runs, out = tmp_path / "runs", tmp_path / "out"
     env = dict(os.environ, ALLOW_CPU="1", OUT=str(out), RUNS=str(runs), SEEDS="0", EPOCHS="2", BUDGET="1500",
                POST_S="600", PY=sys.executable, FIT_EXTRA="--image-size 64 --max-steps 2 --bn-recal-images 16",
-               TEACHER=str(data / "teacher.json"))
+               TEACHER=str(data / "src" / "teacher.json"))
     try:
         d = subprocess.run([sys.executable, str(ROOT / "scripts" / "device_data.py"), str(split), str(src), str(data),
                             "--limit-mib", "10000", "--teacher", str(onnx_model)], capture_output=True, text=True)
         assert d.returncode == 0 and "teacher: logits of" in d.stdout and "on 40 training images" in d.stdout, d.stdout + d.stderr
-        r = subprocess.run([str(ROOT / "scripts" / "device_release.sh"), "train", str(data)], env=env, cwd=ROOT,
+        r = subprocess.run([str(ROOT / "scripts" / "device_release.sh"), "train", str(data / "src")], env=env, cwd=ROOT,
                            capture_output=True, text=True, timeout=1200)
         assert r.returncode == 0, r.stdout + r.stderr
         assert "| 0 | 2 / 2 |" in r.stdout and "| finished | best |" in r.stdout and "| passed |" in r.stdout
@@ -123,13 +126,15 @@ def test_device_release_trains_gates_picks_and_packs_what_comes_back(tmp_path, o
             assert {"summary.md", "device.log", "picked", "s0/history.csv", "s0/ood-gate/ood_report.md",
                     "s0/val-best/metrics.json"} <= names
             config = json.load(t.extractfile("s0/config.json"))
-        assert config["teacher"] == str(data / "teacher.json") and config["consistency"] == 1.0
+        assert config["teacher"] == str(data / "src" / "teacher.json") and config["consistency"] == 1.0
         back = tmp_path / "back"
         u = subprocess.run([str(ROOT / "scripts" / "device_release.sh"), "unpack", str(out), str(back)], cwd=ROOT,
                            env=dict(env, SPLIT=str(split), PY=sys.executable), capture_output=True, text=True)
         assert u.returncode == 0, u.stdout + u.stderr
-        assert (back / "s0" / "release.pt").is_file()
         assert (back / "s0" / "split.csv").read_bytes() == split.read_bytes()  # the whole split, test rows included
+        training = load_checkpoint(back / "s0" / "release.pt").spec.training
+        assert training["dataset"] == "src" and training["images"] == 80  # the device's copy held 60
+        assert training["split_counts"]["test"] == {n: 5 for n in training["split_counts"]["train"]}
     finally:
         shutil.rmtree(data, ignore_errors=True)
 
