@@ -284,6 +284,7 @@ def shift_report_cmd(
 
 
 @app.command("teacher")
+@cli_errors
 def teacher_cmd(
     model: Path = typer.Argument(..., help="The teacher: an exported model (e.g. models/cadbcnn.onnx)."),
     data: Path = typer.Option(..., help="Dataset root with one sub-folder per class (the student's)."),

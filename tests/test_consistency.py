@@ -178,3 +178,8 @@ def test_teacher_command_writes_the_file(onnx_model, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "logits of" in r.stdout and "on 8 images" in r.stdout
     assert len(json.loads((tmp_path / "t.json").read_text())["logits"]) == 8
+    three = make_dataset(tmp_path / "three", per_class=2, size=64, classes=CLASSES[:3])
+    bad = subprocess.run([sys.executable, "-m", "cadbcnn_train.cli", "teacher", str(onnx_model), "--data", str(three),
+                          "--out", str(tmp_path / "t3.json")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "its classes" in bad.stdout + bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "t3.json").exists()
