@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from cadbcnn_runtime.atomic import write_atomic
-from cadbcnn_runtime.errors import CheckpointError
+from cadbcnn_runtime.errors import CheckpointError, DatasetError
 from cadbcnn_runtime.spec import ModelSpec
 from cadbcnn_train.checkpoint import load_checkpoint, weights_sha256
 
@@ -75,12 +75,12 @@ def whole_split_counts(raw: dict, split_csv: Path) -> dict:
     """The spec's ``training.split_counts`` for the whole split SPLIT_CSV (test rows included), checked against what the
     device recorded: its copy held the training and validation images only, so it counted no test images. The
     training and validation counts must be equal, else SPLIT_CSV is not the split it trained on."""
-    import csv
     from collections import Counter
 
+    from cadbcnn_train.data import split_rows
+
     name_of = dict(zip(raw["class_folders"], raw["spec"]["class_names"]))
-    with open(split_csv, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
+    rows = split_rows(split_csv)
     unknown = sorted({r["label"] for r in rows} - set(name_of))
     if unknown:
         raise CheckpointError(f"{split_csv}: labels {unknown} are not the model's class folders {list(name_of)}")
@@ -151,7 +151,7 @@ def main(argv=None) -> int:
             m = unpack(a.folder, a.dest, split_csv=a.split_file)
             print(f"{a.dest}: {len(m['parts'])} parts checked and joined; weights back in fp32 (fp16-rounded). "
                   f"Next: {m['then']}")
-    except CheckpointError as exc:
+    except (CheckpointError, DatasetError) as exc:  # DatasetError: the --split-file is missing or not a split
         print(f"error: {exc}")
         return 2
     return 0

@@ -46,12 +46,13 @@ def travelling_bytes(root: Path = ROOT) -> tuple[int, list[tuple[int, str]]]:
 
 
 def rows_of(split_csv: Path, splits: tuple[str, ...]) -> list[dict[str, str]]:
-    with open(split_csv, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or set(rows[0]) != {"path", "label", "split"}:
-        raise SystemExit(f"error: {split_csv}: not a split file (expected the header 'path,label,split'); pass the "
-                         "split.csv of a run or `scripts/release_split.py`'s")
-    return [r for r in rows if r["split"] in splits]
+    from cadbcnn_runtime.errors import DatasetError
+    from cadbcnn_train.data import split_rows
+
+    try:
+        return [r for r in split_rows(split_csv) if r["split"] in splits]
+    except DatasetError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 def main(argv=None) -> int:

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from release_rule import chosen_checkpoint, history, ood_gate  # noqa: E402 — the rule lives beside release.sh
+from release_rule import chosen_checkpoint, history, ood_gate, pick  # noqa: E402 — the rule lives beside release.sh
 
 # Reduced protocol (2-core CPU budget): 112 px, 8 epochs, batch 32, bf16 — identical for every row.
 PROTOCOL = ["--image-size", "112", "--epochs", "8", "--batch-size", "32", "--patience", "8", "--no-ood"]
@@ -131,13 +131,13 @@ def release_seeds(runs: list[Path]) -> list[str]:
                       f"{_mean_sd([100 * r[3]['accuracy'] for r in rows])} %, test macro-F1 "
                       f"{_mean_sd([100 * r[3]['f1_macro'] for r in rows])}; validation macro-F1 "
                       f"{_mean_sd([100 * r[2]['f1_macro'] for r in rows])}."]
-    ranked = sorted(rows, key=lambda r: (r[2]["f1_macro"], r[2]["accuracy"]), reverse=True)
-    passing = [r for r in ranked if r[7] == "passed"]
-    lines += ["", f"Best on validation: seed {ranked[0][0]} (`{ranked[0][6]}`). The release rule: the best on "
+    released, best = pick([r[6] for r in rows])  # the release rule (release_rule.py)
+    seed_of = {r[6]: r[0] for r in rows}
+    lines += ["", f"Best on validation: seed {seed_of[best]} (`{best}`). The release rule: the best on "
                   "validation among the candidates that pass every gate of `scripts/release.sh ship` (export parity "
                   "gates and the OOD gate: every foreign set built from validation images flagged ≥ 90 %); test "
                   "scores play no part. "
-                  + (f"Released by that rule: seed {passing[0][0]} (`{passing[0][6]}`)." if passing else
+                  + (f"Released by that rule: seed {seed_of[released]} (`{released}`)." if released else
                      "No candidate has passed the OOD gate yet."), ""]
     return lines
 
