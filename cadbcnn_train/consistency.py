@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -99,10 +100,13 @@ def teacher_targets(path: Path, rel_paths: Sequence[str], class_names: Sequence[
     if missing:
         raise ArgumentError(f"--teacher {path}: no logits for {len(missing)} of the {len(rel_paths)} training images "
                             f"(first: {missing[0]}); write it on this data folder and split")
-    out = torch.tensor([table[p] for p in rel_paths], dtype=torch.float32)
-    if out.shape != (len(rel_paths), len(class_names)) or not torch.isfinite(out).all():
-        raise ArgumentError(f"--teacher {path}: each row must hold {len(class_names)} finite logits")
-    return out
+    rows = [table[p] for p in rel_paths]
+    bad = next((p for p, row in zip(rel_paths, rows) if not isinstance(row, list) or len(row) != len(class_names)
+                or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in row)), None)
+    if bad is not None:
+        raise ArgumentError(f"--teacher {path}: the row of {bad} is not {len(class_names)} finite logits; "
+                            f"write the file again with `cadbcnn-train teacher`")
+    return torch.tensor(rows, dtype=torch.float32)
 
 
 def write_teacher(model: Path, data: Path, out: Path, *, split_file: Path | None = None, split: str = "train",

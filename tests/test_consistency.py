@@ -135,6 +135,13 @@ def test_a_table_that_does_not_fit_the_data_is_refused_naming_the_fix(onnx_model
         teacher_targets(bad, rel, ds.class_names)
     with pytest.raises(ArgumentError, match="not found"):
         teacher_targets(tmp_path / "none.json", rel, ds.class_names)
+    raw = json.loads(out.read_text())
+    for row in ([1.0, 2.0], [1.0, 2.0, 3.0, float("nan")], "1,2,3,4", [1.0, 2.0, 3.0, "x"]):
+        raw["logits"][rel[3]] = row
+        ragged = tmp_path / "ragged.json"
+        ragged.write_text(json.dumps(raw))
+        with pytest.raises(ArgumentError, match=f"the row of {rel[3]} is not 4 finite logits; write the file again"):
+            teacher_targets(ragged, rel, ds.class_names)
 
 
 def test_dataset_gives_the_teachers_row_beside_the_augmented_image(tmp_path):
