@@ -102,7 +102,8 @@ def teacher_targets(path: Path, rel_paths: Sequence[str], class_names: Sequence[
                             f"(first: {missing[0]}); write it on this data folder and split")
     rows = [table[p] for p in rel_paths]
     bad = next((p for p, row in zip(rel_paths, rows) if not isinstance(row, list) or len(row) != len(class_names)
-                or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in row)), None)
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                            for v in row)), None)
     if bad is not None:
         raise ArgumentError(f"--teacher {path}: the row of {bad} is not {len(class_names)} finite logits; "
                             f"write the file again with `cadbcnn-train teacher`")

@@ -136,7 +136,7 @@ def test_a_table_that_does_not_fit_the_data_is_refused_naming_the_fix(onnx_model
     with pytest.raises(ArgumentError, match="not found"):
         teacher_targets(tmp_path / "none.json", rel, ds.class_names)
     raw = json.loads(out.read_text())
-    for row in ([1.0, 2.0], [1.0, 2.0, 3.0, float("nan")], "1,2,3,4", [1.0, 2.0, 3.0, "x"]):
+    for row in ([1.0, 2.0], [1.0, 2.0, 3.0, float("nan")], "1,2,3,4", [1.0, 2.0, 3.0, "x"], [1.0, 2.0, 3.0, True]):
         raw["logits"][rel[3]] = row
         ragged = tmp_path / "ragged.json"
         ragged.write_text(json.dumps(raw))
