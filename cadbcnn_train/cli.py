@@ -151,6 +151,26 @@ def recalibrate_bn_cmd(
     recalibrate_checkpoint(checkpoint, data, split_file=split_file, out=out, images=images, log=typer.echo)
 
 
+@app.command("wise-ft")
+@cli_errors
+def wise_ft_cmd(
+    checkpoint: Path = typer.Argument(..., help="A fine-tune written by `cadbcnn-train fit --init MODEL.onnx`."),
+    toward: Optional[Path] = typer.Option(None, help="The ONNX file the fine-tune started from (default: its "
+                                                     "--init path as recorded; the sha256 must match either way)."),
+    alpha: float = typer.Option(..., help="The fine-tune's weight in [0, 1]: 0 = the start model, 1 = the fine-tune."),
+    data: Path = typer.Option(..., help="The dataset root the checkpoint was trained on."),
+    out: Path = typer.Option(..., help="Write the interpolated checkpoint here."),
+    split_file: Optional[Path] = typer.Option(None, help="Split CSV (default: split.csv next to the checkpoint)."),
+    images: int = typer.Option(1024, help="Clean training images for the BatchNorm statistics."),
+) -> None:
+    """WiSE-FT: interpolate a fine-tune's weights toward the model it started from, then precise BN."""
+    from .wise import check_alpha, interpolate_checkpoint
+
+    check_alpha(alpha)
+    interpolate_checkpoint(checkpoint, toward, alpha, data, out, split_file=split_file, images=images,
+                           log=typer.echo)
+
+
 @app.command("fit-ood")
 @cli_errors
 def fit_ood_cmd(

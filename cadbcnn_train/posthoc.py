@@ -52,19 +52,27 @@ def evaluate(checkpoint: Path, data: Path, out: Path, *, split: str = "test", sp
     return m
 
 
+def clean_train_loader(ck, data: Path, split_file: Path, *, images: int = 1024, seed: int = 0) -> DataLoader:
+    """IMAGES clean images of SPLIT_FILE's train rows (a seeded pick, shuffled by the same seed), preprocessed by
+    CK's spec: what precise BN and ``wise-ft`` average BatchNorm statistics over (no labels used)."""
+    root = Path(data)
+    train_rows = [root / r["path"] for r in D.split_rows(Path(split_file)) if r["split"] == "train"]
+    if not train_rows:
+        raise DatasetError(f"{split_file}: has no train rows; pass the split file the checkpoint was trained with")
+    rng = np.random.default_rng(seed)
+    pick = {train_rows[i] for i in rng.choice(len(train_rows), min(images, len(train_rows)), replace=False)}
+    ds = D.load(root, class_folders=ck.class_folders, only=pick)
+    return DataLoader(D.ImageDataset(ds.samples, ck.spec, images=ds.images), batch_size=32, shuffle=True,
+                      generator=torch.Generator().manual_seed(seed))
+
+
 def recalibrate_checkpoint(checkpoint: Path, data: Path, *, split_file: Path | None = None,
                            out: Path | None = None, images: int = 1024, seed: int = 0, log=print) -> Path:
     """Precise-BN for an existing checkpoint (statistics from clean images of its train split)."""
     ck = load_checkpoint(checkpoint)
     model = ck.build_model()
     sf = Path(split_file) if split_file else Path(checkpoint).parent / "split.csv"
-    root = Path(data)
-    train_rows = [root / r["path"] for r in D.split_rows(sf) if r["split"] == "train"]
-    rng = np.random.default_rng(seed)
-    pick = {train_rows[i] for i in rng.choice(len(train_rows), min(images, len(train_rows)), replace=False)}
-    ds = D.load(root, class_folders=ck.class_folders, only=pick)
-    loader = DataLoader(D.ImageDataset(ds.samples, ck.spec, images=ds.images), batch_size=32, shuffle=True,
-                        generator=torch.Generator().manual_seed(seed))
+    loader = clean_train_loader(ck, data, sf, images=images, seed=seed)
     # A run trained with --freeze kept those modules as loaded; their statistics stay (see recalibrate_bn).
     frozen = frozen_modules(model, ck.config.get("freeze", "none"))
     n = recalibrate_bn(model, loader, torch.device("cpu"), "fp32", images, keep=frozen)

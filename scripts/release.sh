@@ -13,6 +13,10 @@
 #                                                   # appearance check (APPEARANCE=0.98 | off) and one threshold per
 #                                                   # predicted class held on every shift (EACH_SHIFT=on | off) ->
 #                                                   # RUN/gate/cadbcnn-perclass.onnx, its shift report (~30 min)
+#   scripts/release.sh wise RUN ALPHA               # WiSE-FT: RUN's release.pt (a fine-tune, fit --init) interpolated
+#                                                   # toward its --init file -> RUN-wiseALPHA (0.5 -> RUN-wise05),
+#                                                   # then calibration and val/test evaluation as `post` (~6 min);
+#                                                   # `gate` and `perclass` on that run as on any candidate
 #   scripts/release.sh ship RUN                     # gate, exports with parity gates, figures, OOD report;
 #                                                   # writes models/ and docs/ only if every gate passes
 #
@@ -70,6 +74,22 @@ post() {
   # POST_TEST=0: the data folder has no test images (the GPU machine's copy; docs/STATUS.md, "GPU sessions").
   if [[ "${POST_TEST:-1}" != 0 ]]; then
     $B/cadbcnn-train evaluate "$run/release.pt" --data "$DATA" --split test --out "$run/test"
+  fi
+}
+
+wise() {
+  # docs/SHIFT.md, "Weight interpolation toward v0.1.0": θ = (1 − α)·θ_init + α·θ_RUN, precise BN, then the
+  # review rule (temperature, threshold) and the evaluations of `post`. The --init file must be the one RUN was
+  # fine-tuned from (the sha256 in its spec is checked); INIT overrides the recorded path.
+  local run=$1 alpha=$2 out=$1-wise${2/./} toward=()
+  [[ -n "${INIT:-}" ]] && toward=(--toward "$INIT")
+  mkdir -p "$out"
+  cp "$run/split.csv" "$run/config.json" "$out/"
+  $B/cadbcnn-train wise-ft "$run/release.pt" --alpha "$alpha" --data "$DATA" --out "$out/release.pt" "${toward[@]}"
+  $B/cadbcnn-train calibrate "$out/release.pt" --data "$DATA" $(shifted_rule_args "$run")
+  $B/cadbcnn-train evaluate "$out/release.pt" --data "$DATA" --split val --out "$out/val"
+  if [[ "${POST_TEST:-1}" != 0 ]]; then
+    $B/cadbcnn-train evaluate "$out/release.pt" --data "$DATA" --split test --out "$out/test"
   fi
 }
 
@@ -151,6 +171,7 @@ case "${1:-}" in
   shift) shift_report "${2:?run directory}" "${3:?report name (docs/shift/NAME)}" ;;
   shiftcal) shiftcal "${2:?run directory}" "${3:?report name (docs/shift/NAME)}" ;;
   perclass) perclass "${2:?run directory}" "${3:?report name (docs/shift/NAME)}" ;;
+  wise) wise "${2:?run directory}" "${3:?alpha: the fine-tune weight, 0 to 1}" ;;
   ship) ship "${2:?run directory}" ;;
-  *) echo "usage: scripts/release.sh candidate SEED [SPLIT_CSV] | post RUN | gate RUN | shift RUN NAME | shiftcal RUN NAME | perclass RUN NAME | ship RUN" >&2; exit 2 ;;
+  *) echo "usage: scripts/release.sh candidate SEED [SPLIT_CSV] | post RUN | wise RUN ALPHA | gate RUN | shift RUN NAME | shiftcal RUN NAME | perclass RUN NAME | ship RUN" >&2; exit 2 ;;
 esac
