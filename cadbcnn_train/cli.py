@@ -164,9 +164,8 @@ def wise_ft_cmd(
     images: int = typer.Option(1024, help="Clean training images for the BatchNorm statistics."),
 ) -> None:
     """WiSE-FT: interpolate a fine-tune's weights toward the model it started from, then precise BN."""
-    from .wise import check_alpha, interpolate_checkpoint
+    from .wise import interpolate_checkpoint
 
-    check_alpha(alpha)
     interpolate_checkpoint(checkpoint, toward, alpha, data, out, split_file=split_file, images=images,
                            log=typer.echo)
 

@@ -213,6 +213,15 @@ def check_resume_matches(last, cfg: TrainConfig, out: Path) -> None:
                             "into a new --out.")
 
 
+def clean_epoch_loader(samples, spec: ModelSpec, images: dict | None, batch_size: int, seed: int, epoch: int,
+                       workers: int = 0) -> DataLoader:
+    """SAMPLES clean (non-augmented), shuffled by seed·1000 + EPOCH: the batches ``fit`` measures BatchNorm
+    statistics on after each epoch, and (EPOCH −1) re-derives an ``--init`` model's BatchNorms on. ``wise-ft``
+    rebuilds the −1 batches from here to start from the fine-tune's exact starting point."""
+    return DataLoader(D.ImageDataset(samples, spec, images=images), batch_size=batch_size, shuffle=True,
+                      generator=torch.Generator().manual_seed(seed * 1000 + epoch), num_workers=workers)
+
+
 def fit(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> FitResult:
     t_start = time.time()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -275,9 +284,7 @@ def fit(cfg: TrainConfig, *, resume: bool = False, quiet: bool = False) -> FitRe
                               pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0)
 
     def bn_loader(epoch: int) -> DataLoader:  # clean (non-augmented) training images, a fresh sample per epoch
-        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        return DataLoader(D.ImageDataset(parts["train"], spec, images=ds.images), batch_size=cfg.batch_size,
-                          shuffle=True, generator=gen, num_workers=cfg.workers)
+        return clean_epoch_loader(parts["train"], spec, ds.images, cfg.batch_size, cfg.seed, epoch, cfg.workers)
 
     def eval_loader(samples):
         return DataLoader(D.ImageDataset(samples, spec, images=ds.images), batch_size=max(cfg.batch_size, 64),

@@ -22,7 +22,7 @@ from cadbcnn_runtime.spec import ModelSpec
 from . import data as D
 from .checkpoint import load_checkpoint, resave_checkpoint, weights_sha256
 from .onnx_init import frozen_modules, init_provenance, load_onnx_weights, rederive_batchnorm
-from .train import recalibrate_bn
+from .train import clean_epoch_loader, recalibrate_bn
 
 
 def mix_state_dicts(start: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor],
@@ -43,18 +43,16 @@ def mix_state_dicts(start: dict[str, torch.Tensor], tuned: dict[str, torch.Tenso
 
 
 def fit_init_loader(ck, data: Path, split_file: Path) -> DataLoader:
-    """The clean training batches ``fit --init`` re-derived the start model's BatchNorms on (``bn_loader(-1)`` of
-    ``train.fit``: the split's train images in dataset order, shuffled by seed·1000 − 1), so that θ_start is the
+    """The clean training batches ``fit --init`` re-derived the start model's BatchNorms on (``clean_epoch_loader``
+    at epoch −1: the split's train images in dataset order, shuffled by seed·1000 − 1), so that θ_start is the
     fine-tune's exact starting point: modules the fine-tune froze are then identical at both ends."""
     root = Path(data)
     train = {root / r["path"] for r in D.split_rows(Path(split_file)) if r["split"] == "train"}
     if not train:
         raise DatasetError(f"{split_file}: has no train rows; pass the split file the checkpoint was trained with")
     ds = D.load(root, class_folders=ck.class_folders, only=train)
-    seed = int(ck.config.get("seed", 0))
-    return DataLoader(D.ImageDataset(ds.samples, ck.spec, images=ds.images),
-                      batch_size=int(ck.config.get("batch_size", 32)), shuffle=True,
-                      generator=torch.Generator().manual_seed(seed * 1000 - 1))
+    return clean_epoch_loader(ds.samples, ck.spec, ds.images, int(ck.config.get("batch_size", 32)),
+                              int(ck.config.get("seed", 0)), -1)
 
 
 def check_alpha(alpha: float) -> float:
@@ -71,15 +69,7 @@ def interpolate_checkpoint(checkpoint: Path, toward: Path | None, alpha: float, 
     from .posthoc import clean_train_loader
 
     check_alpha(alpha)
-    if toward is None:
-        toward = load_checkpoint(checkpoint).config.get("init")
-        if not toward:
-            raise ArgumentError(f"{checkpoint}: was not fine-tuned from an ONNX file (no `fit --init` in its "
-                                "config); interpolation needs a fine-tune and the very model it started from")
-    toward, out = Path(toward), Path(out)
-    if toward.suffix != ".onnx" or not toward.is_file():
-        raise ArgumentError(f"--toward {toward}: not an ONNX file; pass the released model the fine-tune started "
-                            "from (its `fit --init` file)")
+    out = Path(out)
     if out.resolve() == Path(checkpoint).resolve():
         raise ArgumentError(f"--out {out}: is the fine-tune itself; write the interpolation to a new file")
     ck = load_checkpoint(checkpoint)
@@ -87,6 +77,10 @@ def interpolate_checkpoint(checkpoint: Path, toward: Path | None, alpha: float, 
     if not started:
         raise ArgumentError(f"{checkpoint}: was not fine-tuned from an ONNX file (no `fit --init` in its spec); "
                             "interpolation needs a fine-tune and the very model it started from")
+    toward = Path(toward if toward is not None else ck.config.get("init") or started.get("file", ""))
+    if toward.suffix != ".onnx" or not toward.is_file():
+        raise ArgumentError(f"--toward {toward}: not an ONNX file; pass the released model the fine-tune started "
+                            "from (its `fit --init` file)")
     start_file = init_provenance(str(toward))
     if started.get("sha256") != start_file["sha256"]:
         raise ArgumentError(f"--toward {toward}: sha256 {start_file['sha256'][:12]} is not the file {checkpoint} was "
