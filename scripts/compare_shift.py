@@ -15,7 +15,11 @@ from pathlib import Path
 def load(arg: str) -> tuple[str, dict]:
     name, _, where = arg.partition("=")
     p = Path(where)
-    return name, json.loads((p / "shift_report.json" if p.is_dir() else p).read_text())
+    f = p / "shift_report.json" if p.is_dir() else p
+    if not name or not where or not f.is_file():
+        raise SystemExit(f"{arg}: expected NAME=DIR_OR_JSON with a shift report there ({f} not found); "
+                         "usage:\n" + __doc__)
+    return name, json.loads(f.read_text())
 
 
 def pct(v) -> str:
@@ -42,4 +46,9 @@ def table(reports: list[tuple[str, dict]]) -> str:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] in (["-h"], ["--help"]):
+        print(__doc__)
+        sys.exit(0)
+    if not sys.argv[1:]:
+        raise SystemExit(__doc__)
     print(table([load(a) for a in sys.argv[1:]]))
