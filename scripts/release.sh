@@ -29,10 +29,12 @@ set -euo pipefail
 DATA=${DATA:-../shared/data/all-leukemia}
 B=${B:-.venv/bin}   # the commands cadbcnn-train, cadbcnn-export, python (scripts/device_release.sh passes its own)
 # The training recipe. v0.1.0: the standard augmentation only (RECIPE=""). v0.2.0: every robust part (scale bar,
-# magnification, stain, exposure, degradation) on half of the training images (docs/SHIFT.md). The v0.2.0 candidate
-# recipe trained last (seed 0, docs/SHIFT.md), from scratch and as a fine-tune of v0.1.0 (EPOCHS=20):
+# magnification, stain, exposure, degradation) on half of the training images (docs/SHIFT.md). Later candidates
+# (docs/SHIFT.md), from scratch and as fine-tunes of v0.1.0 (EPOCHS=20), then with the teacher table (EPOCHS=8):
 #   RECIPE="--augment-parts scale=1,stain=1,exposure,degrade --robust-p 0.5"
 #   RECIPE="--lr 3e-4 --init build/v0.1.0.onnx --augment-parts scale=1,stain=1,exposure,degrade --robust-p 0.5"
+#   RECIPE="--lr 1e-4 --init build/v0.1.0.onnx --augment-parts stain --robust-p 1.0 --consistency 1.0
+#           --teacher build/teacher-v010.json"   # the latest: "The stain part alone in the fine-tune"
 # (--init from a copy of the released file: `ship` overwrites models/).
 RECIPE=${RECIPE-"--augment-parts robust --robust-p 0.5"}
 RUNS=${RUNS:-runs}
