@@ -69,7 +69,8 @@ def calibrate_model(model: Path, out: Path, *, val: Sequence[tuple[Path, int]], 
                     shifted_target_risk: float = 0.02, per_class: bool = False, shifted_about: str = "",
                     train_labels: Sequence[int] | None = None, appearance_quantile: float | None = None,
                     shift_names: Sequence[str] | None = None, shift_sources: Sequence[int] | None = None,
-                    review_score: bool = False, log: Callable[[str], None] = print) -> ModelSpec:
+                    review_score: bool = False, appearance_extra: Sequence[tuple[np.ndarray, int]] = (),
+                    appearance_extra_about: str = "", log: Callable[[str], None] = print) -> ModelSpec:
     """Fit temperature + review threshold (VAL: labelled held-out images) and the field-content check (TRAIN
     images) of an ONNX model, and write it to OUT with the new spec. The graph is not touched: a check reruns
     both files on some validation images and requires identical logits.
@@ -83,6 +84,8 @@ def calibrate_model(model: Path, out: Path, *, val: Sequence[tuple[Path, int]], 
     ``appearance_quantile`` also fits the appearance check (``cadbcnn_runtime.appearance``) on the TRAIN images and
     their classes (``train_labels``); with ``per_class`` the images it flags count as flagged too. Without it the
     spec's appearance entry is removed: a check fitted for another review rule is not kept silently.
+    ``appearance_extra`` (RGB uint8 images with their classes, described by ``appearance_extra_about``: e.g. stain
+    copies of the training images) are fitted on too, beside TRAIN; the field-content check stays TRAIN's alone.
 
     ``shift_names`` (the shift of each SHIFTED image; needs ``per_class``) holds the per-class rule on every shift's
     images rather than each class's pooled ones (``calibration.each_shift_review``).
@@ -103,6 +106,8 @@ def calibrate_model(model: Path, out: Path, *, val: Sequence[tuple[Path, int]], 
                          or len(shift_sources) != len(shifted)):
         raise ArgumentError("the learned review score is fitted with the each-shift rule and the appearance check: "
                             "it needs shift_names, appearance_quantile and the source image of every shifted image")
+    if appearance_extra and appearance_quantile is None:
+        raise ArgumentError("extra images for the appearance check need the check (appearance_quantile)")
     if appearance_quantile is not None:
         check_quantile(appearance_quantile)
         if train_labels is None or len(train_labels) != len(train):
@@ -124,10 +129,15 @@ def calibrate_model(model: Path, out: Path, *, val: Sequence[tuple[Path, int]], 
         if looks_needed:
             looks.append(appearance_features(x, SMOOTH_SIGMA))
     quality = fit_quality(np.concatenate(content), fitted_on=f"training split ({len(train)} images)")
+    look_labels = list(train_labels or ())
+    if appearance_extra:
+        for x in inputs([im for im, _ in appearance_extra]):
+            looks.append(appearance_features(x, SMOOTH_SIGMA))
+        look_labels += [k for _, k in appearance_extra]
     try:
         appearance = None if appearance_quantile is None else fit_appearance(
-            np.concatenate(looks), np.asarray(train_labels), clf.spec.class_names, quantile=appearance_quantile,
-            smooth_sigma=SMOOTH_SIGMA, fitted_on=f"training split ({len(train)} images)")
+            np.concatenate(looks), np.asarray(look_labels), clf.spec.class_names, quantile=appearance_quantile,
+            smooth_sigma=SMOOTH_SIGMA, fitted_on=f"training split ({len(train)} images){appearance_extra_about}")
     except ValueError as exc:
         raise DatasetError(f"{model}: the appearance check cannot be fitted on this training split ({exc}); add "
                            "training images of that class or leave out --appearance-check") from None

@@ -24,6 +24,7 @@ from cadbcnn_runtime.errors import ArgumentError
 
 import math
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 
@@ -116,10 +117,7 @@ class RobustAugment:
                          offset=(float(rng.random()), float(rng.random())))
         img = self.base(img, rng)
         if "stain" in p:
-            if rng.random() < 0.8:
-                img = T.hed_jitter(img, rng, scale=0.25, shift=0.08)
-            if rng.random() < 0.5:
-                img = T.hsv_shift(img, dh=rng.uniform(-10, 10), ds=rng.uniform(0.6, 1.4))
+            img = stain(img, rng)
         if "exposure" in p and rng.random() < 0.8:
             img = T.brightness(img, rng.uniform(0.7, 1.3))
             img = T.contrast(img, rng.uniform(0.6, 1.4))
@@ -133,3 +131,34 @@ class RobustAugment:
             if rng.random() < 0.3:
                 img = T.sensor_noise(img, rng, rng.uniform(2, 12))
         return np.ascontiguousarray(img)
+
+
+def stain(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The ``stain`` part alone: HED concentration jitter (80 % of draws), then hue ±20° and saturation ×0.6–1.4
+    (50 % of draws). RGB uint8 HWC in and out."""
+    if rng.random() < 0.8:
+        img = T.hed_jitter(img, rng, scale=0.25, shift=0.08)
+    if rng.random() < 0.5:
+        img = T.hsv_shift(img, dh=rng.uniform(-10, 10), ds=rng.uniform(0.6, 1.4))  # OpenCV hue units: ±20°
+    return img
+
+
+#: The most stain copies per training image the review checks may be fitted on (``--stain-copies``).
+MAX_STAIN_COPIES = 8
+
+
+def check_stain_copies(copies: int, option: str = "--stain-copies") -> None:
+    """Refuse a number of stain copies per training image outside 0 (off) … ``MAX_STAIN_COPIES``, before any work."""
+    if isinstance(copies, bool) or not isinstance(copies, int) or not 0 <= copies <= MAX_STAIN_COPIES:
+        raise ArgumentError(f"{option} must be a whole number of stain copies per training image in "
+                            f"[0, {MAX_STAIN_COPIES}] (0 = clean images only; 2 = the v0.2.0 recipe's), got {copies}")
+
+
+def stain_copies(images: Sequence[np.ndarray], copies: int, seed: int) -> list[np.ndarray]:
+    """COPIES stain-jittered versions (``stain``) of every image, copy-major: copy k of image i is item
+    ``k * len(images) + i``, drawn from ``default_rng([seed, k, i])`` — independent of the order and of the other
+    copies. What the review checks (OOD statistics, appearance check) of a stain-tolerant model are fitted on beside
+    the clean training images, so that a colour the model was trained to read is not flagged for its colour alone."""
+    check_stain_copies(copies, "copies")
+    return [np.ascontiguousarray(stain(img, np.random.default_rng([seed, k, i])))
+            for k in range(copies) for i, img in enumerate(images)]

@@ -178,11 +178,17 @@ def fit_ood_cmd(
     split_file: Optional[Path] = typer.Option(None, help="Split CSV (default: split.csv next to the checkpoint)."),
     out: Optional[Path] = typer.Option(None, help="Write the updated checkpoint here (default: in place)."),
     flag_rate: float = typer.Option(0.02, help="Fraction of the validation split the threshold may flag."),
+    stain_copies: int = typer.Option(0, help="Also fit the statistics on N stain-jittered copies of every training "
+                                     "image (the `stain` augmentation part, seeded by the run's seed), for a model "
+                                     "trained to read other stains (v0.2.0: 2). 0 = the clean training images only."),
 ) -> None:
     """(Re)fit the out-of-distribution score of an existing checkpoint (train split; threshold on val)."""
+    from .augment import check_stain_copies
     from .posthoc import refit_ood
 
-    refit_ood(checkpoint, data, split_file=split_file, out=out, flag_rate=flag_rate, log=typer.echo)
+    check_stain_copies(stain_copies)
+    refit_ood(checkpoint, data, split_file=split_file, out=out, flag_rate=flag_rate, stain_copies=stain_copies,
+              log=typer.echo)
 
 
 @app.command()
@@ -218,6 +224,9 @@ def calibrate(
                                       "and the appearance distances, per predicted class; thresholds chosen on "
                                       "cross-fitted scores by the each-shift rule). The runtime then applies it in "
                                       "place of the per-class confidence thresholds."),
+    stain_copies: int = typer.Option(0, help="With --appearance-check: fit the check on N stain-jittered copies of "
+                                     "every training image too (as `fit-ood --stain-copies`; v0.2.0: 2), so that a "
+                                     "stain the model was trained to read is not reviewed for its colour alone."),
 ) -> None:
     """Fit the temperature (validation NLL), the review threshold (validation risk–coverage) and the
     field-content check (training split) of a checkpoint or of an exported ONNX model."""
@@ -225,12 +234,12 @@ def calibrate(
 
     # refused before any work
     check_shifted_options(shifted_copies, shifted_target_risk, per_class, each_shift, review_score, appearance_check)
-    check_appearance_option(appearance_check, onnx=checkpoint.suffix == ".onnx")
+    check_appearance_option(appearance_check, onnx=checkpoint.suffix == ".onnx", stain_copies=stain_copies)
     if checkpoint.suffix == ".onnx":
         calibrate_onnx(checkpoint, data, split_file=split_file, out=out, target_risk=target_risk,
                        shifted_copies=shifted_copies, shifted_target_risk=shifted_target_risk, per_class=per_class,
                        appearance_quantile=appearance_check, each_shift=each_shift, review_score=review_score,
-                       log=typer.echo)
+                       stain_copies=stain_copies, log=typer.echo)
     else:
         calibrate_checkpoint(checkpoint, data, split_file=split_file, out=out, target_risk=target_risk,
                              shifted_copies=shifted_copies, shifted_target_risk=shifted_target_risk,

@@ -278,6 +278,22 @@ class Augment:
         return np.ascontiguousarray(img)
 
 
+class ArrayDataset(Dataset):
+    """Decoded RGB uint8 images (HWC) and their labels → (model input tensor, label), through the runtime's
+    preprocessing: images made in memory (``augment.stain_copies``) beside an ``ImageDataset`` of files."""
+
+    def __init__(self, images: Sequence[np.ndarray], labels: Sequence[int], spec: ModelSpec):
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images for {len(labels)} labels")
+        self.images, self.labels, self.spec = list(images), [int(k) for k in labels], spec
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return torch.from_numpy(preprocess(self.images[i], self.spec)), self.labels[i]
+
+
 class ImageDataset(Dataset):
     """Samples → (model input tensor, label) through the runtime's preprocessing; with ``with_clean``
     (model input tensor, the un-augmented image's tensor, label), for ``fit --consistency``; with ``targets``

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import ConcatDataset, DataLoader
 
 from cadbcnn_runtime.appearance import check_quantile
 from cadbcnn_runtime.calibration import TARGET_RISK, EachShift, fit_calibration, hold_on_shifted, hold_per_class
@@ -18,6 +18,7 @@ from cadbcnn_runtime.errors import ArgumentError, DatasetError
 from cadbcnn_runtime.spec import ModelSpec
 
 from . import data as D
+from .augment import check_stain_copies, stain_copies as augment_stain_copies
 from .checkpoint import load_checkpoint, resave_checkpoint, weights_sha256
 from .metrics import compute_metrics, metrics_summary, write_metrics
 from .onnx_init import frozen_modules
@@ -94,8 +95,14 @@ def recalibrate_checkpoint(checkpoint: Path, data: Path, *, split_file: Path | N
 
 
 def refit_ood(checkpoint: Path, data: Path, *, split_file: Path | None = None, out: Path | None = None,
-              flag_rate: float = 0.02, log=print) -> dict:
-    """Fit (or refit) the OOD statistics of an existing checkpoint on its train split; threshold on val."""
+              flag_rate: float = 0.02, stain_copies: int = 0, log=print) -> dict:
+    """Fit (or refit) the OOD statistics of an existing checkpoint on its train split; threshold on val.
+
+    ``stain_copies`` N > 0 fits the statistics on the training images *and* N stain-jittered copies of each
+    (``augment.stain_copies``, seeded by the run's seed): for a model trained to read other stains, whose features
+    such copies hardly move, so a mild stain change is not flagged for its colour alone. The threshold is still set
+    on the clean validation images."""
+    check_stain_copies(stain_copies)
     ck = load_checkpoint(checkpoint)
     model = ck.build_model()
     sf = Path(split_file) if split_file else Path(checkpoint).parent / "split.csv"
@@ -111,11 +118,21 @@ def refit_ood(checkpoint: Path, data: Path, *, split_file: Path | None = None, o
     def loader(samples):
         return DataLoader(D.ImageDataset(samples, ck.spec, images=ds.images), batch_size=64)
 
-    ood = fit_ood(model, loader(parts["train"]), loader(parts["val"]), len(ck.class_names), flag_rate=flag_rate)
+    fit_on = loader(parts["train"])
+    if stain_copies:
+        clean = fit_on.dataset
+        copies = augment_stain_copies([clean.image(i) for i in range(len(clean))], stain_copies,
+                                      int(ck.config.get("seed", 0)))
+        labels = [s.label for s in parts["train"]] * stain_copies
+        fit_on = DataLoader(ConcatDataset([clean, D.ArrayDataset(copies, labels, ck.spec)]), batch_size=64)
+    ood = fit_ood(model, fit_on, loader(parts["val"]), len(ck.class_names), flag_rate=flag_rate)
+    if stain_copies:
+        ood["fitted_on"] = (f"train split ({len(parts['train'])} images) + {stain_copies} stain copies of each "
+                            f"({len(copies)} images)")
     spec = ck.spec.replace(ood=spec_entry(ood))
     dest = Path(out) if out else Path(checkpoint)
     resave_checkpoint(ck, dest, model=model, spec=spec, ood=ood)
-    log(f"OOD statistics fitted on {len(parts['train'])} train images; threshold {ood['threshold']:.4f} flags "
+    log(f"OOD statistics fitted on the {ood['fitted_on']}; threshold {ood['threshold']:.4f} flags "
         f"{100 * ood['val_flagged']:.1f} % of {len(parts['val'])} validation images → {dest}")
     return ood
 
@@ -203,8 +220,13 @@ def check_shifted_options(shifted_copies: int, shifted_target_risk: float, per_c
                             "give --shifted-copies 23 --per-class --each-shift --appearance-check 0.98 too")
 
 
-def check_appearance_option(quantile: float | None, *, onnx: bool) -> None:
-    """``calibrate --appearance-check``, refused before any work."""
+def check_appearance_option(quantile: float | None, *, onnx: bool, stain_copies: int = 0) -> None:
+    """``calibrate --appearance-check`` (and its ``--stain-copies``), refused before any work."""
+    check_stain_copies(stain_copies)
+    if stain_copies and quantile is None:
+        raise ArgumentError("calibrate --stain-copies fits the appearance check on stain copies of the training "
+                            "images too: give --appearance-check 0.98 as well (the OOD statistics take "
+                            "`fit-ood --stain-copies`)")
     if quantile is None:
         return
     if not onnx:
@@ -217,17 +239,19 @@ def check_appearance_option(quantile: float | None, *, onnx: bool) -> None:
 def calibrate_onnx(model: Path, data: Path, *, split_file: Path | None, out: Path | None = None,
                    target_risk: float = TARGET_RISK, shifted_copies: int = 0, shifted_target_risk: float = 0.02,
                    per_class: bool = False, appearance_quantile: float | None = None, each_shift: bool = False,
-                   review_score: bool = False, log=print) -> ModelSpec:
+                   review_score: bool = False, stain_copies: int = 0, log=print) -> ModelSpec:
     """``calibrate`` for a model that exists only as ONNX (the model runs in ``cadbcnn_runtime.respec``, not torch).
     With ``shifted_copies``, the shifted validation images are those of ``calibrate CHECKPOINT`` (seeded by the
-    spec's training seed)."""
+    spec's training seed). ``stain_copies`` N > 0 fits the appearance check on N stain-jittered copies of every
+    training image too (``augment.stain_copies``, same seed), as ``fit-ood --stain-copies`` does the OOD
+    statistics."""
     from cadbcnn_runtime.preprocess import read_image
     from cadbcnn_runtime.respec import calibrate_model
     from cadbcnn_runtime.spec import ModelSpec as Spec
 
     check_shifted_options(shifted_copies, shifted_target_risk, per_class, each_shift, review_score,
                           appearance_quantile)
-    check_appearance_option(appearance_quantile, onnx=True)
+    check_appearance_option(appearance_quantile, onnx=True, stain_copies=stain_copies)
 
     if split_file is None:
         raise DatasetError(f"{model}: an ONNX model has no split.csv beside it; pass --split-file (the training "
@@ -254,8 +278,16 @@ def calibrate_onnx(model: Path, data: Path, *, split_file: Path | None, out: Pat
         shifted = list(zip(sv.images, sv.labels))
         names = [s.name for s in sv.shifts] if each_shift else None
         sources = [k // shifted_copies for k in range(len(sv.images))]  # ShiftedValidation's order
+    extra, extra_about = [], ""
+    if stain_copies:
+        clean = [read_image(p) for p in train]
+        extra = list(zip(augment_stain_copies(clean, stain_copies, int(Spec.from_onnx(model).training.get("seed", 0))),
+                         train_labels * stain_copies))
+        extra_about = f" + {stain_copies} stain copies of each ({len(extra)} images)"
+        del clean
     return calibrate_model(model, Path(out) if out else Path(model), val=val, train=train, target_risk=target_risk,
                            shifted=shifted, shifted_target_risk=shifted_target_risk, per_class=per_class,
                            shifted_about=f" ({shifted_copies} per image)", train_labels=train_labels,
                            appearance_quantile=appearance_quantile, shift_names=names, shift_sources=sources,
-                           review_score=review_score, log=log)
+                           review_score=review_score, appearance_extra=extra,
+                           appearance_extra_about=extra_about, log=log)

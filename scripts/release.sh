@@ -5,7 +5,8 @@
 #                                                   # 2-core Xeon with AMX; v0.2.0: ~1.8 h on a 2-core EPYC, bf16)
 #   scripts/release.sh post RUN                     # a finished fit's steps of `candidate`: precise BN, the
 #                                                   # release rule, calibration, test evaluation (~8 min)
-#   scripts/release.sh gate RUN                     # OOD fit + OOD release gate on validation images (~6 min)
+#   scripts/release.sh gate RUN                     # OOD fit + OOD release gate on validation images (~6 min;
+#                                                   # STAIN_COPIES=2: statistics also on stain copies, ~12 min)
 #   scripts/release.sh shift RUN NAME               # shift report of RUN's gate model -> docs/shift/NAME (~17 min)
 #   scripts/release.sh shiftcal RUN NAME            # RUN's release.pt with the review rule also held on shifted
 #                                                   # validation images -> RUN/shiftcal, its gate, shift report
@@ -123,10 +124,12 @@ perclass() {
   # on each class's pooled shifted images at SHIFTED_RISK=0.02 (the rule of 2026-12-06, session 11) instead of on
   # every shift's images at 0.015 ("Every shift held", docs/SHIFT.md). The learned review score (the released
   # file's since session 15, "A learned review score") is fitted too unless REVIEW_SCORE=off; it needs the
-  # appearance check and the each-shift rule, so either of those off leaves it out.
+  # appearance check and the each-shift rule, so either of those off leaves it out. STAIN_COPIES=N fits the
+  # appearance check on N stain copies of every training image too (as `gate` does the OOD statistics).
   local run=$1 name=$2 out=$1/gate/cadbcnn-perclass.onnx look=() each=(--each-shift) risk=${SHIFTED_RISK:-0.015}
   local score=(--review-score)
-  [[ "${APPEARANCE:-0.98}" == off ]] && score=() || look=(--appearance-check "${APPEARANCE:-0.98}")
+  [[ "${APPEARANCE:-0.98}" == off ]] && score=() || look=(--appearance-check "${APPEARANCE:-0.98}"
+                                                          --stain-copies "${STAIN_COPIES:-0}")
   [[ "${EACH_SHIFT:-on}" == off ]] && each=() && score=() && risk=${SHIFTED_RISK:-0.02}
   [[ "${REVIEW_SCORE:-on}" == off ]] && score=()
   $B/cadbcnn-train calibrate "$run/gate/cadbcnn.onnx" --data "$DATA" --split-file "$run/split.csv" \
@@ -138,7 +141,9 @@ perclass() {
 gate() {
   # The OOD release gate for a candidate, on validation images (not test); writes nothing under models/ or docs/.
   local run=$1
-  $B/cadbcnn-train fit-ood "$run/release.pt" --data "$DATA"                  # OOD statistics (train) + threshold (val)
+  # OOD statistics (train, plus STAIN_COPIES stain copies of each image: docs/SHIFT.md, "Colour-tolerant checks")
+  # + threshold (val)
+  $B/cadbcnn-train fit-ood "$run/release.pt" --data "$DATA" --stain-copies "${STAIN_COPIES:-0}"
   $B/cadbcnn-export "$run/release.pt" -o "$run/gate/cadbcnn.onnx" --report "$run/gate/export-report.json"
   # Every foreign set (central cell on black from val images; synthetic non-blood images) flagged >= 90 %, else exit 3.
   $B/cadbcnn-train ood-report "$run/gate/cadbcnn.onnx" --data "$DATA" --split-file "$run/split.csv" \

@@ -535,3 +535,24 @@ def test_multilayer_head_reads_the_stages_and_the_graph_matches_numpy(trained):
     assert {k: v.shape[1] for k, v in feats.items()} == {"fused": 512, "layer1": 128, "layer2": 256, "layer3": 512}
     ref = oodstats.combined_scores(stored_parts(proto), feats)
     assert np.max(np.abs(ood - ref) / np.maximum(1, ref)) < 1e-4
+
+
+def test_fit_ood_with_stain_copies_fits_on_them_and_thresholds_on_clean_val(trained, tmp_path):
+    """`fit-ood --stain-copies 1`: the Gaussians are fitted on the training images and one seeded stain copy of each;
+    the threshold still flags at most --flag-rate of the clean validation images."""
+    data, d, _ = trained
+    outs = {}
+    for n in (0, 1):
+        r = CliRunner().invoke(train_app, ["fit-ood", str(d / "run" / "best.pt"), "--data", str(data), "--out",
+                                           str(tmp_path / f"c{n}.pt"), "--flag-rate", "0.1", "--stain-copies", str(n)])
+        assert r.exit_code == 0, r.output
+        outs[n] = load_checkpoint(tmp_path / f"c{n}.pt")
+    n_train = int(outs[0].spec.ood["fitted_on"].split("(")[1].split()[0])
+    assert outs[1].spec.ood["fitted_on"] == (f"train split ({n_train} images) + 1 stain copies of each "
+                                             f"({n_train} images)")
+    assert outs[1].spec.ood["val_flagged"] <= 0.1
+    assert not torch.allclose(outs[1].ood["means_w"], outs[0].ood["means_w"])  # the copies moved the statistics
+    again = CliRunner().invoke(train_app, ["fit-ood", str(d / "run" / "best.pt"), "--data", str(data), "--out",
+                                           str(tmp_path / "c1b.pt"), "--flag-rate", "0.1", "--stain-copies", "1"])
+    assert again.exit_code == 0 and torch.equal(load_checkpoint(tmp_path / "c1b.pt").ood["means_w"],
+                                                outs[1].ood["means_w"])  # seeded: the same copies
