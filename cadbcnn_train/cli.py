@@ -183,10 +183,8 @@ def fit_ood_cmd(
                                      "trained to read other stains (v0.2.0: 2). 0 = the clean training images only."),
 ) -> None:
     """(Re)fit the out-of-distribution score of an existing checkpoint (train split; threshold on val)."""
-    from .augment import check_stain_copies
     from .posthoc import refit_ood
 
-    check_stain_copies(stain_copies)
     refit_ood(checkpoint, data, split_file=split_file, out=out, flag_rate=flag_rate, stain_copies=stain_copies,
               log=typer.echo)
 
