@@ -6,7 +6,7 @@
 #   scripts/release.sh post RUN                     # a finished fit's steps of `candidate`: precise BN, the
 #                                                   # release rule, calibration, test evaluation (~8 min)
 #   scripts/release.sh gate RUN                     # OOD fit + OOD release gate on validation images (~6 min;
-#                                                   # STAIN_COPIES=2: statistics also on stain copies, ~12 min)
+#                                                   # STAIN_COPIES=2: statistics also on stain copies, ~17 min)
 #   scripts/release.sh shift RUN NAME               # shift report of RUN's gate model -> docs/shift/NAME (~17 min)
 #   scripts/release.sh shiftcal RUN NAME            # RUN's release.pt with the review rule also held on shifted
 #                                                   # validation images -> RUN/shiftcal, its gate, shift report
