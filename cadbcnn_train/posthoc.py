@@ -256,7 +256,8 @@ def calibrate_onnx(model: Path, data: Path, *, split_file: Path | None, out: Pat
     if split_file is None:
         raise DatasetError(f"{model}: an ONNX model has no split.csv beside it; pass --split-file (the training "
                            "run's split)")
-    folders = Spec.from_onnx(model).training.get("class_folders")
+    spec = Spec.from_onnx(model)  # read once: the class folders, the seed of the shifted and stain copies
+    folders = spec.training.get("class_folders")
     if not folders:
         raise DatasetError(f"{model}: its spec does not record the training class folders; use the checkpoint")
     root = Path(data)
@@ -272,7 +273,6 @@ def calibrate_onnx(model: Path, data: Path, *, split_file: Path | None, out: Pat
     if shifted_copies:
         from .selection import ShiftedValidation
 
-        spec = Spec.from_onnx(model)
         sv = ShiftedValidation([read_image(p) for p, _ in val], [k for _, k in val], spec, copies=shifted_copies,
                                seed=int(spec.training.get("seed", 0)))
         shifted = list(zip(sv.images, sv.labels))
@@ -281,7 +281,7 @@ def calibrate_onnx(model: Path, data: Path, *, split_file: Path | None, out: Pat
     extra, extra_about = [], ""
     if stain_copies:
         clean = [read_image(p) for p in train]
-        extra = list(zip(augment_stain_copies(clean, stain_copies, int(Spec.from_onnx(model).training.get("seed", 0))),
+        extra = list(zip(augment_stain_copies(clean, stain_copies, int(spec.training.get("seed", 0))),
                          train_labels * stain_copies))
         extra_about = f" + {stain_copies} stain copies of each ({len(extra)} images)"
         del clean

@@ -18,12 +18,10 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 
-from cadbcnn_runtime.preprocess import preprocess
 from cadbcnn_runtime.spec import ModelSpec
 
+from .data import ArrayDataset
 from .shifts import SHIFTS, Shift, image_rng
 
 #: How the selection score is named in logs, history.csv and summary.json.
@@ -41,17 +39,16 @@ def assigned_shifts(n_images: int, copies: int, seed: int, shifts: Sequence[Shif
     return [shifts[(k + seed) % len(shifts)] for k in range(n_images * copies)]
 
 
-class ShiftedValidation(Dataset):
+class ShiftedValidation(ArrayDataset):
     """``copies`` shifted versions of each validation image, labels kept, as model inputs (runtime preprocessing)."""
 
     def __init__(self, images: Sequence[np.ndarray], labels: Sequence[int], spec: ModelSpec, *, copies: int,
                  seed: int):
         if copies < 1:
             raise ValueError(f"copies must be >= 1, got {copies}")
-        self.spec = spec
         self.shifts = assigned_shifts(len(images), copies, seed)
-        self.images = [s.apply(images[k // copies], image_rng(seed, s.name, k)) for k, s in enumerate(self.shifts)]
-        self.labels = [int(labels[k // copies]) for k in range(len(self.shifts))]
+        super().__init__([s.apply(images[k // copies], image_rng(seed, s.name, k)) for k, s in enumerate(self.shifts)],
+                         [labels[k // copies] for k in range(len(self.shifts))], spec)
 
     @classmethod
     def of_split(cls, samples: Sequence, spec: ModelSpec, *, images: dict | None, copies: int,
@@ -61,8 +58,3 @@ class ShiftedValidation(Dataset):
         ds = ImageDataset(samples, spec, images=images)
         return cls([ds.image(i) for i in range(len(ds))], [s.label for s in samples], spec, copies=copies, seed=seed)
 
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int):
-        return torch.from_numpy(preprocess(self.images[i], self.spec)), self.labels[i]
