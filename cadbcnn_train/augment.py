@@ -29,6 +29,7 @@ from typing import Sequence
 import numpy as np
 
 from . import transforms as T
+from .config import STAIN_KEEP
 from .data import Augment
 
 PARTS = ("scalebar", "scale", "stain", "exposure", "degrade")
@@ -146,7 +147,6 @@ def stain(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 #: The most stain copies per training image the review checks may be fitted on (``--stain-copies``).
 MAX_STAIN_COPIES = 8
 
-
 def check_stain_copies(copies: int, option: str = "--stain-copies") -> None:
     """Refuse a number of stain copies per training image outside 0 (off) … ``MAX_STAIN_COPIES``, before any work."""
     if isinstance(copies, bool) or not isinstance(copies, int) or not 0 <= copies <= MAX_STAIN_COPIES:
@@ -154,11 +154,58 @@ def check_stain_copies(copies: int, option: str = "--stain-copies") -> None:
                             f"[0, {MAX_STAIN_COPIES}] (0 = clean images only; 2 = the v0.2.0 recipe's), got {copies}")
 
 
-def stain_copies(images: Sequence[np.ndarray], copies: int, seed: int) -> list[np.ndarray]:
+def keep_lightness(copy: np.ndarray, original: np.ndarray) -> np.ndarray:
+    """``copy`` with the CIELAB lightness L* of ``original`` (same size): hue and chroma of the one, exposure
+    and sharpness of the other. RGB uint8 HWC in and out."""
+    import cv2
+
+    lab = cv2.cvtColor(copy, cv2.COLOR_RGB2LAB)
+    lab[..., 0] = cv2.cvtColor(original, cv2.COLOR_RGB2LAB)[..., 0]
+    return np.ascontiguousarray(cv2.cvtColor(lab, cv2.COLOR_LAB2RGB))
+
+
+def stain_copies(images: Sequence[np.ndarray], copies: int, seed: int, keep: str = "nothing") -> list[np.ndarray]:
     """COPIES stain-jittered versions (``stain``) of every image, copy-major: copy k of image i is item
     ``k * len(images) + i``, drawn from ``default_rng([seed, k, i])`` — independent of the order and of the other
     copies. What the review checks (OOD statistics, appearance check) of a stain-tolerant model are fitted on beside
-    the clean training images, so that a colour the model was trained to read is not flagged for its colour alone."""
-    check_stain_copies(copies, "copies")
-    return [np.ascontiguousarray(stain(img, np.random.default_rng([seed, k, i])))
-            for k in range(copies) for i, img in enumerate(images)]
+    the clean training images, so that a colour the model was trained to read is not flagged for its colour alone.
+    ``keep="lightness"`` gives each copy its image's own L* (``keep_lightness``)."""
+    StainCopies(copies, keep, options=("copies", "keep"))
+    out = [np.ascontiguousarray(stain(img, np.random.default_rng([seed, k, i])))
+           for k in range(copies) for i, img in enumerate(images)]
+    if keep == "lightness":
+        out = [keep_lightness(c, images[j % len(images)]) for j, c in enumerate(out)]
+    return out
+
+
+@dataclass(frozen=True)
+class StainCopies:
+    """How many stain copies of every training image the review checks are fitted on, and what each copy keeps of
+    its image (``fit-ood`` / ``calibrate --stain-copies N --stain-keep K``). Checked when made, so a bad pair is
+    refused before any work; false when off."""
+
+    copies: int = 0
+    keep: str = "nothing"
+    options: tuple[str, str] = field(default=("--stain-copies", "--stain-keep"), compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        check_stain_copies(self.copies, self.options[0])
+        if self.keep not in STAIN_KEEP:
+            raise ArgumentError(f"{self.options[1]} must be one of {', '.join(STAIN_KEEP)}, got {self.keep!r}")
+        if self.keep != "nothing" and not self.copies:
+            raise ArgumentError(f"{self.options[1]} {self.keep} changes the stain copies: give "
+                                f"{self.options[0]} N too (N ≥ 1)")
+
+    def __bool__(self) -> bool:
+        return self.copies > 0
+
+    def make(self, images: Sequence[np.ndarray], seed: int) -> list[np.ndarray]:
+        return stain_copies(images, self.copies, seed, self.keep)
+
+    def about(self, n_images: int) -> str:
+        """What the spec's ``fitted_on`` adds after the training images, e.g. `` + 2 stain copies of each (4118
+        images)``; '' when off."""
+        if not self:
+            return ""
+        kept = ", lightness kept" if self.keep == "lightness" else ""
+        return f" + {self.copies} stain copies of each{kept} ({self.copies * n_images} images)"

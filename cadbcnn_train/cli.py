@@ -12,7 +12,7 @@ import typer
 
 from cadbcnn_runtime.exits import cli_errors
 
-from .config import FREEZE_CHOICES, MODEL_NAMES, PRECISIONS, SPLITS
+from .config import FREEZE_CHOICES, MODEL_NAMES, PRECISIONS, SPLITS, STAIN_KEEP
 
 
 def _choices(name: str, values) -> type[Enum]:
@@ -25,6 +25,11 @@ SplitKind = _choices("SplitKind", SPLITS)
 Precision = _choices("Precision", PRECISIONS)
 FreezeChoice = _choices("FreezeChoice", FREEZE_CHOICES)
 EvalSplit = _choices("EvalSplit", ("test", "val", "train", "all"))
+StainKeep = _choices("StainKeep", STAIN_KEEP)
+
+STAIN_KEEP_HELP = ("With --stain-copies: what each copy keeps of its image — nothing (the stain part's whole change, "
+                   "lightness included) or lightness (the image's own CIELAB L*, only hue and chroma from the copy, "
+                   "so the checks still see exposure).")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Train and evaluate CADBCNN and its baselines on a folder-per-class image dataset.")
@@ -181,12 +186,14 @@ def fit_ood_cmd(
     stain_copies: int = typer.Option(0, help="Also fit the statistics on N stain-jittered copies of every training "
                                      "image (the `stain` augmentation part, seeded by the run's seed), for a model "
                                      "trained to read other stains (v0.2.0: 2). 0 = the clean training images only."),
+    stain_keep: StainKeep = typer.Option("nothing", help=STAIN_KEEP_HELP),
 ) -> None:
     """(Re)fit the out-of-distribution score of an existing checkpoint (train split; threshold on val)."""
+    from .augment import StainCopies
     from .posthoc import refit_ood
 
-    refit_ood(checkpoint, data, split_file=split_file, out=out, flag_rate=flag_rate, stain_copies=stain_copies,
-              log=typer.echo)
+    stain = StainCopies(stain_copies, stain_keep.value)  # refused before any work
+    refit_ood(checkpoint, data, split_file=split_file, out=out, flag_rate=flag_rate, stain=stain, log=typer.echo)
 
 
 @app.command()
@@ -225,19 +232,22 @@ def calibrate(
     stain_copies: int = typer.Option(0, help="With --appearance-check: fit the check on N stain-jittered copies of "
                                      "every training image too (as `fit-ood --stain-copies`; v0.2.0: 2), so that a "
                                      "stain the model was trained to read is not reviewed for its colour alone."),
+    stain_keep: StainKeep = typer.Option("nothing", help=STAIN_KEEP_HELP),
 ) -> None:
     """Fit the temperature (validation NLL), the review threshold (validation risk–coverage) and the
     field-content check (training split) of a checkpoint or of an exported ONNX model."""
+    from .augment import StainCopies
     from .posthoc import calibrate_checkpoint, calibrate_onnx, check_appearance_option, check_shifted_options
 
     # refused before any work
     check_shifted_options(shifted_copies, shifted_target_risk, per_class, each_shift, review_score, appearance_check)
-    check_appearance_option(appearance_check, onnx=checkpoint.suffix == ".onnx", stain_copies=stain_copies)
+    stain = StainCopies(stain_copies, stain_keep.value)
+    check_appearance_option(appearance_check, onnx=checkpoint.suffix == ".onnx", stain=stain)
     if checkpoint.suffix == ".onnx":
         calibrate_onnx(checkpoint, data, split_file=split_file, out=out, target_risk=target_risk,
                        shifted_copies=shifted_copies, shifted_target_risk=shifted_target_risk, per_class=per_class,
                        appearance_quantile=appearance_check, each_shift=each_shift, review_score=review_score,
-                       stain_copies=stain_copies, log=typer.echo)
+                       stain=stain, log=typer.echo)
     else:
         calibrate_checkpoint(checkpoint, data, split_file=split_file, out=out, target_risk=target_risk,
                              shifted_copies=shifted_copies, shifted_target_risk=shifted_target_risk,

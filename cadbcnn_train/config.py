@@ -16,6 +16,11 @@ MODEL_NAMES = ("cadbcnn", "dual_concat", "resnet18", "resnet34", "resnet50", "ef
 SPLITS = ("stratified", "grouped")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 FREEZE_CHOICES = ("none", "early", "backbone")
+#: What a stain copy of a training image keeps of it when the review checks are fitted on such copies
+#: (``--stain-keep``; ``augment.StainCopies``): ``nothing`` — the stain part's whole change, lightness included (the
+#: HED jitter changes how dark the stain is); ``lightness`` — the image's own CIELAB L*, only a* and b* (hue,
+#: chroma) from the copy, so the checks still see exposure.
+STAIN_KEEP = ("nothing", "lightness")
 
 #: Options that ``fit --resume`` may change: where things are and how long to go on, never what is learned per step
 #: (``epochs`` extends or shortens the cosine schedule, as documented for ``--resume``). ``split_file`` is a path: the

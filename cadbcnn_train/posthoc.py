@@ -18,7 +18,7 @@ from cadbcnn_runtime.errors import ArgumentError, DatasetError
 from cadbcnn_runtime.spec import ModelSpec
 
 from . import data as D
-from .augment import check_stain_copies, stain_copies as augment_stain_copies
+from .augment import StainCopies
 from .checkpoint import load_checkpoint, resave_checkpoint, weights_sha256
 from .metrics import compute_metrics, metrics_summary, write_metrics
 from .onnx_init import frozen_modules
@@ -95,14 +95,13 @@ def recalibrate_checkpoint(checkpoint: Path, data: Path, *, split_file: Path | N
 
 
 def refit_ood(checkpoint: Path, data: Path, *, split_file: Path | None = None, out: Path | None = None,
-              flag_rate: float = 0.02, stain_copies: int = 0, log=print) -> dict:
+              flag_rate: float = 0.02, stain: StainCopies = StainCopies(), log=print) -> dict:
     """Fit (or refit) the OOD statistics of an existing checkpoint on its train split; threshold on val.
 
-    ``stain_copies`` N > 0 fits the statistics on the training images *and* N stain-jittered copies of each
+    ``stain`` (N > 0 copies) fits the statistics on the training images *and* N stain-jittered copies of each
     (``augment.stain_copies``, seeded by the run's seed): for a model trained to read other stains, whose features
     such copies hardly move, so a mild stain change is not flagged for its colour alone. The threshold is still set
     on the clean validation images."""
-    check_stain_copies(stain_copies)
     ck = load_checkpoint(checkpoint)
     model = ck.build_model()
     sf = Path(split_file) if split_file else Path(checkpoint).parent / "split.csv"
@@ -119,16 +118,14 @@ def refit_ood(checkpoint: Path, data: Path, *, split_file: Path | None = None, o
         return DataLoader(D.ImageDataset(samples, ck.spec, images=ds.images), batch_size=64)
 
     fit_on = loader(parts["train"])
-    if stain_copies:
+    if stain:
         clean = fit_on.dataset
-        copies = augment_stain_copies([clean.image(i) for i in range(len(clean))], stain_copies,
-                                      int(ck.config.get("seed", 0)))
-        labels = [s.label for s in parts["train"]] * stain_copies
+        copies = stain.make([clean.image(i) for i in range(len(clean))], int(ck.config.get("seed", 0)))
+        labels = [s.label for s in parts["train"]] * stain.copies
         fit_on = DataLoader(ConcatDataset([clean, D.ArrayDataset(copies, labels, ck.spec)]), batch_size=64)
     ood = fit_ood(model, fit_on, loader(parts["val"]), len(ck.class_names), flag_rate=flag_rate)
-    if stain_copies:
-        ood["fitted_on"] = (f"train split ({len(parts['train'])} images) + {stain_copies} stain copies of each "
-                            f"({len(copies)} images)")
+    if stain:
+        ood["fitted_on"] = f"train split ({len(parts['train'])} images){stain.about(len(parts['train']))}"
     spec = ck.spec.replace(ood=spec_entry(ood))
     dest = Path(out) if out else Path(checkpoint)
     resave_checkpoint(ck, dest, model=model, spec=spec, ood=ood)
@@ -220,10 +217,9 @@ def check_shifted_options(shifted_copies: int, shifted_target_risk: float, per_c
                             "give --shifted-copies 23 --per-class --each-shift --appearance-check 0.98 too")
 
 
-def check_appearance_option(quantile: float | None, *, onnx: bool, stain_copies: int = 0) -> None:
+def check_appearance_option(quantile: float | None, *, onnx: bool, stain: StainCopies = StainCopies()) -> None:
     """``calibrate --appearance-check`` (and its ``--stain-copies``), refused before any work."""
-    check_stain_copies(stain_copies)
-    if stain_copies and quantile is None:
+    if stain and quantile is None:
         raise ArgumentError("calibrate --stain-copies fits the appearance check on stain copies of the training "
                             "images too: give --appearance-check 0.98 as well (the OOD statistics take "
                             "`fit-ood --stain-copies`)")
@@ -239,10 +235,10 @@ def check_appearance_option(quantile: float | None, *, onnx: bool, stain_copies:
 def calibrate_onnx(model: Path, data: Path, *, split_file: Path | None, out: Path | None = None,
                    target_risk: float = TARGET_RISK, shifted_copies: int = 0, shifted_target_risk: float = 0.02,
                    per_class: bool = False, appearance_quantile: float | None = None, each_shift: bool = False,
-                   review_score: bool = False, stain_copies: int = 0, log=print) -> ModelSpec:
+                   review_score: bool = False, stain: StainCopies = StainCopies(), log=print) -> ModelSpec:
     """``calibrate`` for a model that exists only as ONNX (the model runs in ``cadbcnn_runtime.respec``, not torch).
     With ``shifted_copies``, the shifted validation images are those of ``calibrate CHECKPOINT`` (seeded by the
-    spec's training seed). ``stain_copies`` N > 0 fits the appearance check on N stain-jittered copies of every
+    spec's training seed). ``stain`` (N > 0 copies) fits the appearance check on N stain-jittered copies of every
     training image too (``augment.stain_copies``, same seed), as ``fit-ood --stain-copies`` does the OOD
     statistics."""
     from cadbcnn_runtime.preprocess import read_image
@@ -251,7 +247,7 @@ def calibrate_onnx(model: Path, data: Path, *, split_file: Path | None, out: Pat
 
     check_shifted_options(shifted_copies, shifted_target_risk, per_class, each_shift, review_score,
                           appearance_quantile)
-    check_appearance_option(appearance_quantile, onnx=True, stain_copies=stain_copies)
+    check_appearance_option(appearance_quantile, onnx=True, stain=stain)
 
     if split_file is None:
         raise DatasetError(f"{model}: an ONNX model has no split.csv beside it; pass --split-file (the training "
@@ -279,11 +275,10 @@ def calibrate_onnx(model: Path, data: Path, *, split_file: Path | None, out: Pat
         names = [s.name for s in sv.shifts] if each_shift else None
         sources = [k // shifted_copies for k in range(len(sv.images))]  # ShiftedValidation's order
     extra, extra_about = [], ""
-    if stain_copies:
+    if stain:
         clean = [read_image(p) for p in train]
-        extra = list(zip(augment_stain_copies(clean, stain_copies, int(spec.training.get("seed", 0))),
-                         train_labels * stain_copies))
-        extra_about = f" + {stain_copies} stain copies of each ({len(extra)} images)"
+        extra = list(zip(stain.make(clean, int(spec.training.get("seed", 0))), train_labels * stain.copies))
+        extra_about = stain.about(len(train))
         del clean
     return calibrate_model(model, Path(out) if out else Path(model), val=val, train=train, target_risk=target_risk,
                            shifted=shifted, shifted_target_risk=shifted_target_risk, per_class=per_class,

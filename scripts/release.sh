@@ -125,11 +125,13 @@ perclass() {
   # every shift's images at 0.015 ("Every shift held", docs/SHIFT.md). The learned review score (the released
   # file's since session 15, "A learned review score") is fitted too unless REVIEW_SCORE=off; it needs the
   # appearance check and the each-shift rule, so either of those off leaves it out. STAIN_COPIES=N fits the
-  # appearance check on N stain copies of every training image too (as `gate` does the OOD statistics).
+  # appearance check on N stain copies of every training image too (as `gate` does the OOD statistics);
+  # STAIN_KEEP=lightness gives each copy its image's own lightness (docs/SHIFT.md, "Stain copies that keep lightness").
   local run=$1 name=$2 out=$1/gate/cadbcnn-perclass.onnx look=() each=(--each-shift) risk=${SHIFTED_RISK:-0.015}
   local score=(--review-score)
   [[ "${APPEARANCE:-0.98}" == off ]] && score=() || look=(--appearance-check "${APPEARANCE:-0.98}"
-                                                          --stain-copies "${STAIN_COPIES:-0}")
+                                                          --stain-copies "${STAIN_COPIES:-0}"
+                                                          --stain-keep "${STAIN_KEEP:-nothing}")
   [[ "${EACH_SHIFT:-on}" == off ]] && each=() && score=() && risk=${SHIFTED_RISK:-0.02}
   [[ "${REVIEW_SCORE:-on}" == off ]] && score=()
   $B/cadbcnn-train calibrate "$run/gate/cadbcnn.onnx" --data "$DATA" --split-file "$run/split.csv" \
@@ -142,8 +144,9 @@ gate() {
   # The OOD release gate for a candidate, on validation images (not test); writes nothing under models/ or docs/.
   local run=$1
   # OOD statistics (train, plus STAIN_COPIES stain copies of each image: docs/SHIFT.md, "Colour-tolerant checks")
-  # + threshold (val)
-  $B/cadbcnn-train fit-ood "$run/release.pt" --data "$DATA" --stain-copies "${STAIN_COPIES:-0}"
+  # + threshold (val); STAIN_KEEP=lightness: copies that keep their image's lightness
+  $B/cadbcnn-train fit-ood "$run/release.pt" --data "$DATA" --stain-copies "${STAIN_COPIES:-0}" \
+      --stain-keep "${STAIN_KEEP:-nothing}"
   $B/cadbcnn-export "$run/release.pt" -o "$run/gate/cadbcnn.onnx" --report "$run/gate/export-report.json"
   # Every foreign set (central cell on black from val images; synthetic non-blood images) flagged >= 90 %, else exit 3.
   $B/cadbcnn-train ood-report "$run/gate/cadbcnn.onnx" --data "$DATA" --split-file "$run/split.csv" \

@@ -556,3 +556,11 @@ def test_fit_ood_with_stain_copies_fits_on_them_and_thresholds_on_clean_val(trai
                                            str(tmp_path / "c1b.pt"), "--flag-rate", "0.1", "--stain-copies", "1"])
     assert again.exit_code == 0 and torch.equal(load_checkpoint(tmp_path / "c1b.pt").ood["means_w"],
                                                 outs[1].ood["means_w"])  # seeded: the same copies
+    kept = CliRunner().invoke(train_app, ["fit-ood", str(d / "run" / "best.pt"), "--data", str(data), "--out",
+                                          str(tmp_path / "c1l.pt"), "--flag-rate", "0.1", "--stain-copies", "1",
+                                          "--stain-keep", "lightness"])
+    assert kept.exit_code == 0, kept.output
+    ck = load_checkpoint(tmp_path / "c1l.pt")
+    assert ck.spec.ood["fitted_on"] == (f"train split ({n_train} images) + 1 stain copies of each, lightness kept "
+                                        f"({n_train} images)")
+    assert not torch.allclose(ck.ood["means_w"], outs[1].ood["means_w"])  # other copies: their own lightness
