@@ -147,6 +147,7 @@ def stain(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 #: The most stain copies per training image the review checks may be fitted on (``--stain-copies``).
 MAX_STAIN_COPIES = 8
 
+
 def check_stain_copies(copies: int, option: str = "--stain-copies") -> None:
     """Refuse a number of stain copies per training image outside 0 (off) … ``MAX_STAIN_COPIES``, before any work."""
     if isinstance(copies, bool) or not isinstance(copies, int) or not 0 <= copies <= MAX_STAIN_COPIES:
